@@ -1,0 +1,178 @@
+"""Benchmarks for kvern's hot paths: ``python bench/trie_bench.py [--quick]``.
+
+Why a synthetic multi-tenant chat trace: the trie's cost is dominated by how
+requests share prefixes, and real chat traffic is many sessions over a few
+popular system prompts, each turn re-sending the whole conversation so far.
+The trace reproduces that shape with a seeded RNG so runs compare.
+
+Trie section: ``insert`` (one call = the match and the insert) over every
+request, timed with ``perf_counter_ns`` around the call only; the median of 3
+repetitions on a fresh trie each. Requests are plain ``list[int]``, as a
+tokenizer returns them, so the one ``array('i')`` conversion per request is
+included. A second run keeps a token budget with the cost-aware policy,
+calling ``maintain`` after each insert, and reports the prefix-hit rate that
+budget keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import kvern  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvern.trie import RadixTrie, make_policy
+
+_SEED = 20240611
+_VOCAB_SIZE = 128_000
+
+
+@dataclass(slots=True)
+class ChatTrace:
+    """Requests of many interleaved chat sessions, in arrival order."""
+
+    # Each session's full final conversation (system prompt + all turns).
+    conversations: list[array[int]]
+    # (arrival time in s, session index, prompt length in tokens), time-ordered.
+    requests: list[tuple[float, int, int]]
+
+    @property
+    def num_request_tokens(self) -> int:
+        """Tokens over all requests, counting re-sent history every time."""
+        return sum(num_tokens for _, _, num_tokens in self.requests)
+
+
+def _random_tokens(rng: random.Random, num_tokens: int) -> array[int]:
+    return array("i", rng.choices(range(_VOCAB_SIZE), k=num_tokens))
+
+
+def make_chat_trace(quick: bool, seed: int = _SEED) -> ChatTrace:
+    """A seeded multi-tenant chat trace.
+
+    System prompts of 200-2,000 tokens are picked by Zipf popularity; each
+    session has 1-10 turns of a user message (20-200 tokens) and an assistant
+    reply (20-300 tokens); a request is the whole conversation before the reply.
+    """
+    rng = random.Random(seed)
+    num_system_prompts = 10 if quick else 40
+    num_sessions = 300 if quick else 3000
+    duration_s = 600.0 if quick else 3600.0
+    system_prompts = [_random_tokens(rng, rng.randint(200, 2000)) for _ in range(num_system_prompts)]
+    zipf_weights = [1.0 / (rank + 1) for rank in range(num_system_prompts)]
+    conversations: list[array[int]] = []
+    requests: list[tuple[float, int, int]] = []
+    for session in range(num_sessions):
+        conversation = array("i", rng.choices(system_prompts, weights=zipf_weights)[0])
+        at_s = rng.uniform(0.0, duration_s)
+        for _ in range(rng.randint(1, 10)):
+            conversation.extend(_random_tokens(rng, rng.randint(20, 200)))
+            requests.append((at_s, session, len(conversation)))
+            conversation.extend(_random_tokens(rng, rng.randint(20, 300)))
+            at_s += rng.uniform(5.0, 60.0)  # the user reads and types
+        conversations.append(conversation)
+    requests.sort()
+    return ChatTrace(conversations, requests)
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """One replay of a trace through a trie."""
+
+    # Nanoseconds inside insert (+ maintain when budgeted).
+    elapsed_ns: int
+    # Tokens the trie already held when each request arrived, summed.
+    num_matched_tokens: int
+    # Tokens stored at the end.
+    num_stored_tokens: int
+    # Nodes at the end.
+    num_nodes: int
+
+
+def replay(trace: ChatTrace, trie: RadixTrie, max_tokens: int | None = None) -> ReplayResult:
+    """Insert every request in order, timing only the trie calls."""
+    perf_counter_ns = time.perf_counter_ns
+    conversations = trace.conversations
+    elapsed_ns = 0
+    num_matched = 0
+    for at_s, session, num_tokens in trace.requests:
+        prompt = conversations[session][:num_tokens].tolist()
+        start_ns = perf_counter_ns()
+        result = trie.insert(prompt, at_s)
+        if max_tokens is not None:
+            trie.maintain(max_tokens, at_s)
+        elapsed_ns += perf_counter_ns() - start_ns
+        num_matched += result.matched_tokens
+    return ReplayResult(elapsed_ns, num_matched, trie.num_tokens, trie.num_nodes)
+
+
+def run_trie_bench(quick: bool) -> dict[str, float]:
+    """Trie section: ns/token of insert, unbounded and under a cost-aware budget."""
+    trace = make_chat_trace(quick)
+    num_request_tokens = trace.num_request_tokens
+    repetitions = [replay(trace, RadixTrie()) for _ in range(3)]
+    unbounded = sorted(repetitions, key=lambda r: r.elapsed_ns)[1]  # the median of 3
+    ns_per_token = unbounded.elapsed_ns / num_request_tokens
+    max_tokens = unbounded.num_stored_tokens // 4
+    budgeted = replay(trace, RadixTrie(make_policy("cost_aware")), max_tokens)
+    return {
+        "num_requests": float(len(trace.requests)),
+        "num_request_tokens": float(num_request_tokens),
+        "trie_stored_tokens": float(unbounded.num_stored_tokens),
+        "trie_nodes": float(unbounded.num_nodes),
+        "trie_ns_per_token": ns_per_token,
+        "trie_tokens_per_s": 1e9 / ns_per_token,
+        "trie_prefix_hit_rate": unbounded.num_matched_tokens / num_request_tokens,
+        "budget_max_tokens": float(max_tokens),
+        "budget_ns_per_token": budgeted.elapsed_ns / num_request_tokens,
+        "budget_prefix_hit_rate": budgeted.num_matched_tokens / num_request_tokens,
+    }
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in rows)
+    print(f"\n{title}")
+    print("-" * len(title))
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value:>14}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every section, print a table per section, then one summary line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smaller trace, for a smoke run")
+    args = parser.parse_args(argv)
+    summary: dict[str, float] = {}
+
+    trie = run_trie_bench(args.quick)
+    summary["trie_ns_per_token"] = trie["trie_ns_per_token"]
+    _print_table(
+        "Trie: insert (match + insert) over a multi-tenant chat trace",
+        [
+            ("requests", f"{trie['num_requests']:,.0f}"),
+            ("request tokens", f"{trie['num_request_tokens']:,.0f}"),
+            ("stored tokens", f"{trie['trie_stored_tokens']:,.0f}"),
+            ("nodes", f"{trie['trie_nodes']:,.0f}"),
+            ("ns/token (median of 3)", f"{trie['trie_ns_per_token']:.1f}"),
+            ("tokens/s", f"{trie['trie_tokens_per_s']:,.0f}"),
+            ("prefix hit rate", f"{trie['trie_prefix_hit_rate']:.1%}"),
+            ("budget (cost_aware), tokens", f"{trie['budget_max_tokens']:,.0f}"),
+            ("  ns/token, insert+maintain", f"{trie['budget_ns_per_token']:.1f}"),
+            ("  prefix hit rate", f"{trie['budget_prefix_hit_rate']:.1%}"),
+        ],
+    )
+
+    # Further sections add their tables above and their keys to ``summary``.
+    print()
+    print(" ".join(f"{key}={value:.1f}" for key, value in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

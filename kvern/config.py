@@ -1,0 +1,285 @@
+"""kvern's configuration: pydantic models for every section of ``config.yaml``.
+
+Why pydantic with ``extra="forbid"``: a typo in a key (``max_token`` for
+``max_tokens``) must stop start-up with a message naming the key, not be
+silently ignored while the proxy runs with a default the user never chose.
+:func:`load_config` turns every validation problem into one
+:class:`ConfigError` whose message names the key path, the value and what was
+expected.
+
+Nothing here is read at import time: the caller loads the file and passes the
+resulting :class:`KvernConfig` into ``create_app``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_UPSTREAM_URL = "KVERN_UPSTREAM_URL"
+ENV_HOST = "KVERN_HOST"
+ENV_PORT = "KVERN_PORT"
+
+
+class ConfigError(ValueError):
+    """The configuration file (or an override) is invalid; the message says where and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxyConfig(_Section):
+    """The HTTP front end kvern listens on."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Request bodies larger than this are refused with a 400 before forwarding.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+
+class UpstreamConfig(_Section):
+    """The OpenAI-compatible backend every request is forwarded to."""
+
+    # Base URL including the API prefix, e.g. http://127.0.0.1:11434/v1 for Ollama.
+    base_url: str = "http://127.0.0.1:11434/v1"
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # Time allowed between two bytes of the upstream's answer (a slow first
+    # token on a long prefill counts here, so keep it generous).
+    read_timeout_s: float = Field(600.0, gt=0)
+    write_timeout_s: float = Field(60.0, gt=0)
+    pool_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+    max_keepalive_connections: int = Field(64, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class TokenizerEntry(_Section):
+    """Where one model's tokenizer comes from."""
+
+    # A HuggingFace hub id, a local directory holding tokenizer.json, or a
+    # .gguf file (the tokenizer is rebuilt from its metadata).
+    source: str
+    # Optional chat template: a path to a .jinja file or the template itself.
+    chat_template: str | None = None
+
+
+class TokenizersConfig(_Section):
+    """Request model name -> tokenizer, plus the incremental tokenization cache."""
+
+    # Keys are exact model names or glob patterns (``llama3.2:*``); the first
+    # exact match wins, then the first matching pattern in file order.
+    models: dict[str, TokenizerEntry] = Field(default_factory=dict)
+    # Tokens of rendered segments kept per model for incremental tokenization.
+    incremental_cache_tokens: int = Field(2_000_000, ge=0)
+    # Share of requests on which the incremental result is checked against a
+    # whole-string tokenization; a mismatch turns incremental off for the model.
+    verify_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_string_is_source(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: ({"source": v} if isinstance(v, str) else v) for k, v in value.items()}
+        return value
+
+    def entry_for(self, model: str) -> tuple[str, TokenizerEntry] | None:
+        """Return (pattern, entry) for a request's model name, or None."""
+        if model in self.models:
+            return model, self.models[model]
+        for pattern, entry in self.models.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return pattern, entry
+        return None
+
+
+class TrieOverride(_Section):
+    """Per-model trie settings that differ from the defaults."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    block_size: int | None = Field(None, ge=1)
+
+
+class TrieConfig(_Section):
+    """The per-model radix trie of token ids."""
+
+    # A request counts as a hit when at least this many prompt tokens match.
+    min_prefix_tokens: int = Field(16, ge=1)
+    # Memory cap of each model's trie, in tokens held.
+    max_tokens: int = Field(4_000_000, ge=1)
+    # KV-cache block size of the backend (vLLM: 16); reuse is counted in whole blocks.
+    block_size: int = Field(16, ge=1)
+    # Per-model overrides keyed by exact name or glob pattern.
+    per_model: dict[str, TrieOverride] = Field(default_factory=dict)
+
+    def for_model(self, model: str) -> tuple[int, int]:
+        """Return (max_tokens, block_size) for a model, overrides applied."""
+        max_tokens, block_size = self.max_tokens, self.block_size
+        for pattern, override in self.per_model.items():
+            if model == pattern or fnmatch.fnmatchcase(model, pattern):
+                max_tokens = override.max_tokens or max_tokens
+                block_size = override.block_size or block_size
+                break
+        return max_tokens, block_size
+
+
+class EvictionConfig(_Section):
+    """Which trie nodes go first when a model's trie is over its token budget."""
+
+    policy: Literal["lru", "lfu", "cost_aware", "ttl"] = "cost_aware"
+    # Nodes untouched for longer than this expire whatever the capacity (any policy).
+    ttl_s: float | None = Field(None, gt=0)
+    # Half-life of the decayed hit count used by lfu and cost_aware.
+    half_life_s: float = Field(600.0, gt=0)
+    # cost_aware: depth at which a token's attention cost equals its per-token cost.
+    attention_tokens: int = Field(4096, ge=1)
+
+    @model_validator(mode="after")
+    def _ttl_needs_ttl_s(self) -> EvictionConfig:
+        if self.policy == "ttl" and self.ttl_s is None:
+            raise ValueError("policy 'ttl' needs ttl_s (seconds) to be set")
+        return self
+
+
+class NormalizationRule(_Section):
+    """Replace every match of ``pattern`` by ``replacement`` before keying the trie."""
+
+    pattern: str
+    replacement: str
+    # ``messages``: applied to each message's text before the chat template
+    # renders it; ``prompt``: applied to the rendered prompt, for text the
+    # template itself injects (Llama 3.x's ``Today Date: ...`` line).
+    scope: Literal["messages", "prompt"] = "messages"
+    # Python ``re`` flags by name, e.g. [IGNORECASE, MULTILINE].
+    flags: list[Literal["IGNORECASE", "MULTILINE", "DOTALL"]] = Field(default_factory=list)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+        return value
+
+
+class AnalyticsConfig(_Section):
+    """The asynchronous SQLite store of per-request records."""
+
+    enabled: bool = True
+    db_path: str = "kvern.db"
+    # Rows per write transaction, and the longest a row waits to be written.
+    batch_size: int = Field(256, ge=1)
+    flush_interval_ms: int = Field(200, ge=1)
+    # Rows waiting beyond this are dropped (and counted): never block a request.
+    queue_size: int = Field(10_000, ge=1)
+    retention_days: float = Field(30.0, gt=0)
+
+
+class KvernConfig(_Section):
+    """The whole ``config.yaml``."""
+
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)  # type: ignore[arg-type]
+    tokenizers: TokenizersConfig = Field(default_factory=TokenizersConfig)  # type: ignore[arg-type]
+    trie: TrieConfig = Field(default_factory=TrieConfig)  # type: ignore[arg-type]
+    eviction: EvictionConfig = Field(default_factory=EvictionConfig)  # type: ignore[arg-type]
+    # Model name or glob -> ordered rules; ``*`` applies to every model.
+    normalization: dict[str, list[NormalizationRule]] = Field(default_factory=dict)
+    analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)  # type: ignore[arg-type]
+
+    def rules_for(self, model: str) -> list[NormalizationRule]:
+        """Every rule whose pattern matches ``model``, in file order."""
+        rules: list[NormalizationRule] = []
+        for pattern, entries in self.normalization.items():
+            if model == pattern or fnmatch.fnmatchcase(model, pattern):
+                rules.extend(entries)
+        return rules
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        path = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (value {err['input']!r}); check the spelling")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: got {err['input']!r}; expected: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> KvernConfig:
+    """Validate a mapping (as read from YAML) into a :class:`KvernConfig`."""
+    try:
+        return KvernConfig.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def apply_env_overrides(config: KvernConfig, env: Mapping[str, str]) -> KvernConfig:
+    """Return ``config`` with ``KVERN_UPSTREAM_URL``, ``KVERN_HOST`` and ``KVERN_PORT`` applied."""
+    data = config.model_dump()
+    if env.get(ENV_UPSTREAM_URL):
+        data["upstream"]["base_url"] = env[ENV_UPSTREAM_URL]
+    if env.get(ENV_HOST):
+        data["proxy"]["host"] = env[ENV_HOST]
+    if env.get(ENV_PORT):
+        data["proxy"]["port"] = env[ENV_PORT]
+    return parse_config(data, source="environment overrides")
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> KvernConfig:
+    """Read, validate and return the configuration at ``path`` (defaults when None).
+
+    ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+    Relative tokenizer and template paths are resolved against the file's folder.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {loaded!r}")
+        data = _resolve_relative_paths(loaded or {}, Path(path).resolve().parent)
+    config = parse_config(data, source=source)
+    return apply_env_overrides(config, os.environ if env is None else env)
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make ``./``-relative tokenizer sources and template paths relative to the config file."""
+    models = (data.get("tokenizers") or {}).get("models")
+    if not isinstance(models, dict):
+        return data
+    for key, entry in list(models.items()):
+        if isinstance(entry, str):
+            entry = {"source": entry}
+            models[key] = entry
+        if not isinstance(entry, dict):
+            continue
+        for field in ("source", "chat_template"):
+            value = entry.get(field)
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                entry[field] = str((base / value).resolve())
+    return data

@@ -1,0 +1,215 @@
+"""Incremental tokenization: cache the token ids of rendered prompt segments.
+
+Why: a chat client re-sends the whole conversation on every turn, so
+tokenizing each request from scratch costs O(conversation) per turn and
+O(turns^2) per conversation. But a HuggingFace fast tokenizer first splits its
+input at *added tokens* (``<|im_end|>``, ``<|eot_id|>`` ...) and tokenizes the
+pieces between them independently. Chat templates put such tokens at every
+message boundary, so the rendered prompt falls into segments that tokenize the
+same alone as inside the whole string::
+
+    <|im_start|>system\\nYou are...<|im_end|> | \\n<|im_start|> | user\\nHi<|im_end|> | ...
+    '------------- cached ------------------'   '--cached--'    '--- new text ---'
+
+Each segment's ids are cached by its text, so a request costs about its *new*
+text plus a regex scan and dictionary lookups.
+
+When is it exact? The scan must find the same added-token matches the
+tokenizer finds (leftmost-longest over every added token that is matched on
+raw text), and a boundary is only placed after a token that cannot absorb the
+whitespace after it (``rstrip``). Tokenizers with ``single_word`` added tokens,
+or whose pieces are not tokenized independently (a ``Metaspace`` that prepends
+only to the first piece), cannot be guaranteed: a probe at construction
+compares segmented and whole-string ids on text built around the tokenizer's
+own special tokens, and a sampled check at run time keeps comparing. Either
+one failing turns incremental tokenization off for that tokenizer, and kvern
+tokenizes whole strings from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TEXTS = (
+    "Hello world",
+    " leading space",
+    "\n\nTwo newlines then text\n",
+    "  two spaces",
+    "trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\n",
+    "Ünïcödé — ñ 🦙 日本語",
+    "numbers 1234567 and 3.14159",
+    "'s 're it's they'll",
+    "",
+    " ",
+    "\n",
+)
+
+
+@dataclass(slots=True)
+class SegmentStats:
+    """Counters of the incremental path."""
+
+    num_requests: int = 0  # prompts tokenized
+    num_segments: int = 0  # segments looked up
+    num_segment_hits: int = 0  # segments found in the cache
+    num_verified: int = 0  # prompts also tokenized whole to check
+    num_mismatches: int = 0  # checks that disagreed (turns the cache off)
+
+
+class SegmentTokenizer:
+    """Tokenizes rendered prompts segment by segment with a bounded cache."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        cache_tokens: int = 2_000_000,
+        verify_every: int = 100,
+    ) -> None:
+        """``backend`` is a ``tokenizers.Tokenizer`` (``hf_tokenizer.backend_tokenizer``).
+
+        ``verify_every``: tokenize every N-th prompt whole too and compare
+        (0 disables; the first prompt is always checked).
+        """
+        self._backend = backend
+        self._cache: OrderedDict[str, array] = OrderedDict()
+        self._cache_tokens = 0
+        self._max_cache_tokens = cache_tokens
+        self._verify_every = verify_every
+        self.stats = SegmentStats()
+        self.disabled_reason: str | None = None
+        self._splitter: re.Pattern[str] | None = None
+        self._boundary_tokens: frozenset[str] = frozenset()
+        self._setup()
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled_reason is None:
+            logger.warning("incremental tokenization off: %s", reason)
+        self.disabled_reason = reason
+        self._cache.clear()
+        self._cache_tokens = 0
+
+    def _setup(self) -> None:
+        if self._max_cache_tokens <= 0:
+            self.disabled_reason = "cache size is 0"
+            return
+        added = list(self._backend.get_added_tokens_decoder().values())
+        raw = [t for t in added if not t.normalized and t.content]
+        if any(t.single_word for t in added):
+            self.disabled_reason = "tokenizer has single_word added tokens"
+            return
+        if not raw:
+            self.disabled_reason = "tokenizer has no raw-text added tokens to split at"
+            return
+        contents = sorted({t.content for t in raw}, key=lambda c: (-len(c), c))
+        # Longest first: Python's alternation is leftmost-first, this makes it
+        # leftmost-longest, which is how the tokenizer matches added tokens.
+        self._splitter = re.compile("|".join(re.escape(c) for c in contents))
+        self._boundary_tokens = frozenset(t.content for t in raw if not t.rstrip)
+        ok, detail = self._probe([t.content for t in raw if t.special] or contents)
+        if not ok:
+            self.disabled_reason = f"probe failed: {detail}"
+
+    def _probe(self, specials: list[str]) -> tuple[bool, str]:
+        """Compare segmented and whole ids on text woven around the special tokens."""
+        chosen = specials[:8]
+        pieces: list[str] = []
+        for i, text in enumerate(_PROBE_TEXTS * 2):
+            pieces.append(text)
+            pieces.append(chosen[i % len(chosen)])
+        probe = "".join(pieces)
+        whole = self._encode_whole(probe)
+        segmented = self._encode_segments(probe, use_cache=False)
+        if list(segmented) != list(whole):
+            first = next(
+                (i for i, (a, b) in enumerate(zip(segmented, whole)) if a != b),
+                min(len(segmented), len(whole)),
+            )
+            return False, f"ids differ at position {first}"
+        return True, ""
+
+    def _encode_whole(self, text: str) -> array:
+        return array("i", self._backend.encode(text, add_special_tokens=False).ids)
+
+    def split(self, text: str) -> list[str]:
+        """Cut ``text`` after every boundary token; the pieces join back to ``text``."""
+        assert self._splitter is not None
+        segments: list[str] = []
+        start = 0
+        boundary = self._boundary_tokens
+        for m in self._splitter.finditer(text):
+            if m.group() in boundary:
+                segments.append(text[start : m.end()])
+                start = m.end()
+        if start < len(text):
+            segments.append(text[start:])
+        return segments
+
+    def _encode_segments(self, text: str, *, use_cache: bool) -> array:
+        segments = self.split(text)
+        out = array("i")
+        if not use_cache:
+            for enc in self._backend.encode_batch(segments, add_special_tokens=False):
+                out.extend(array("i", enc.ids))
+            return out
+        cache = self._cache
+        found: list[array | None] = []
+        missing: list[str] = []
+        for seg in segments:
+            ids = cache.get(seg)
+            if ids is not None:
+                cache.move_to_end(seg)
+            else:
+                missing.append(seg)
+            found.append(ids)
+        self.stats.num_segments += len(segments)
+        self.stats.num_segment_hits += len(segments) - len(missing)
+        if missing:
+            unique = list(dict.fromkeys(missing))
+            encoded = self._backend.encode_batch(unique, add_special_tokens=False)
+            fresh = {seg: array("i", enc.ids) for seg, enc in zip(unique, encoded)}
+            for seg, ids in fresh.items():
+                cache[seg] = ids
+                self._cache_tokens += len(ids)
+            while self._cache_tokens > self._max_cache_tokens and cache:
+                _, old = cache.popitem(last=False)
+                self._cache_tokens -= len(old)
+            for i, seg in enumerate(segments):
+                if found[i] is None:
+                    found[i] = fresh[seg]
+        for ids in found:
+            assert ids is not None
+            out.extend(ids)
+        return out
+
+    def encode(self, text: str) -> tuple[array, bool]:
+        """Return (ids, used_incremental) for a rendered prompt (no special tokens added)."""
+        if not self.enabled:
+            return self._encode_whole(text), False
+        self.stats.num_requests += 1
+        ids = self._encode_segments(text, use_cache=True)
+        n = self.stats.num_requests
+        if self._verify_every and (n == 1 or n % self._verify_every == 0):
+            self.stats.num_verified += 1
+            whole = self._encode_whole(text)
+            if whole != ids:
+                self.stats.num_mismatches += 1
+                self._disable("a sampled prompt tokenized differently in segments")
+                return whole, False
+        return ids, True
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cache_tokens

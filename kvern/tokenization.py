@@ -1,0 +1,263 @@
+"""The tokenizer pipeline: request model name -> token ids kvern keys its trie with.
+
+For every request kvern must produce the ids the backend's KV cache is keyed
+by: normalize message text, render with the model's chat template, normalize
+the rendered prompt, tokenize (incrementally where that is exact). The
+:class:`TokenizerRegistry` maps model names to tokenizers through the config's
+model map (exact names and globs, so Ollama tags such as ``llama3.2:3b``
+resolve), loads each tokenizer once, lazily and off the event loop, and falls
+back to a clearly labelled approximate tokenizer when none can be loaded, so
+tracking never stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kvern.config import TokenizerEntry, TokenizersConfig
+from kvern.fallback import ApproximateTokenizer
+from kvern.incremental import SegmentTokenizer
+from kvern.normalize import Normalizer
+from kvern.render import prepare_messages, render_chat, render_generic
+
+logger = logging.getLogger(__name__)
+
+TokenizerKind = Literal["exact", "fallback"]
+
+
+@dataclass(slots=True)
+class PromptTokens:
+    """The token ids of one request's prompt and how they were obtained."""
+
+    ids: array  # token ids ('i' array), after normalization
+    kind: TokenizerKind  # "exact": the model's tokenizer; "fallback": approximate
+    used_model_template: bool  # False: generic rendering (no template, or it raised)
+    num_ignored_parts: int  # non-text content parts left out of the rendering
+    incremental: bool  # ids came from the segment cache (verified exact)
+    template_error: str | None = None  # why the model's template was not used
+    text: str = ""  # the normalized rendered prompt
+
+
+@dataclass(slots=True)
+class TokenizerState:
+    """What /health reports per model."""
+
+    model: str  # request model name
+    kind: TokenizerKind  # exact or fallback
+    source: str | None  # where the tokenizer came from
+    incremental: bool  # segment cache on
+    error: str | None = None  # why the fallback is in use, or why incremental is off
+
+
+def _load_template(value: str) -> str:
+    """A template override is either a path to a file or the template text itself."""
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value).expanduser()
+    return path.read_text(encoding="utf-8")
+
+
+def load_hf_tokenizer(entry: TokenizerEntry) -> Any:
+    """Load a transformers tokenizer for ``entry`` (hub id, local directory or .gguf file)."""
+    source = entry.source
+    if source.endswith(".gguf"):
+        from kvern.gguf_tokenizer import build_tokenizer_from_gguf
+
+        tokenizer = build_tokenizer_from_gguf(source)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if entry.chat_template:
+        tokenizer.chat_template = _load_template(entry.chat_template)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"{source}: not a fast (Rust) tokenizer; kvern needs tokenizer.json")
+    return tokenizer
+
+
+class ModelTokenizer:
+    """One resolved tokenizer: render + normalize + tokenize for a model."""
+
+    def __init__(
+        self,
+        hf_tokenizer: Any | None,
+        *,
+        source: str | None,
+        error: str | None = None,
+        cache_tokens: int = 2_000_000,
+        verify_every: int = 100,
+    ) -> None:
+        self.hf = hf_tokenizer
+        self.source = source
+        self.error = error
+        self.kind: TokenizerKind = "exact" if hf_tokenizer is not None else "fallback"
+        self._approx = ApproximateTokenizer() if hf_tokenizer is None else None
+        self.segments: SegmentTokenizer | None = None
+        if hf_tokenizer is not None:
+            self.segments = SegmentTokenizer(
+                hf_tokenizer.backend_tokenizer,
+                cache_tokens=cache_tokens,
+                verify_every=verify_every,
+            )
+
+    @property
+    def incremental(self) -> bool:
+        return self.segments is not None and self.segments.enabled
+
+    def encode_prompt(self, text: str) -> tuple[array, bool]:
+        """Token ids of an already rendered prompt (chat templates include BOS themselves)."""
+        if self._approx is not None:
+            return self._approx.encode(text), False
+        assert self.segments is not None
+        return self.segments.encode(text)
+
+    def chat(
+        self,
+        messages: Sequence[Any],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        normalizer: Normalizer | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> PromptTokens:
+        """Tokens of a chat request's prompt, as the backend renders and tokenizes it."""
+        norm = normalizer or Normalizer()
+        prepared = prepare_messages(norm.messages(messages) if not norm.is_empty else messages)
+        if self.hf is None:
+            text, used, err = render_generic(prepared.messages), False, "no tokenizer"
+        else:
+            rendered = render_chat(
+                self.hf, prepared.messages, tools=tools, template_kwargs=template_kwargs
+            )
+            text, used, err = rendered.text, rendered.used_model_template, rendered.error
+        text = norm.prompt(text)
+        ids, incremental = self.encode_prompt(text)
+        return PromptTokens(
+            ids=ids,
+            kind=self.kind,
+            used_model_template=used,
+            num_ignored_parts=prepared.num_ignored_parts,
+            incremental=incremental,
+            template_error=err,
+            text=text,
+        )
+
+    def completion(self, prompt: str, *, normalizer: Normalizer | None = None) -> PromptTokens:
+        """Tokens of a /v1/completions prompt: raw text, BOS added as the backend adds it."""
+        norm = normalizer or Normalizer()
+        text = norm.prompt(norm.text(prompt))
+        if self.hf is None:
+            assert self._approx is not None
+            ids = self._approx.encode(text)
+        else:
+            ids = array("i", self.hf.backend_tokenizer.encode(text, add_special_tokens=True).ids)
+        return PromptTokens(ids, self.kind, False, 0, False, None, text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (for hot prefixes); special tokens are kept visible."""
+        if self._approx is not None:
+            return self._approx.decode(ids)
+        return str(self.hf.backend_tokenizer.decode(list(ids), skip_special_tokens=False))
+
+
+HFLoader = Callable[[TokenizerEntry], Any]
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One model's tokenizer, loaded or loading."""
+
+    future: asyncio.Future[ModelTokenizer] | None = None  # loading or done
+    value: ModelTokenizer | None = None  # set once loaded
+    models: set[str] = field(default_factory=set)  # request names resolved to it
+
+
+class TokenizerRegistry:
+    """Resolves request model names to :class:`ModelTokenizer`, loading each once.
+
+    Loads run in a worker thread (``asyncio.to_thread``) because building a
+    tokenizer takes from 0.3 s (tokenizer.json) to several seconds (GGUF), and
+    the event loop is forwarding other users' requests meanwhile.
+    """
+
+    def __init__(self, config: TokenizersConfig, *, loader: HFLoader = load_hf_tokenizer) -> None:
+        self._config = config
+        self._loader = loader
+        self._slots: dict[str, _Slot] = {}
+        self._verify_every = (
+            0 if config.verify_sample_rate == 0 else max(1, round(1 / config.verify_sample_rate))
+        )
+
+    def _key(self, model: str) -> tuple[str, TokenizerEntry | None]:
+        found = self._config.entry_for(model)
+        if found is None:
+            return f"fallback:{model}", None
+        pattern, entry = found
+        return f"entry:{pattern}", entry
+
+    def _build(self, model: str, entry: TokenizerEntry | None) -> ModelTokenizer:
+        kwargs = {
+            "cache_tokens": self._config.incremental_cache_tokens,
+            "verify_every": self._verify_every,
+        }
+        if entry is None:
+            return ModelTokenizer(
+                None, source=None, error=f"no tokenizer configured for model {model!r}", **kwargs
+            )
+        try:
+            hf = self._loader(entry)
+        except Exception as exc:  # noqa: BLE001 - any load failure means fallback
+            message = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
+            logger.warning("tokenizer for %s: %s; using the approximate fallback", model, message)
+            return ModelTokenizer(None, source=entry.source, error=message, **kwargs)
+        return ModelTokenizer(hf, source=entry.source, **kwargs)
+
+    def get_sync(self, model: str) -> ModelTokenizer:
+        """Resolve and load in the calling thread (tests, tools, benchmarks)."""
+        key, entry = self._key(model)
+        slot = self._slots.setdefault(key, _Slot())
+        slot.models.add(model)
+        if slot.value is None:
+            slot.value = self._build(model, entry)
+        return slot.value
+
+    async def get(self, model: str) -> ModelTokenizer:
+        """Resolve and, the first time, load off the event loop; concurrent callers share it."""
+        key, entry = self._key(model)
+        slot = self._slots.setdefault(key, _Slot())
+        slot.models.add(model)
+        if slot.value is not None:
+            return slot.value
+        if slot.future is None:
+            loop = asyncio.get_running_loop()
+            slot.future = loop.create_future()
+            try:
+                value = await asyncio.to_thread(self._build, model, entry)
+            except BaseException as exc:
+                slot.future.set_exception(exc)
+                slot.future.exception()  # mark retrieved; waiters re-raise it
+                slot.future = None
+                raise
+            slot.value = value
+            slot.future.set_result(value)
+            return value
+        return await asyncio.shield(slot.future)
+
+    def states(self) -> list[TokenizerState]:
+        """Per requested model: exact or fallback, source, incremental state, error."""
+        out = []
+        for slot in self._slots.values():
+            tok = slot.value
+            if tok is None:
+                continue
+            reason = tok.error
+            if reason is None and tok.segments is not None and not tok.segments.enabled:
+                reason = f"incremental off: {tok.segments.disabled_reason}"
+            for model in sorted(slot.models):
+                out.append(TokenizerState(model, tok.kind, tok.source, tok.incremental, reason))
+        return sorted(out, key=lambda s: s.model)

@@ -1,0 +1,524 @@
+"""The per-model radix trie of token ids: prefix matching, stats and eviction.
+
+Why a radix trie: a chat client re-sends the whole conversation each turn, so
+requests share long prefixes (system prompt, earlier turns). Storing each
+shared run once, as one edge, lets kvern answer "how much of this prompt could
+the backend's prefix cache already serve?" in a handful of node visits, and
+rank what to forget when the budget is full.
+
+Why it is pure and synchronous: no I/O, no awaits and no clock inside (every
+mutating call takes ``now_s``), so the event loop calls it without a lock and
+tests drive time by hand. The trie's clock never runs backwards: an ``insert``
+with a ``now_s`` older than one already seen is stamped with the latest seen,
+which keeps "an ancestor is never older than its descendants" true.
+
+Why it is fast: the hot path never loops per token in Python. Edges are
+``array('i')`` runs; a whole edge is matched with one slice comparison in C,
+and the divergence point inside an edge is found by a binary search over slice
+comparisons, only when the whole-edge comparison fails. Token ids must fit in a
+signed 32-bit int.
+
+One trie is one model's tree; models are never mixed.
+
+Locks: :meth:`RadixTrie.lock` pins the path from a node up to and INCLUDING
+the root, so ``root.lock_ref`` counts every lock held. Locked nodes are never
+evicted nor expired.
+
+Eviction removes whole leaf edges and never merges a parent left with a single
+child back into it: nodes handed to callers (to lock) keep their identity, and
+their hit counts stay per prefix.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from kvern.trie.node import TrieNode
+from kvern.trie.policies import EvictionPolicy, LRUPolicy
+
+# Bytes of one int object that a dict key holds a reference to, for ids
+# outside CPython's small-int cache (-5..256).
+_INT_OBJECT_BYTES = sys.getsizeof(10**6)
+# Bytes of one float object (the values of a node's upstreams dict).
+_FLOAT_OBJECT_BYTES = sys.getsizeof(1.0)
+
+
+@dataclass(slots=True)
+class MatchResult:
+    """The longest stored prefix of a token sequence."""
+
+    # Leading tokens of the query present in the trie.
+    matched_tokens: int
+    # Deepest node fully or partially matched; the root when nothing matched.
+    node: TrieNode
+
+
+@dataclass(slots=True)
+class InsertResult:
+    """What an insert found and added."""
+
+    # Leading tokens already present before this call: what the backend's
+    # prefix cache could have served.
+    matched_tokens: int
+    # The node where the sequence ends (lock it while the request is in flight).
+    node: TrieNode
+    # Tokens this call added to the trie.
+    new_tokens: int
+
+
+@dataclass(slots=True)
+class HotPrefix:
+    """A frequently used prefix, for the hot-prefix endpoint."""
+
+    # The full token path from the root to the end of the node.
+    tokens: list[int]
+    # Length of that path (tokens).
+    depth: int
+    # Requests that passed through the node.
+    hit_count: int
+    # When the prefix was first created (s).
+    first_seen_s: float
+    # When a request last passed through it (s).
+    last_access_s: float
+
+
+@dataclass(slots=True)
+class EvictedPrefix:
+    """One leaf removed by eviction or expiry."""
+
+    # The full token path from the root to the end of the removed leaf.
+    tokens: list[int]
+    # Tokens removed: the leaf's edge length only.
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class TrieStats:
+    """Size of the trie, for on-demand endpoints."""
+
+    # Nodes excluding the root.
+    num_nodes: int
+    # Sum of edge lengths (tokens stored).
+    num_tokens: int
+    # Measured estimate of the Python heap the trie holds (bytes).
+    estimated_bytes: int
+
+
+def _as_int_array(tokens: Sequence[int]) -> array[int]:
+    """The tokens as an ``array('i')``, converted once (no copy if already one)."""
+    if isinstance(tokens, array) and tokens.typecode == "i":
+        return tokens
+    return array("i", tokens)
+
+
+def _common_len(key: array[int], pos: int, edge: array[int]) -> int:
+    """Length of the common prefix of ``key[pos:]`` and ``edge``.
+
+    Called only after the whole-edge comparison failed and the first tokens
+    are known equal, so the answer is in ``[1, len(edge)]``. Binary search over
+    slice equality: O(log n) Python steps, each a C comparison.
+    """
+    hi = min(len(edge), len(key) - pos)
+    if key[pos : pos + hi] == edge[:hi]:
+        return hi
+    lo = 1  # key[pos:pos+lo] == edge[:lo]; the answer is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if key[pos : pos + mid] == edge[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class RadixTrie:
+    """One model's radix trie of token ids."""
+
+    __slots__ = ("_policy", "_root", "_num_tokens", "_num_nodes", "_latest_s", "_next_expire_s")
+
+    def __init__(self, policy: EvictionPolicy | None = None) -> None:
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        self._root = TrieNode(key=array("i"))
+        self._num_tokens = 0
+        self._num_nodes = 0
+        # Latest now_s seen by insert; the trie's clock never goes back.
+        self._latest_s = float("-inf")
+        # Earliest now_s at which maintain() runs expire() again.
+        self._next_expire_s = float("-inf")
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        """The eviction policy ranking this trie's leaves."""
+        return self._policy
+
+    @property
+    def root(self) -> TrieNode:
+        """The root node (empty edge, depth 0); never evicted."""
+        return self._root
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens stored (sum of edge lengths), kept as a counter: O(1)."""
+        return self._num_tokens
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes excluding the root, kept as a counter: O(1)."""
+        return self._num_nodes
+
+    # ----------------------------------------------------------- match/insert
+
+    def match(self, tokens: Sequence[int]) -> MatchResult:
+        """Longest common prefix of ``tokens`` with anything stored. Read-only."""
+        key = _as_int_array(tokens)
+        num_query = len(key)
+        node = self._root
+        pos = 0
+        while pos < num_query:
+            child = node.children.get(key[pos])
+            if child is None:
+                break
+            edge = child.key
+            num_edge = len(edge)
+            if key[pos : pos + num_edge] == edge:
+                pos += num_edge
+                node = child
+                continue
+            return MatchResult(pos + _common_len(key, pos, edge), child)
+        return MatchResult(pos, node)
+
+    def insert(self, tokens: Sequence[int], now_s: float) -> InsertResult:
+        """Record a request's prompt; one traversal does the match and the insert.
+
+        Every node on the path (the root, split nodes and the new leaf
+        included) gets ``hit_count += 1`` and ``last_access_s = now_s``, then
+        the policy's ``on_access`` hook (not called for the root, which is
+        never ranked).
+        """
+        key = _as_int_array(tokens)
+        num_query = len(key)
+        root = self._root
+        if num_query == 0:
+            return InsertResult(0, root, 0)
+        if now_s < self._latest_s:
+            now_s = self._latest_s
+        else:
+            self._latest_s = now_s
+        on_access = self._policy.on_access
+        root.hit_count += 1
+        root.last_access_s = now_s
+        node = root
+        pos = 0
+        while pos < num_query:
+            first = key[pos]
+            child = node.children.get(first)
+            if child is None:
+                num_new = num_query - pos
+                leaf = TrieNode(
+                    key=key[pos:],
+                    parent=node,
+                    depth=node.depth + num_new,
+                    hit_count=1,
+                    first_seen_s=now_s,
+                    last_access_s=now_s,
+                    score_time_s=now_s,
+                )
+                node.children[first] = leaf
+                self._num_tokens += num_new
+                self._num_nodes += 1
+                on_access(leaf, now_s)
+                return InsertResult(pos, leaf, num_new)
+            edge = child.key
+            num_edge = len(edge)
+            if key[pos : pos + num_edge] != edge:
+                num_edge = _common_len(key, pos, edge)
+                child = self._split(child, num_edge)
+            child.hit_count += 1
+            child.last_access_s = now_s
+            on_access(child, now_s)
+            pos += num_edge
+            node = child
+        return InsertResult(num_query, node, 0)
+
+    def _split(self, child: TrieNode, at: int) -> TrieNode:
+        """Cut ``child``'s edge after ``at`` tokens; return the new upper node.
+
+        ::
+
+            before                          after _split(child, at=2)
+
+            parent                          parent
+              |  key = a b c d e              |  key = a b     upper: NEW node,
+            child                           upper              copies child's stats
+              |                               |  key = c d e
+            (grandchildren)                 child              same object, keeps
+                                              |                its stats and depth
+                                            (grandchildren)
+
+        The lower half keeps the original object so a node a caller holds
+        (and may have locked) still ends where it ended. The upper node copies
+        the child's stats: every request that passed through the child passed
+        through its upper part too, and every lock through the child pins it.
+        """
+        parent = child.parent
+        assert parent is not None, "split of the root or of a detached node"
+        edge = child.key
+        upper = TrieNode(
+            key=edge[:at],
+            children={edge[at]: child},
+            parent=parent,
+            depth=parent.depth + at,
+            hit_count=child.hit_count,
+            first_seen_s=child.first_seen_s,
+            last_access_s=child.last_access_s,
+            lock_ref=child.lock_ref,
+            score=child.score,
+            score_time_s=child.score_time_s,
+            upstreams=dict(child.upstreams) if child.upstreams is not None else None,
+        )
+        parent.children[edge[0]] = upper
+        child.key = edge[at:]
+        child.parent = upper
+        self._num_nodes += 1
+        return upper
+
+    @staticmethod
+    def aligned(num_tokens: int, block_size: int) -> int:
+        """``num_tokens`` floored to a multiple of ``block_size``.
+
+        Backends cache whole blocks only (vLLM: 16 tokens), so this is the part
+        of a match the backend can actually reuse.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        return num_tokens - num_tokens % block_size
+
+    # ------------------------------------------------------------------ locks
+
+    def lock(self, node: TrieNode) -> None:
+        """Pin ``node`` and every ancestor, root included, against eviction."""
+        if node.parent is None and node is not self._root:
+            raise ValueError("cannot lock a node that is no longer in the trie")
+        walk: TrieNode | None = node
+        while walk is not None:
+            walk.lock_ref += 1
+            walk = walk.parent
+
+    def unlock(self, node: TrieNode) -> None:
+        """Release one :meth:`lock` of ``node``; more unlocks than locks is a bug."""
+        if node.lock_ref <= 0:
+            raise AssertionError(f"unlock of a node with lock_ref={node.lock_ref}")
+        walk: TrieNode | None = node
+        while walk is not None:
+            walk.lock_ref -= 1
+            walk = walk.parent
+
+    # ------------------------------------------------------------ inspection
+
+    def prefix_tokens(self, node: TrieNode) -> list[int]:
+        """The full token path from the root to the end of ``node``."""
+        edges: list[array[int]] = []
+        walk: TrieNode | None = node
+        while walk is not None:
+            edges.append(walk.key)
+            walk = walk.parent
+        path = array("i")
+        for edge in reversed(edges):
+            path.extend(edge)
+        return path.tolist()
+
+    def _iter_nodes(self) -> Iterator[TrieNode]:
+        """Every node except the root, parents before children (dict order)."""
+        stack = list(reversed(self._root.children.values()))
+        while stack:
+            node = stack.pop()
+            yield node
+            if node.children:
+                stack.extend(reversed(node.children.values()))
+
+    def hot_prefixes(self, n: int, min_depth: int = 0) -> list[HotPrefix]:
+        """The ``n`` most hit prefixes at least ``min_depth`` tokens long.
+
+        Ordered by hit_count, then deeper first, then more recent. A node is
+        skipped when one of its children has the same hit_count: that child is
+        an equally hot longer prefix, and showing the longest is more useful.
+        """
+        candidates = [
+            node
+            for node in self._iter_nodes()
+            if node.depth >= min_depth
+            and not any(c.hit_count == node.hit_count for c in node.children.values())
+        ]
+        top = heapq.nsmallest(
+            n, candidates, key=lambda x: (-x.hit_count, -x.depth, -x.last_access_s)
+        )
+        return [
+            HotPrefix(
+                tokens=self.prefix_tokens(node),
+                depth=node.depth,
+                hit_count=node.hit_count,
+                first_seen_s=node.first_seen_s,
+                last_access_s=node.last_access_s,
+            )
+            for node in top
+        ]
+
+    def stats(self) -> TrieStats:
+        """Counts plus a measured memory estimate (an O(n) walk)."""
+        getsizeof = sys.getsizeof
+        root = self._root
+        total_bytes = 0
+        for node in (root, *self._iter_nodes()):
+            total_bytes += getsizeof(node) + getsizeof(node.children) + getsizeof(node.key)
+            total_bytes += _INT_OBJECT_BYTES * sum(
+                1 for first in node.children if first > 256 or first < -5
+            )
+            if node.upstreams is not None:
+                total_bytes += getsizeof(node.upstreams)
+                total_bytes += _FLOAT_OBJECT_BYTES * len(node.upstreams)
+        return TrieStats(self._num_nodes, self._num_tokens, total_bytes)
+
+    # --------------------------------------------------------------- eviction
+
+    def _remove_leaves(
+        self,
+        now_s: float,
+        eligible: Callable[[TrieNode], bool],
+        keep_going: Callable[[], bool],
+    ) -> list[EvictedPrefix]:
+        """Remove unlocked, eligible leaves in policy order while ``keep_going()``.
+
+        One O(n) scan seeds a heap with the evictable leaves; a parent that
+        becomes an evictable leaf joins the heap. The sequence number breaks
+        ties between equal keys in scan order, so orders are deterministic.
+        """
+        if not keep_going():
+            return []
+        sort_key = self._policy.sort_key
+        root = self._root
+        heap: list[tuple[tuple[float, ...], int, TrieNode]] = []
+        seq = 0
+        for node in self._iter_nodes():
+            if not node.children and node.lock_ref == 0 and eligible(node):
+                heap.append((sort_key(node, now_s), seq, node))
+                seq += 1
+        heapq.heapify(heap)
+        evicted: list[EvictedPrefix] = []
+        while heap and keep_going():
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            assert parent is not None
+            evicted.append(EvictedPrefix(self.prefix_tokens(leaf), len(leaf.key)))
+            del parent.children[leaf.key[0]]
+            leaf.parent = None
+            self._num_tokens -= len(leaf.key)
+            self._num_nodes -= 1
+            if (
+                parent is not root
+                and not parent.children
+                and parent.lock_ref == 0
+                and eligible(parent)
+            ):
+                heapq.heappush(heap, (sort_key(parent, now_s), seq, parent))
+                seq += 1
+        return evicted
+
+    def evict(self, max_tokens: int, now_s: float) -> list[EvictedPrefix]:
+        """Evict leaves in policy order until at most ``max_tokens`` remain.
+
+        Stops early when nothing evictable remains (the rest is locked).
+        Returns what was removed, in eviction order.
+        """
+        return self._remove_leaves(
+            now_s, eligible=lambda node: True, keep_going=lambda: self._num_tokens > max_tokens
+        )
+
+    def expire(self, now_s: float) -> list[EvictedPrefix]:
+        """Remove every unlocked leaf idle for longer than the policy's ttl_s.
+
+        A request touches every ancestor of the node it reaches, so an
+        ancestor is never older than its descendants: a leaf that is still
+        fresh shields all its ancestors, and removing expired leaves
+        repeatedly removes exactly the expired, unlocked subtrees. Removal is
+        in policy order, like :meth:`evict`.
+        """
+        ttl_s = self._policy.ttl_s
+        if ttl_s is None:
+            return []
+        cutoff_s = now_s - ttl_s
+        return self._remove_leaves(
+            now_s,
+            eligible=lambda node: node.last_access_s < cutoff_s,
+            keep_going=lambda: self._num_tokens > 0,
+        )
+
+    def maintain(self, max_tokens: int, now_s: float, low_watermark: float = 0.9) -> int:
+        """The call a proxy makes after each insert; returns tokens removed.
+
+        Expires idle leaves at most once per ``ttl_s / 10``, and when over
+        ``max_tokens`` evicts down to ``int(max_tokens * low_watermark)``, so
+        the O(n) leaf scan of an eviction is paid once per many inserts.
+        """
+        if not 0 < low_watermark <= 1:
+            raise ValueError(f"low_watermark must be in (0, 1], got {low_watermark}")
+        num_removed = 0
+        ttl_s = self._policy.ttl_s
+        if ttl_s is not None and now_s >= self._next_expire_s:
+            self._next_expire_s = now_s + ttl_s / 10
+            num_removed += sum(e.num_tokens for e in self.expire(now_s))
+        if self._num_tokens > max_tokens:
+            target = int(max_tokens * low_watermark)
+            num_removed += sum(e.num_tokens for e in self.evict(target, now_s))
+        return num_removed
+
+    # ------------------------------------------------------------- invariants
+
+    def check_invariants(self) -> None:
+        """Recount everything kept incrementally; raise AssertionError on a mismatch.
+
+        O(n); for tests after every mutation.
+        """
+        root = self._root
+        if len(root.key) != 0 or root.parent is not None or root.depth != 0:
+            raise AssertionError("root must have an empty key, no parent and depth 0")
+        num_nodes = 0
+        num_tokens = 0
+        for node in (root, *self._iter_nodes()):
+            if node is not root:
+                num_nodes += 1
+                num_tokens += len(node.key)
+            hits = 0
+            locks = 0
+            latest_s = float("-inf")
+            for first, child in node.children.items():
+                where = f"child {first} of node at depth {node.depth}"
+                if len(child.key) == 0:
+                    raise AssertionError(f"{where} has an empty key")
+                if child.key[0] != first:
+                    raise AssertionError(f"{where} has key starting {child.key[0]}")
+                if child.parent is not node:
+                    raise AssertionError(f"{where} does not point back to its parent")
+                if child.depth != node.depth + len(child.key):
+                    raise AssertionError(
+                        f"{where} has depth {child.depth}, expected {node.depth + len(child.key)}"
+                    )
+                hits += child.hit_count
+                locks += child.lock_ref
+                latest_s = max(latest_s, child.last_access_s)
+            where = f"node at depth {node.depth}"
+            if node.hit_count < hits:
+                raise AssertionError(f"{where}: hit_count {node.hit_count} < children's {hits}")
+            if node.lock_ref < 0 or node.lock_ref < locks:
+                raise AssertionError(f"{where}: lock_ref {node.lock_ref} < children's {locks}")
+            if node.last_access_s < latest_s:
+                raise AssertionError(
+                    f"{where}: last_access_s {node.last_access_s} older than a child's {latest_s}"
+                )
+        if num_nodes != self._num_nodes:
+            raise AssertionError(f"num_nodes counter {self._num_nodes} != recount {num_nodes}")
+        if num_tokens != self._num_tokens:
+            raise AssertionError(f"num_tokens counter {self._num_tokens} != recount {num_tokens}")
