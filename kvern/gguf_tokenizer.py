@@ -36,9 +36,10 @@ _QWEN2_SPLIT = (
 _PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     # ignore_merges: Llama 3's tokenizer.json looks whole pre-tokens up in the
     # vocabulary before merging; Qwen2's does not.
-    "llama-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True},
-    "smaug-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True},
-    "qwen2": {"split": _QWEN2_SPLIT, "nfc": True, "ignore_merges": False},
+    # add_bos: llama.cpp's default when the file has no tokenizer.ggml.add_bos_token.
+    "llama-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True, "add_bos": True},
+    "smaug-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True, "add_bos": True},
+    "qwen2": {"split": _QWEN2_SPLIT, "nfc": True, "ignore_merges": False, "add_bos": False},
 }
 
 
@@ -135,7 +136,7 @@ def read_gguf_tokenizer_fields(path: str | Path) -> dict[str, Any]:
 
 def build_tokenizer_from_gguf(path: str | Path) -> Any:
     """Build a transformers fast tokenizer (with chat template) from a GGUF file."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from tokenizers import pre_tokenizers as pre
     from transformers import PreTrainedTokenizerFast
 
@@ -187,6 +188,15 @@ def build_tokenizer_from_gguf(path: str | Path) -> Any:
         if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
     ]
     tok.add_tokens(added)
+
+    add_bos = fields["tokenizer.ggml.add_bos_token"]
+    bos_id = fields["tokenizer.ggml.bos_token_id"]
+    if (spec["add_bos"] if add_bos is None else bool(add_bos)) and bos_id is not None:
+        # What a backend prepends to a raw (non-chat) prompt.
+        bos = tokens[int(bos_id)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+        )
 
     def _name(key: str) -> str | None:
         token_id = fields[key]

@@ -60,6 +60,7 @@ class SegmentStats:
     num_requests: int = 0  # prompts tokenized
     num_segments: int = 0  # segments looked up
     num_segment_hits: int = 0  # segments found in the cache
+    num_encoded_chars: int = 0  # characters actually sent to the tokenizer (the new text)
     num_verified: int = 0  # prompts also tokenized whole to check
     num_mismatches: int = 0  # checks that disagreed (turns the cache off)
 
@@ -125,8 +126,14 @@ class SegmentTokenizer:
     def _probe(self, specials: list[str]) -> tuple[bool, str]:
         """Compare segmented and whole ids on text woven around the special tokens."""
         chosen = specials[:8]
+        # Words from the tokenizer's own vocabulary, so that a tokenizer whose
+        # vocabulary knows none of the fixed probe texts is still exercised.
+        vocab_size = self._backend.get_vocab_size(with_added_tokens=False)
+        step = max(1, vocab_size // 48)
+        words = [self._backend.decode([i]) for i in range(0, vocab_size, step)]
+        texts = list(_PROBE_TEXTS) + [w for w in words if w] + [" " + w for w in words if w]
         pieces: list[str] = []
-        for i, text in enumerate(_PROBE_TEXTS * 2):
+        for i, text in enumerate(texts):
             pieces.append(text)
             pieces.append(chosen[i % len(chosen)])
         probe = "".join(pieces)
@@ -178,6 +185,7 @@ class SegmentTokenizer:
         self.stats.num_segment_hits += len(segments) - len(missing)
         if missing:
             unique = list(dict.fromkeys(missing))
+            self.stats.num_encoded_chars += sum(map(len, unique))
             encoded = self._backend.encode_batch(unique, add_special_tokens=False)
             fresh = {seg: array("i", enc.ids) for seg, enc in zip(unique, encoded)}
             for seg, ids in fresh.items():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # Bump when the derived layout changes so old caches are rebuilt.
-_FIXTURE_FORMAT = "1"
+_FIXTURE_FORMAT = "2"
 
 _MODELS_PREFIX = "vendor/llama.cpp/models/"
 
