@@ -225,7 +225,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
-def make_policy(name: str, **params: Any) -> EvictionPolicy:
+def make_policy(name: str, /, **params: Any) -> EvictionPolicy:
     """Build a policy from its registry name and keyword parameters.
 
     Raises ValueError naming the unknown policy, an unknown parameter, or the

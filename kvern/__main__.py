@@ -1,0 +1,77 @@
+"""Command line: ``python -m kvern serve [--config PATH] [--host H] [--port P]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kvern.config import ConfigError, KvernConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    add_serve_arguments(serve)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="path to config.yaml (default: ./config.yaml if present)")
+    parser.add_argument("--host", default=None, help="listen address (overrides config and KVERN_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (overrides config and KVERN_PORT)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def load_for_serve(args: argparse.Namespace) -> KvernConfig:
+    """Config file, then KVERN_* environment, then command-line flags."""
+    path = args.config
+    if path is None and os.path.exists("config.yaml"):
+        path = "config.yaml"
+    config = load_config(path)
+    overrides = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if overrides:
+        data = config.model_dump()
+        data["proxy"].update(overrides)
+        config = KvernConfig.model_validate(data)
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_for_serve(args)
+    except ConfigError as exc:
+        print(f"kvern: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from kvern.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = create_app(config)
+    print(
+        f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1 -> {config.upstream.base_url}",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=config.proxy.host, port=config.proxy.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2  # pragma: no cover - argparse enforces the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The analytics database schema, as an append-only list of migrations.
+
+Why migrations rather than ``CREATE TABLE IF NOT EXISTS``: the file outlives
+the process (30 days of rows by default), and later features add to it
+(routing decisions, per-upstream cache figures). ``PRAGMA user_version`` in the
+file's header counts the migrations applied, so a newer kvern adds what is
+missing and an older one refuses a file it does not understand instead of
+writing rows that no longer fit.
+
+Rules for whoever adds migration N+1: append, never edit a released entry; one
+script per step; it runs inside one transaction together with the bump of
+``user_version``, so a failure leaves the file at version N.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+import aiosqlite
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: one row per proxied request (see kvern.analytics.records.RequestRecord).
+    # Booleans are INTEGER 0/1. The rowid orders rows by insertion; request_id
+    # is not unique on purpose: a duplicate id must not fail a whole batch.
+    """
+    CREATE TABLE requests (
+        request_id TEXT NOT NULL,
+        ts_s REAL NOT NULL,
+        model TEXT NOT NULL,
+        tenant TEXT,
+        endpoint TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        stream INTEGER NOT NULL,
+        status INTEGER,
+        error TEXT,
+        prompt_tokens INTEGER,
+        matched_tokens INTEGER,
+        matched_tokens_aligned INTEGER,
+        hit INTEGER,
+        tokenizer_kind TEXT,
+        ttfb_ms REAL,
+        latency_ms REAL,
+        completion_tokens INTEGER,
+        upstream_prompt_tokens INTEGER,
+        reported_cached_tokens INTEGER,
+        reported_cached_source TEXT,
+        finish_reason TEXT
+    );
+    CREATE INDEX requests_ts ON requests (ts_s);
+    CREATE INDEX requests_model_ts ON requests (model, ts_s);
+    CREATE INDEX requests_tenant_ts ON requests (tenant, ts_s);
+    CREATE INDEX requests_upstream_ts ON requests (upstream, ts_s);
+    """,
+)
+
+# The schema version this code writes: the number of migrations it knows.
+SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer kvern whose schema this one lacks."""
+
+
+async def user_version(conn: aiosqlite.Connection) -> int:
+    """The number of migrations already applied to the connected database."""
+    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
+    return int(rows[0][0])
+
+
+async def migrate(conn: aiosqlite.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Apply the migrations the database lacks, one transaction each; returns the version.
+
+    ``migrations`` is a parameter so tests can exercise a later step without
+    editing the real list. ``BEGIN IMMEDIATE`` takes the write lock before the
+    script runs; if another process migrated the file meanwhile, the script
+    fails (the table exists), and re-reading the version tells that case apart
+    from a real error.
+    """
+    current = await user_version(conn)
+    if current > len(migrations):
+        raise SchemaTooNewError(
+            f"analytics database has schema version {current}, but this kvern knows "
+            f"only up to {len(migrations)}; upgrade kvern or point it at another file"
+        )
+    for version in range(current + 1, len(migrations) + 1):
+        script = (
+            f"BEGIN IMMEDIATE;\n{migrations[version - 1]}\n"
+            f"PRAGMA user_version = {version};\nCOMMIT;"
+        )
+        try:
+            await conn.executescript(script)
+        except sqlite3.Error:
+            await conn.rollback()
+            if await user_version(conn) >= version:
+                continue  # another process applied it first
+            raise
+    return await user_version(conn)

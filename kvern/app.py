@@ -1,0 +1,127 @@
+"""The application factory: ``create_app(config)`` builds kvern's ASGI app.
+
+Every service is created in the lifespan and closed there, in reverse order:
+tracking is drained first (so the last requests' rows exist), then the
+analytics store drains its queue to disk, then the upstream client closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from kvern import __version__
+from kvern.analytics.store import AnalyticsStore
+from kvern.config import KvernConfig
+from kvern.errors import BadRequest, KvernError, error_response
+from kvern.forest import TrieForest
+from kvern.routes import analytics as analytics_routes
+from kvern.routes import health as health_routes
+from kvern.routes import proxy as proxy_routes
+from kvern.routes import trie as trie_routes
+from kvern.services import Services
+from kvern.tokenization import TokenizerRegistry
+from kvern.tracking import Tracker
+from kvern.upstream import Upstream, build_client
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    config: KvernConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] | None = None,
+    registry: TokenizerRegistry | None = None,
+) -> FastAPI:
+    """Build the app. ``transport`` and ``clock`` are for tests (fault injection, time)."""
+    wall = clock or time.time
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store: AnalyticsStore | None = None
+        if config.analytics.enabled:
+            a = config.analytics
+            store = AnalyticsStore(
+                a.db_path,
+                batch_size=a.batch_size,
+                flush_interval_ms=a.flush_interval_ms,
+                queue_size=a.queue_size,
+                retention_days=a.retention_days,
+                clock=wall,
+            )
+            await store.start()
+        forest = TrieForest(config.trie, config.eviction)
+        tokenizers = registry or TokenizerRegistry(config.tokenizers)
+        tracker = Tracker(
+            config,
+            registry=tokenizers,
+            forest=forest,
+            record=store.record if store is not None else None,
+            clock=wall,
+        )
+        client = build_client(config.upstream, transport)
+        app.state.services = Services(
+            config=config,
+            upstream=Upstream.from_config(config.upstream),
+            client=client,
+            registry=tokenizers,
+            forest=forest,
+            tracker=tracker,
+            store=store,
+            clock=wall,
+            started_s=wall(),
+        )
+        try:
+            yield
+        finally:
+            await tracker.close()
+            if store is not None:
+                await store.close()
+            await client.aclose()
+
+    app = FastAPI(
+        title="kvern",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.exception_handler(KvernError)
+    async def _kvern_error(request: Request, exc: KvernError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(BadRequest(f"invalid parameter {loc}: {first.get('msg', '')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                          "param": None, "code": "not_found" if exc.status_code == 404 else None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error handling %s %s", request.method, request.url.path)
+        body = {"error": {"message": f"internal error in kvern: {type(exc).__name__}",
+                          "type": "server_error", "param": None, "code": "internal_error"}}
+        return JSONResponse(body, status_code=500)
+
+    app.include_router(health_routes.router)
+    app.include_router(analytics_routes.router)
+    app.include_router(trie_routes.router)
+    app.include_router(proxy_routes.router)
+    return app

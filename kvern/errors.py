@@ -1,0 +1,93 @@
+"""kvern's errors and the one place they become OpenAI-shaped responses.
+
+Exception tree::
+
+    KvernError                      -> the status and code it carries
+    ├── BadRequest                  400 invalid_request_error (malformed JSON, missing fields)
+    │   └── BodyTooLarge            400 invalid_request_error, code "body_too_large"
+    └── UpstreamError               upstream problems, naming the upstream
+        ├── UpstreamUnreachable     502 (connection refused, DNS, reset before a response)
+        ├── UpstreamProtocolError   502 (the upstream broke the HTTP protocol)
+        ├── UpstreamTimeout         504 (connect, read, write or pool timeout)
+        └── NoHealthyUpstream       503 (reserved for routing across several upstreams)
+
+Why one place: clients use the OpenAI SDK, which reads ``error.message`` and
+``error.type`` from the body. Every failure kvern itself produces must have
+that shape and the right status, never a bare 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class KvernError(Exception):
+    """Base of every error kvern turns into a response."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(KvernError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(BadRequest):
+    code = "body_too_large"
+
+
+class UpstreamError(KvernError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        super().__init__(f"upstream {upstream}: {reason}")
+        self.upstream = upstream
+        self.reason = reason
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "upstream_timeout"
+
+
+class NoHealthyUpstream(KvernError):
+    status_code = 503
+    error_type = "upstream_error"
+    code = "no_healthy_upstream"
+
+
+def error_response(exc: KvernError) -> JSONResponse:
+    """Render any :class:`KvernError` as the OpenAI error body with its status."""
+    return JSONResponse(exc.body(), status_code=exc.status_code)

@@ -1,0 +1,57 @@
+"""One radix trie per model, built on first use with that model's settings.
+
+Why per model: two models never share KV cache entries, even for identical
+token ids, so their prefixes must never share trie nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvern.config import EvictionConfig, TrieConfig
+from kvern.trie import RadixTrie
+from kvern.trie.policies import EvictionPolicy, make_policy
+
+
+@dataclass(slots=True)
+class ModelTrie:
+    """A model's trie and the budget it is held to."""
+
+    model: str  # request model name
+    trie: RadixTrie  # the model's prefixes
+    max_tokens: int  # memory cap in tokens
+    block_size: int  # the backend's KV block size for aligned figures
+
+
+def policy_from_config(eviction: EvictionConfig) -> EvictionPolicy:
+    """Build the configured eviction policy with only the parameters it takes."""
+    params: dict[str, float | int | None] = {"ttl_s": eviction.ttl_s}
+    if eviction.policy in ("lfu", "cost_aware"):
+        params["half_life_s"] = eviction.half_life_s
+    if eviction.policy == "cost_aware":
+        params["attention_tokens"] = eviction.attention_tokens
+    return make_policy(eviction.policy, **params)
+
+
+class TrieForest:
+    """Model name -> :class:`ModelTrie`; only ever touched from the tracking thread."""
+
+    def __init__(self, trie_config: TrieConfig, eviction: EvictionConfig) -> None:
+        self._config = trie_config
+        self._eviction = eviction
+        self._tries: dict[str, ModelTrie] = {}
+        policy_from_config(eviction)  # fail at start-up, not on the first request
+
+    def get(self, model: str) -> ModelTrie:
+        found = self._tries.get(model)
+        if found is None:
+            max_tokens, block_size = self._config.for_model(model)
+            found = ModelTrie(model, RadixTrie(policy_from_config(self._eviction)), max_tokens, block_size)
+            self._tries[model] = found
+        return found
+
+    def peek(self, model: str) -> ModelTrie | None:
+        return self._tries.get(model)
+
+    def models(self) -> list[str]:
+        return sorted(self._tries)

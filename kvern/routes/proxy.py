@@ -1,0 +1,229 @@
+"""Forwarding: the client's bytes go upstream unchanged, the answer comes back as it arrives.
+
+The request is sent upstream before any tracking work is done; tracking is
+started beside it (:class:`~kvern.tracking.Tracker`). Streaming answers are
+relayed chunk by chunk with no buffering; the relay keeps a bounded copy of
+the bytes for the side reader that extracts usage and cached-token figures
+after the stream ends. A client that goes away closes the upstream response,
+which closes the upstream connection and so cancels the generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from kvern.errors import BadRequest, BodyTooLarge, KvernError, error_response
+from kvern.services import Services
+from kvern.tracking import RequestContext, tenant_of
+from kvern.upstream import forward_headers, mapped_errors, response_headers
+
+router = APIRouter()
+
+# Bytes of a response kept for the side reader; past this only the tail is kept
+# (usage and finish reason come last).
+_KEEP_BYTES = 4 * 1024 * 1024
+
+_ENDPOINTS = {
+    ("POST", "/v1/chat/completions"): "chat",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/api/chat"): "ollama_chat",
+    ("POST", "/api/generate"): "ollama_generate",
+}
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any]:
+    """Validate just enough to refuse what every backend would refuse, with a clear 400."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise BadRequest("'model' is required and must be a non-empty string", param="model")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' is required and must be a non-empty array", param="messages")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise BadRequest("each message must be an object with a 'role'", param="messages")
+    if endpoint == "completions" and "prompt" not in body:
+        raise BadRequest("'prompt' is required", param="prompt")
+    return body
+
+
+def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+class _Kept:
+    """A bounded copy of relayed bytes: the head, then a rolling tail."""
+
+    def __init__(self, limit: int = _KEEP_BYTES) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size > self.limit and len(self.chunks) > 1:
+            self.size -= len(self.chunks.pop(len(self.chunks) // 2))
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@router.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
+async def forward(request: Request) -> Response:
+    services: Services = request.app.state.services
+    endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
+    raw = await _read_body(request, services.config.proxy.max_body_bytes)
+    body: dict[str, Any] | None = None
+    if endpoint in ("chat", "completions"):
+        body = _parse_openai_body(endpoint, raw)
+    elif endpoint != "other":
+        body = _parse_lenient(raw)
+
+    upstream = services.upstream
+    ctx = RequestContext(
+        request_id="kv-" + uuid.uuid4().hex[:20],
+        ts_s=services.clock(),
+        start_s=time.perf_counter(),
+        endpoint=endpoint,
+        model=body.get("model") if body and isinstance(body.get("model"), str) else None,
+        tenant=tenant_of(request.headers.get("authorization"), body),
+        stream=bool(body.get("stream", endpoint.startswith("ollama"))) if body else False,
+        upstream=upstream.name,
+    )
+    tracked = ctx.model is not None
+    if tracked:
+        services.tracker.begin(ctx, body)
+
+    client = services.client
+    upstream_request = client.build_request(
+        request.method,
+        upstream.url_for(request.url.path, request.url.query),
+        headers=forward_headers(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+        ),
+        content=raw,
+    )
+    try:
+        with mapped_errors(upstream):
+            upstream_response = await client.send(upstream_request, stream=True)
+    except KvernError as exc:
+        if tracked:
+            services.tracker.complete(
+                ctx, status=exc.status_code, error=exc.code, ttfb_ms=None, body=b"", content_type=""
+            )
+        return error_response(exc)
+
+    headers = response_headers(upstream_response.headers)
+    headers["x-kvern-request-id"] = ctx.request_id
+    content_type = upstream_response.headers.get("content-type", "")
+    is_stream = "event-stream" in content_type or "ndjson" in content_type or ctx.stream
+    if not is_stream:
+        return await _relay_whole(services, ctx, upstream_response, headers, content_type, tracked)
+    return StreamingResponse(
+        _relay_stream(services, ctx, upstream_response, content_type, tracked),
+        status_code=upstream_response.status_code,
+        headers=headers,
+    )
+
+
+async def _relay_whole(
+    services: Services,
+    ctx: RequestContext,
+    upstream_response: httpx.Response,
+    headers: dict[str, str],
+    content_type: str,
+    tracked: bool,
+) -> Response:
+    ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
+    try:
+        with mapped_errors(services.upstream):
+            content = await upstream_response.aread()
+    except KvernError as exc:
+        if tracked:
+            services.tracker.complete(
+                ctx, status=exc.status_code, error=exc.code, ttfb_ms=ttfb_ms, body=b"",
+                content_type="",
+            )
+        return error_response(exc)
+    finally:
+        await upstream_response.aclose()
+    if tracked:
+        services.tracker.complete(
+            ctx,
+            status=upstream_response.status_code,
+            error=None,
+            ttfb_ms=ttfb_ms,
+            body=content,
+            content_type=content_type,
+        )
+    return Response(content, status_code=upstream_response.status_code, headers=headers)
+
+
+async def _relay_stream(
+    services: Services,
+    ctx: RequestContext,
+    upstream_response: httpx.Response,
+    content_type: str,
+    tracked: bool,
+) -> AsyncIterator[bytes]:
+    kept = _Kept()
+    ttfb_ms: float | None = None
+    error: str | None = None
+    try:
+        with mapped_errors(services.upstream):
+            async for chunk in upstream_response.aiter_raw():
+                if ttfb_ms is None:
+                    ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
+                if tracked:
+                    kept.add(chunk)
+                yield chunk
+    except KvernError as exc:
+        # Headers are already sent: the stream can only end early. Recorded, not raised.
+        error = exc.code
+    except BaseException:
+        error = "client_disconnected"
+        raise
+    finally:
+        await upstream_response.aclose()
+        if tracked:
+            services.tracker.complete(
+                ctx,
+                status=upstream_response.status_code,
+                error=error,
+                ttfb_ms=ttfb_ms,
+                body=kept.value(),
+                content_type=content_type,
+            )

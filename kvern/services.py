@@ -1,0 +1,36 @@
+"""The services one kvern process runs, built by the app's lifespan and passed to routes.
+
+Why a container instead of globals: every service is created in
+``create_app``'s lifespan from the config it is given, and torn down there,
+so tests can build as many independent apps as they like in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from kvern.analytics.store import AnalyticsStore
+from kvern.config import KvernConfig
+from kvern.forest import TrieForest
+from kvern.tokenization import TokenizerRegistry
+from kvern.tracking import Tracker
+from kvern.upstream import Upstream
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a route needs, owned by the app's lifespan."""
+
+    config: KvernConfig  # the validated configuration
+    upstream: Upstream  # where requests go
+    client: httpx.AsyncClient  # one pooled keep-alive client
+    registry: TokenizerRegistry  # model name -> tokenizer
+    forest: TrieForest  # model name -> trie (tracking thread only)
+    tracker: Tracker  # tracking beside each request
+    store: AnalyticsStore | None  # None when analytics are disabled
+    clock: Callable[[], float] = time.time  # wall clock (injected in tests)
+    started_s: float = 0.0  # when the app started
