@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from array import array
@@ -148,6 +149,75 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {label:<{width}}  {value:>14}")
 
 
+def _tokenization_chat(turns: int, rng: random.Random) -> list[list[dict[str, str]]]:
+    """A growing chat with realistic message sizes; one ``messages`` list per turn."""
+    words = ("cache prefix token model latency request answer system user value block "
+             "decode prefill replica budget policy trie memory hit miss").split()
+
+    def text(n_words: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n_words)) + "."
+
+    history = [{"role": "system", "content": text(350)}]
+    out = []
+    for _ in range(turns):
+        history = history + [{"role": "user", "content": text(rng.randint(40, 120))}]
+        out.append(history)
+        history = history + [{"role": "assistant", "content": text(rng.randint(80, 200))}]
+    return out
+
+
+def run_tokenization_bench(quick: bool) -> dict[str, float]:
+    """Turn-20 cost with and without the incremental segment cache, same run, same text.
+
+    Uses the real Llama 3 tokenizer and Llama 3.2 chat template (derived offline
+    from the llama-cpp-python sdist, see tests/assets.py). Each repetition feeds
+    turns 1-19 into a fresh segment cache, then times turn 20 both ways.
+    """
+    from transformers import AutoTokenizer
+
+    from kvern.incremental import SegmentTokenizer
+    from kvern.render import render_chat
+    from tests.assets import tokenizer_fixture
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_fixture("llama3").directory))
+    backend = hf.backend_tokenizer
+    turns = 20
+    chats = _tokenization_chat(turns, random.Random(7))
+    texts = [render_chat(hf, m).text for m in chats]
+    last = texts[-1]
+    reps = 5 if quick else 15
+    full_ns: list[int] = []
+    inc_ns: list[int] = []
+    render_ns: list[int] = []
+    for _ in range(reps):
+        seg = SegmentTokenizer(backend, verify_every=0)
+        for text in texts[:-1]:
+            seg.encode(text)
+        t0 = time.perf_counter_ns()
+        whole = backend.encode(last, add_special_tokens=False).ids
+        t1 = time.perf_counter_ns()
+        ids, used = seg.encode(last)
+        t2 = time.perf_counter_ns()
+        render_chat(hf, chats[-1])
+        t3 = time.perf_counter_ns()
+        assert used and list(ids) == whole, "incremental ids must equal whole-string ids"
+        full_ns.append(t1 - t0)
+        inc_ns.append(t2 - t1)
+        render_ns.append(t3 - t2)
+    full = statistics.median(full_ns)
+    inc = statistics.median(inc_ns)
+    rend = statistics.median(render_ns)
+    return {
+        "turn": float(turns),
+        "prompt_tokens": float(len(whole)),
+        "full_tokenize_us": full / 1000,
+        "incremental_tokenize_us": inc / 1000,
+        "render_us": rend / 1000,
+        "incremental_tokenize_ratio": inc / full,
+        "with_render_ratio": (inc + rend) / (full + rend),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every section, print a table per section, then one summary line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -174,9 +244,23 @@ def main(argv: list[str] | None = None) -> None:
         ],
     )
 
+    tok = run_tokenization_bench(args.quick)
+    summary["incremental_tokenize_ratio"] = tok["incremental_tokenize_ratio"]
+    _print_table(
+        "Tokenization of turn 20 of a growing chat (Llama 3 tokenizer + Llama 3.2 template)",
+        [
+            ("prompt tokens at turn 20", f"{tok['prompt_tokens']:,.0f}"),
+            ("whole string, us (median)", f"{tok['full_tokenize_us']:,.1f}"),
+            ("incremental, us (median)", f"{tok['incremental_tokenize_us']:,.1f}"),
+            ("ratio incremental / whole", f"{tok['incremental_tokenize_ratio']:.3f}"),
+            ("chat template render, us", f"{tok['render_us']:,.1f}"),
+            ("ratio incl. render", f"{tok['with_render_ratio']:.3f}"),
+        ],
+    )
+
     # Further sections add their tables above and their keys to ``summary``.
     print()
-    print(" ".join(f"{key}={value:.1f}" for key, value in summary.items()))
+    print(" ".join(f"{key}={value:.4g}" for key, value in summary.items()))
 
 
 if __name__ == "__main__":
