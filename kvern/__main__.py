@@ -20,10 +20,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="path to config.yaml (default: ./config.yaml if present)")
-    parser.add_argument("--host", default=None, help="listen address (overrides config and KVERN_HOST)")
-    parser.add_argument("--port", type=int, default=None, help="listen port (overrides config and KVERN_PORT)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--config", default=None, help="path to config.yaml (default: ./config.yaml if present)"
+    )
+    parser.add_argument(
+        "--host", default=None, help="listen address (overrides config and KVERN_HOST)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="listen port (overrides config and KVERN_PORT)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def load_for_serve(args: argparse.Namespace) -> KvernConfig:
@@ -54,15 +62,23 @@ def serve(args: argparse.Namespace) -> int:
 
     from kvern.app import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = create_app(config)
     print(
-        f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1 -> {config.upstream.base_url}",
+        f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1"
+        f" -> {config.upstream.base_url}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=config.proxy.host, port=config.proxy.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=config.proxy.host,
+        port=config.proxy.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

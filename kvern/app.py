@@ -109,15 +109,27 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                          "param": None, "code": "not_found" if exc.status_code == 404 else None}}
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found" if exc.status_code == 404 else None,
+            }
+        }
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unexpected error handling %s %s", request.method, request.url.path)
-        body = {"error": {"message": f"internal error in kvern: {type(exc).__name__}",
-                          "type": "server_error", "param": None, "code": "internal_error"}}
+        body = {
+            "error": {
+                "message": f"internal error in kvern: {type(exc).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+        }
         return JSONResponse(body, status_code=500)
 
     app.include_router(health_routes.router)

@@ -33,11 +33,11 @@ class ApproximateTokenizer:
         self._pieces: dict[int, str] = {}
         self._max_pieces = max_pieces
 
-    def encode(self, text: str) -> array:
+    def encode(self, text: str) -> array[int]:
         pieces = _PIECE.findall(text)
         ids = array("i", (zlib.crc32(p.encode("utf-8")) % _ID_SPACE for p in pieces))
         if len(self._pieces) < self._max_pieces:
-            self._pieces.update(zip(ids, pieces))
+            self._pieces.update(zip(ids, pieces, strict=False))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:

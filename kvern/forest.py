@@ -46,7 +46,9 @@ class TrieForest:
         found = self._tries.get(model)
         if found is None:
             max_tokens, block_size = self._config.for_model(model)
-            found = ModelTrie(model, RadixTrie(policy_from_config(self._eviction)), max_tokens, block_size)
+            found = ModelTrie(
+                model, RadixTrie(policy_from_config(self._eviction)), max_tokens, block_size
+            )
             self._tries[model] = found
         return found
 

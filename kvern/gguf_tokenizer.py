@@ -48,8 +48,19 @@ class GGUFTokenizerError(ValueError):
 
 
 # GGUF value types (gguf-py ``GGUFValueType``) -> struct format of one item.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR_FORMATS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _TYPE_STRING = 8
 _TYPE_ARRAY = 9
 _GGUF_MAGIC = b"GGUF"
@@ -86,10 +97,10 @@ class _Cursor:
                 self.pos += size * count
                 return items
             return [self.value(item_type) for _ in range(count)]
-        fmt = _SCALAR_FORMATS.get(value_type)
-        if fmt is None:
+        scalar_fmt = _SCALAR_FORMATS.get(value_type)
+        if scalar_fmt is None:
             raise GGUFTokenizerError(f"unknown GGUF value type {value_type}")
-        return self.unpack(fmt)
+        return self.unpack(scalar_fmt)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -202,7 +213,7 @@ def build_tokenizer_from_gguf(path: str | Path) -> Any:
         token_id = fields[key]
         return None if token_id is None else tokens[int(token_id)]
 
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=_name("tokenizer.ggml.bos_token_id"),
         eos_token=_name("tokenizer.ggml.eos_token_id"),

@@ -81,7 +81,7 @@ class SegmentTokenizer:
         (0 disables; the first prompt is always checked).
         """
         self._backend = backend
-        self._cache: OrderedDict[str, array] = OrderedDict()
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_tokens = 0
         self._max_cache_tokens = cache_tokens
         self._verify_every = verify_every
@@ -141,13 +141,13 @@ class SegmentTokenizer:
         segmented = self._encode_segments(probe, use_cache=False)
         if list(segmented) != list(whole):
             first = next(
-                (i for i, (a, b) in enumerate(zip(segmented, whole)) if a != b),
+                (i for i, (a, b) in enumerate(zip(segmented, whole, strict=False)) if a != b),
                 min(len(segmented), len(whole)),
             )
             return False, f"ids differ at position {first}"
         return True, ""
 
-    def _encode_whole(self, text: str) -> array:
+    def _encode_whole(self, text: str) -> array[int]:
         return array("i", self._backend.encode(text, add_special_tokens=False).ids)
 
     def split(self, text: str) -> list[str]:
@@ -164,7 +164,7 @@ class SegmentTokenizer:
             segments.append(text[start:])
         return segments
 
-    def _encode_segments(self, text: str, *, use_cache: bool) -> array:
+    def _encode_segments(self, text: str, *, use_cache: bool) -> array[int]:
         segments = self.split(text)
         out = array("i")
         if not use_cache:
@@ -172,7 +172,7 @@ class SegmentTokenizer:
                 out.extend(array("i", enc.ids))
             return out
         cache = self._cache
-        found: list[array | None] = []
+        found: list[array[int] | None] = []
         missing: list[str] = []
         for seg in segments:
             ids = cache.get(seg)
@@ -187,7 +187,7 @@ class SegmentTokenizer:
             unique = list(dict.fromkeys(missing))
             self.stats.num_encoded_chars += sum(map(len, unique))
             encoded = self._backend.encode_batch(unique, add_special_tokens=False)
-            fresh = {seg: array("i", enc.ids) for seg, enc in zip(unique, encoded)}
+            fresh = {seg: array("i", enc.ids) for seg, enc in zip(unique, encoded, strict=False)}
             for seg, ids in fresh.items():
                 cache[seg] = ids
                 self._cache_tokens += len(ids)
@@ -202,7 +202,7 @@ class SegmentTokenizer:
             out.extend(ids)
         return out
 
-    def encode(self, text: str) -> tuple[array, bool]:
+    def encode(self, text: str) -> tuple[array[int], bool]:
         """Return (ids, used_incremental) for a rendered prompt (no special tokens added)."""
         if not self.enabled:
             return self._encode_whole(text), False

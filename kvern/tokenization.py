@@ -35,7 +35,7 @@ TokenizerKind = Literal["exact", "fallback"]
 class PromptTokens:
     """The token ids of one request's prompt and how they were obtained."""
 
-    ids: array  # token ids ('i' array), after normalization
+    ids: array[int]  # token ids ('i' array), after normalization
     kind: TokenizerKind  # "exact": the model's tokenizer; "fallback": approximate
     used_model_template: bool  # False: generic rendering (no template, or it raised)
     num_ignored_parts: int  # non-text content parts left out of the rendering
@@ -110,7 +110,7 @@ class ModelTokenizer:
     def incremental(self) -> bool:
         return self.segments is not None and self.segments.enabled
 
-    def encode_prompt(self, text: str) -> tuple[array, bool]:
+    def encode_prompt(self, text: str) -> tuple[array[int], bool]:
         """Token ids of an already rendered prompt (chat templates include BOS themselves)."""
         if self._approx is not None:
             return self._approx.encode(text), False
@@ -128,6 +128,7 @@ class ModelTokenizer:
         """Tokens of a chat request's prompt, as the backend renders and tokenizes it."""
         norm = normalizer or Normalizer()
         prepared = prepare_messages(norm.messages(messages) if not norm.is_empty else messages)
+        err: str | None
         if self.hf is None:
             text, used, err = render_generic(prepared.messages), False, "no tokenizer"
         else:
@@ -162,6 +163,7 @@ class ModelTokenizer:
         """Text of token ids (for hot prefixes); special tokens are kept visible."""
         if self._approx is not None:
             return self._approx.decode(ids)
+        assert self.hf is not None  # no approximate tokenizer means a real one
         return str(self.hf.backend_tokenizer.decode(list(ids), skip_special_tokens=False))
 
 
@@ -201,21 +203,31 @@ class TokenizerRegistry:
         return f"entry:{pattern}", entry
 
     def _build(self, model: str, entry: TokenizerEntry | None) -> ModelTokenizer:
-        kwargs = {
-            "cache_tokens": self._config.incremental_cache_tokens,
-            "verify_every": self._verify_every,
-        }
+        cache_tokens = self._config.incremental_cache_tokens
+        verify_every = self._verify_every
         if entry is None:
             return ModelTokenizer(
-                None, source=None, error=f"no tokenizer configured for model {model!r}", **kwargs
+                None,
+                source=None,
+                error=f"no tokenizer configured for model {model!r}",
+                cache_tokens=cache_tokens,
+                verify_every=verify_every,
             )
         try:
             hf = self._loader(entry)
         except Exception as exc:  # noqa: BLE001 - any load failure means fallback
             message = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
             logger.warning("tokenizer for %s: %s; using the approximate fallback", model, message)
-            return ModelTokenizer(None, source=entry.source, error=message, **kwargs)
-        return ModelTokenizer(hf, source=entry.source, **kwargs)
+            return ModelTokenizer(
+                None,
+                source=entry.source,
+                error=message,
+                cache_tokens=cache_tokens,
+                verify_every=verify_every,
+            )
+        return ModelTokenizer(
+            hf, source=entry.source, cache_tokens=cache_tokens, verify_every=verify_every
+        )
 
     def get_sync(self, model: str) -> ModelTokenizer:
         """Resolve and load in the calling thread (tests, tools, benchmarks)."""

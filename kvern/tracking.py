@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -81,9 +81,9 @@ def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | N
     return None
 
 
-def _prompt_of(tok: ModelTokenizer, endpoint: str, body: dict[str, Any], norm: Normalizer) -> (
-    PromptTokens | None
-):
+def _prompt_of(
+    tok: ModelTokenizer, endpoint: str, body: dict[str, Any], norm: Normalizer
+) -> PromptTokens | None:
     """Tokenize a request body the way its endpoint's backend would."""
     if endpoint in ("chat", "ollama_chat"):
         messages = body.get("messages")
@@ -168,7 +168,7 @@ class Tracker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -260,7 +260,9 @@ class Tracker:
         if self._record is None:
             return
         try:
-            self._record(self._to_record(ctx, prediction, facts, status, error, ttfb_ms, latency_ms))
+            self._record(
+                self._to_record(ctx, prediction, facts, status, error, ttfb_ms, latency_ms)
+            )
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
 

@@ -9,9 +9,8 @@ a parameter so tests can inject ``httpx.MockTransport`` for fault injection.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -73,7 +72,9 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]
     side reader (usage, cached tokens) while kvern relays them unchanged;
     compressing on a link to a model server buys nothing.
     """
-    out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != "accept-encoding"]
+    out = [
+        (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != "accept-encoding"
+    ]
     out.append(("accept-encoding", "identity"))
     return out
 
@@ -84,7 +85,9 @@ def response_headers(headers: Mapping[str, str] | httpx.Headers) -> dict[str, st
     return {k: v for k, v in items if k.lower() not in HOP_BY_HOP}
 
 
-def build_client(config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+def build_client(
+    config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncClient:
     """One pooled, keep-alive client for the process (timeouts and limits from config)."""
     timeout = httpx.Timeout(
         connect=config.connect_timeout_s,

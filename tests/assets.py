@@ -68,8 +68,17 @@ def sdist_path() -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         subprocess.run(
             [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-                "--no-deps", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp,
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                "-d",
+                tmp,
             ],
             check=True,
         )
@@ -112,7 +121,9 @@ def read_vectors(gguf: Path) -> list[tuple[str, list[int]]]:
     """llama.cpp's tokenizer test vectors shipped beside a vocab GGUF."""
     inputs = Path(f"{gguf}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     outputs = Path(f"{gguf}.out").read_text(encoding="utf-8").split("\n")
-    return [(text, [int(x) for x in ids.split()]) for text, ids in zip(inputs, outputs)]
+    return [
+        (text, [int(x) for x in ids.split()]) for text, ids in zip(inputs, outputs, strict=False)
+    ]
 
 
 def tokenizer_fixture(name: str) -> TokenizerFixture:

@@ -18,9 +18,9 @@ WEATHER_TOOL: dict[str, Any] = {
 }
 
 
-def growing_chat(turns: int, *, system: str | None = "You are a helpful assistant.") -> list[
-    list[dict[str, Any]]
-]:
+def growing_chat(
+    turns: int, *, system: str | None = "You are a helpful assistant."
+) -> list[list[dict[str, Any]]]:
     """The request bodies' ``messages`` of a chat, one list per turn, each re-sending history."""
     history: list[dict[str, Any]] = []
     if system is not None:

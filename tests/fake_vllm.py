@@ -68,7 +68,10 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
         tok = tokenizers.get(body.get("model", "")) or next(iter(tokenizers.values()))
         if chat:
             text = tok.apply_chat_template(
-                body["messages"], tools=body.get("tools"), add_generation_prompt=True, tokenize=False
+                body["messages"],
+                tools=body.get("tools"),
+                add_generation_prompt=True,
+                tokenize=False,
             )
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(str(body.get("prompt", "")), add_special_tokens=True))
@@ -110,8 +113,14 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
             else:
                 choice["text"] = "".join(words)
             return JSONResponse(
-                {"id": rid, "object": obj, "created": created, "model": body["model"],
-                 "choices": [choice], "usage": usage}
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": body["model"],
+                    "choices": [choice],
+                    "usage": usage,
+                }
             )
         chunk_delay = float(request.headers.get("x-fake-chunk-delay-ms", "0")) / 1000
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -125,8 +134,15 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
                 c["delta"] = delta or {}
             else:
                 c["text"] = text or ""
-            return event({"id": rid, "object": obj + ".chunk", "created": created,
-                          "model": body["model"], "choices": [c]})
+            return event(
+                {
+                    "id": rid,
+                    "object": obj + ".chunk",
+                    "created": created,
+                    "model": body["model"],
+                    "choices": [c],
+                }
+            )
 
         async def stream() -> Any:
             try:
@@ -138,8 +154,16 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
                     yield chunk({"content": w}, w, None)
                 yield chunk({}, "", "stop")
                 if include_usage:
-                    yield event({"id": rid, "object": obj + ".chunk", "created": created,
-                                 "model": body["model"], "choices": [], "usage": usage})
+                    yield event(
+                        {
+                            "id": rid,
+                            "object": obj + ".chunk",
+                            "created": created,
+                            "model": body["model"],
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
                 yield b"data: [DONE]\n\n"
                 state.completed_streams += 1
             except (asyncio.CancelledError, GeneratorExit):
@@ -156,13 +180,21 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
 
     async def models(request: Request) -> Response:
         state.headers.append(dict(request.headers))
-        return JSONResponse({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in tokenizers
-        ]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                    for m in tokenizers
+                ],
+            }
+        )
 
-    app = Starlette(routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", text, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", text, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
     return app, state

@@ -126,7 +126,7 @@ def test_model_map_resolves_exact_before_globs_in_file_order() -> None:
 
 
 def test_relative_tokenizer_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
-    text = 'tokenizers:\n  models:\n    m:\n      source: ./tok\n      chat_template: ../t.jinja\n'
+    text = "tokenizers:\n  models:\n    m:\n      source: ./tok\n      chat_template: ../t.jinja\n"
     entry = load_config(write(tmp_path, text), env={}).tokenizers.models["m"]
     assert entry.source == str((tmp_path / "tok").resolve())
     assert entry.chat_template == str((tmp_path.parent / "t.jinja").resolve())

@@ -16,7 +16,9 @@ def test_derived_tokenizers_match_llama_cpp_test_vectors(
     vectors = tokenizer_fixtures[real_tokenizer_name].vectors
     assert len(vectors) >= 40
     mismatches = [
-        text for text, ids in vectors if real_tokenizer.encode(text, add_special_tokens=False) != ids
+        text
+        for text, ids in vectors
+        if real_tokenizer.encode(text, add_special_tokens=False) != ids
     ]
     assert mismatches == []
 

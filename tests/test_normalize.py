@@ -43,7 +43,9 @@ def test_flags_are_honoured() -> None:
     assert norm.text("a\nTODAY is\nb") == "a\n<T>\nb"
 
 
-def test_injected_date_rule_makes_two_days_share_their_prefix(hf_tokenizers: dict[str, Any]) -> None:
+def test_injected_date_rule_makes_two_days_share_their_prefix(
+    hf_tokenizers: dict[str, Any],
+) -> None:
     tok = ModelTokenizer(hf_tokenizers["llama3"], source="llama3", verify_every=1)
     messages = [
         {"role": "system", "content": "You are a careful assistant. " * 20},
@@ -54,8 +56,12 @@ def test_injected_date_rule_makes_two_days_share_their_prefix(hf_tokenizers: dic
     )
     for normalizer, expect_shared in ((None, False), (date_rule, True)):
         trie = RadixTrie()
-        day1 = tok.chat(messages, normalizer=normalizer, template_kwargs={"date_string": "1 Jan 2026"})
-        day2 = tok.chat(messages, normalizer=normalizer, template_kwargs={"date_string": "2 Jan 2026"})
+        day1 = tok.chat(
+            messages, normalizer=normalizer, template_kwargs={"date_string": "1 Jan 2026"}
+        )
+        day2 = tok.chat(
+            messages, normalizer=normalizer, template_kwargs={"date_string": "2 Jan 2026"}
+        )
         trie.insert(day1.ids, now_s=0.0)
         matched = trie.insert(day2.ids, now_s=1.0).matched_tokens
         if expect_shared:

@@ -126,10 +126,15 @@ def test_multi_turn_figures_are_exact(
     client = client_for(kvern)
     for messages in turns:
         client.chat.completions.create(
-            model=QWEN, messages=messages, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+            model=QWEN,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
         ).close()
     lens = [
-        len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+        len(
+            tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
         for m in turns
     ]
     summary = analytics(kvern, model=QWEN)["summary"]
@@ -181,7 +186,9 @@ def test_client_disconnect_mid_stream_cancels_upstream(
     assert state.disconnects == before + 1
 
 
-def test_upstream_down_is_a_502_naming_it(tmp_path: Path, tokenizer_fixtures: dict[str, Any]) -> None:
+def test_upstream_down_is_a_502_naming_it(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any]
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with running_kvern(kvern_config(tmp_path, dead, tokenizer_fixtures)) as url:
         with pytest.raises(openai.APIStatusError) as err:
@@ -200,7 +207,9 @@ def test_upstream_down_is_a_502_naming_it(tmp_path: Path, tokenizer_fixtures: di
 def test_slow_upstream_is_a_504(
     tmp_path: Path, upstream: tuple[str, FakeVLLMState], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    config = kvern_config(tmp_path, upstream[0], tokenizer_fixtures, upstream={"read_timeout_s": 0.3})
+    config = kvern_config(
+        tmp_path, upstream[0], tokenizer_fixtures, upstream={"read_timeout_s": 0.3}
+    )
     with running_kvern(config) as url:
         with pytest.raises(openai.APIStatusError) as err:
             client_for(url).chat.completions.create(
@@ -278,9 +287,11 @@ def test_every_row_is_on_disk_after_shutdown(
             client.chat.completions.create(
                 model=QWEN, messages=[{"role": "user", "content": f"n{i}"}], stream=i % 2 == 0
             )
-    rows = sqlite3.connect(tmp_path / "kvern.db").execute(
-        "SELECT count(*), sum(prompt_tokens IS NOT NULL) FROM requests"
-    ).fetchone()
+    rows = (
+        sqlite3.connect(tmp_path / "kvern.db")
+        .execute("SELECT count(*), sum(prompt_tokens IS NOT NULL) FROM requests")
+        .fetchone()
+    )
     assert rows == (25, 25)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,9 +306,16 @@ class AnalyticsStore:
             self._note_error(exc)
 
     def _note_error(self, exc: BaseException) -> None:
-        """Count a write error; log each kind once (messages name fields, never values)."""
+        """Count a write error and log each kind once.
+
+        Only SQLite's messages and :func:`to_row`'s are logged in full: they
+        name tables, columns and types, never a row's values. Anything else is
+        logged by type alone, as its message could quote request data.
+        """
         self.num_write_errors += 1
-        kind = f"{type(exc).__name__}: {exc}"
+        kind = type(exc).__name__
+        if isinstance(exc, (sqlite3.Error, TypeError)):
+            kind = f"{kind}: {exc}"
         if kind in self._logged_error_kinds:
             return
         self._logged_error_kinds.add(kind)

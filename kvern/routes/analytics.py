@@ -41,7 +41,9 @@ async def analytics(
         "window": window,
         "model": model,
         "summary": await queries.summary(store, window=window, model=model, now_s=now),
-        "by_model": await queries.breakdown(store, by="model", window=window, model=model, now_s=now),
+        "by_model": await queries.breakdown(
+            store, by="model", window=window, model=model, now_s=now
+        ),
         "by_tenant": await queries.breakdown(
             store, by="tenant", window=window, model=model, now_s=now
         ),

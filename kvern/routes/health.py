@@ -49,8 +49,10 @@ async def health(request: Request) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(services.clock() - services.started_s, 3),
         "upstream": upstream,
-        "tokenizers": {s.model: {k: v for k, v in asdict(s).items() if k != "model"}
-                       for s in services.registry.states()},
+        "tokenizers": {
+            s.model: {k: v for k, v in asdict(s).items() if k != "model"}
+            for s in services.registry.states()
+        },
         "tracking": {
             "tracked": tracker.num_tracked,
             "skipped_backlog": tracker.num_skipped_backlog,

@@ -66,7 +66,9 @@ def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any]:
     if endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' is required and must be a non-empty array", param="messages")
+            raise BadRequest(
+                "'messages' is required and must be a non-empty array", param="messages"
+            )
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise BadRequest("each message must be an object with a 'role'", param="messages")
     if endpoint == "completions" and "prompt" not in body:
@@ -174,7 +176,11 @@ async def _relay_whole(
     except KvernError as exc:
         if tracked:
             services.tracker.complete(
-                ctx, status=exc.status_code, error=exc.code, ttfb_ms=ttfb_ms, body=b"",
+                ctx,
+                status=exc.status_code,
+                error=exc.code,
+                ttfb_ms=ttfb_ms,
+                body=b"",
                 content_type="",
             )
         return error_response(exc)
