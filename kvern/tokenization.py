@@ -29,6 +29,8 @@ from kvern.render import prepare_messages, render_chat, render_generic
 logger = logging.getLogger(__name__)
 
 TokenizerKind = Literal["exact", "fallback"]
+# What /health reports: a tokenizer still loading has no kind yet.
+TokenizerStateKind = Literal["exact", "fallback", "loading"]
 
 
 @dataclass(slots=True)
@@ -49,7 +51,7 @@ class TokenizerState:
     """What /health reports per model."""
 
     model: str  # request model name
-    kind: TokenizerKind  # exact or fallback
+    kind: TokenizerStateKind  # exact, fallback, or still loading
     source: str | None  # where the tokenizer came from
     incremental: bool  # segment cache on
     error: str | None = None  # why the fallback is in use, or why incremental is off
@@ -266,6 +268,7 @@ class TokenizerRegistry:
         for slot in self._slots.values():
             tok = slot.value
             if tok is None:
+                out.extend(TokenizerState(m, "loading", None, False) for m in slot.models)
                 continue
             reason = tok.error
             if reason is None and tok.segments is not None and not tok.segments.enabled:

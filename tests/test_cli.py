@@ -68,7 +68,8 @@ def test_run_proxy_serves_with_the_shipped_config_and_no_upstream(tmp_path: Path
         assert reply.status_code == 502
         assert reply.json()["error"]["code"] == "upstream_unreachable"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        # uvicorn re-raises SIGTERM after its graceful shutdown.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     assert (tmp_path / "kvern.db").exists()
 
 
@@ -115,6 +116,6 @@ def test_sigterm_loses_no_analytics_row(
                 assert reply.status_code == 200
         # The writer waits up to 5 s per batch: these rows are still queued now.
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     count = sqlite3.connect(tmp_path / "kvern.db").execute("SELECT count(*) FROM requests")
     assert count.fetchone() == (40,)

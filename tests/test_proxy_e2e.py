@@ -302,12 +302,13 @@ def test_health_and_trie_visualize(kvern: str) -> None:
     client_for(kvern).chat.completions.create(
         model=QWEN, messages=[{"role": "user", "content": "Hot prefix " * 20}]
     )
-    health = httpx.get(kvern + "/health").json()
-    assert health["status"] == "ok" and health["upstream"]["reachable"]
-    assert health["tokenizers"][QWEN]["kind"] == "exact"
     trie = httpx.get(kvern + "/trie/visualize", params={"n": 3}).json()
     hot = trie[QWEN]["hot_prefixes"]
     assert hot[0]["count"] == 2 and "Hot prefix" in hot[0]["text"]
     assert QWEN in trie[QWEN]["display"]
+    # /trie/visualize waited for tracking, so the tokenizer is loaded now.
+    health = httpx.get(kvern + "/health").json()
+    assert health["status"] == "ok" and health["upstream"]["reachable"]
+    assert health["tokenizers"][QWEN]["kind"] == "exact"
     bad = httpx.get(kvern + "/trie/visualize", params={"model": "nope"})
     assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]

@@ -79,7 +79,8 @@ async def visualize(
     min_depth: int = Query(0, ge=0),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
-    models = services.forest.models()
+    await services.tracker.drain()  # requests already answered are in the trie
+    models = await services.tracker.in_thread(services.forest.models)
     if model is not None:
         if model not in models:
             raise BadRequest(f"no trie for model {model!r}; known: {models}", param="model")
