@@ -84,7 +84,13 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
         state.requests.append(body)
         delay_ms = float(request.headers.get("x-fake-delay-ms", "0"))
         if delay_ms:
-            await asyncio.sleep(delay_ms / 1000)
+            # "Prefill": like vLLM, abort when the client goes away meanwhile.
+            deadline = time.monotonic() + delay_ms / 1000
+            while time.monotonic() < deadline:
+                if await request.is_disconnected():
+                    state.disconnects += 1
+                    return Response(status_code=499)
+                await asyncio.sleep(0.02)
         status = int(request.headers.get("x-fake-status", "200"))
         if status != 200:
             return JSONResponse(

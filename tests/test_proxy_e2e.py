@@ -312,3 +312,29 @@ def test_health_and_trie_visualize(kvern: str) -> None:
     assert health["tokenizers"][QWEN]["kind"] == "exact"
     bad = httpx.get(kvern + "/trie/visualize", params={"model": "nope"})
     assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+
+
+def test_client_leaving_before_the_first_byte_cancels_upstream(
+    kvern: str, upstream: tuple[str, FakeVLLMState]
+) -> None:
+    state = upstream[1]
+    # Load the tokenizer first: its load holds the GIL this test process shares.
+    client_for(kvern).chat.completions.create(model=QWEN, messages=[{"role": "user", "content": "w"}])
+    httpx.get(kvern + "/trie/visualize")
+    before = len(state.cached)
+    disconnects = state.disconnects
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            kvern + "/v1/chat/completions",
+            json={"model": QWEN, "messages": [{"role": "user", "content": "slow"}]},
+            headers={"x-fake-delay-ms": "1500"},
+            timeout=0.3,
+        )
+    deadline = time.monotonic() + 5
+    while state.disconnects == disconnects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The upstream saw the disconnect during its "prefill" and never answered.
+    assert state.disconnects == disconnects + 1
+    assert len(state.cached) == before
+    rows = analytics(kvern)["summary"]
+    assert rows["requests"] == 2 and rows["errors"] == 1

@@ -10,10 +10,12 @@ which closes the upstream connection and so cancels the generation.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import httpx
@@ -84,6 +86,43 @@ def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+class ClientGone(Exception):
+    """The client disconnected before the upstream answered."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body was already read, so only that is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_unless_disconnected(
+    request: Request, send: Coroutine[Any, Any, httpx.Response]
+) -> httpx.Response:
+    """Await the upstream's response headers, cancelling the send if the client leaves first.
+
+    A long prefill can take seconds before the first byte; without this, a
+    client that gives up would leave the upstream computing for nobody.
+    """
+    send_task = asyncio.ensure_future(send)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({send_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        send_task.cancel()
+        raise
+    finally:
+        watch_task.cancel()
+    if send_task in done:
+        return send_task.result()
+    send_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await send_task
+    raise ClientGone()
+
+
 class _Kept:
     """A bounded copy of relayed bytes: the head, then a rolling tail."""
 
@@ -140,7 +179,18 @@ async def forward(request: Request) -> Response:
     )
     try:
         with mapped_errors(upstream):
-            upstream_response = await client.send(upstream_request, stream=True)
+            upstream_response = await _send_unless_disconnected(
+                request, client.send(upstream_request, stream=True)
+            )
+    except ClientGone:
+        # The client left while the upstream was still prefilling: the send was
+        # cancelled, which closed the upstream connection and so the generation.
+        if tracked:
+            services.tracker.complete(
+                ctx, status=None, error="client_disconnected", ttfb_ms=None, body=b"",
+                content_type="",
+            )
+        return Response(status_code=499)
     except KvernError as exc:
         if tracked:
             services.tracker.complete(
