@@ -34,10 +34,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODEL = "llama3.2:bench"
+WIDTHS = (14, 9, 11, 9, 15, 9, 11, 9)
 CHUNKS = 16
 
 
 # -- servers (each runs in its own process) ---------------------------------------------
+
 
 def upstream_app() -> Any:
     from starlette.applications import Starlette
@@ -52,14 +54,24 @@ def upstream_app() -> Any:
         async def stream() -> Any:
             head = {"id": "x", "object": "chat.completion.chunk", "model": body["model"]}
             for i in range(CHUNKS):
-                chunk = {**head, "choices": [{"index": 0, "delta": {"content": f"w{i} "},
-                                              "finish_reason": None}]}
+                chunk = {
+                    **head,
+                    "choices": [
+                        {"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}
+                    ],
+                }
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
             done = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
             yield f"data: {json.dumps(done)}\n\n".encode()
-            usage = {**head, "choices": [], "usage": {
-                "prompt_tokens": prompt_chars // 4, "completion_tokens": CHUNKS,
-                "prompt_tokens_details": {"cached_tokens": 0}}}
+            usage = {
+                **head,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_chars // 4,
+                    "completion_tokens": CHUNKS,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
+            }
             yield f"data: {json.dumps(usage)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
@@ -75,12 +87,17 @@ def thin_app(upstream: str) -> Any:
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(base_url=upstream, timeout=60,
-                               limits=httpx.Limits(max_connections=256))
+    client = httpx.AsyncClient(
+        base_url=upstream, timeout=60, limits=httpx.Limits(max_connections=256)
+    )
 
     async def proxy(request: Request) -> StreamingResponse:
-        req = client.build_request("POST", "/v1/chat/completions", content=await request.body(),
-                                   headers={"content-type": "application/json"})
+        req = client.build_request(
+            "POST",
+            "/v1/chat/completions",
+            content=await request.body(),
+            headers={"content-type": "application/json"},
+        )
         resp = await client.send(req, stream=True)
 
         async def body() -> Any:
@@ -90,8 +107,9 @@ def thin_app(upstream: str) -> Any:
             finally:
                 await resp.aclose()
 
-        return StreamingResponse(body(), status_code=resp.status_code,
-                                 media_type=resp.headers.get("content-type"))
+        return StreamingResponse(
+            body(), status_code=resp.status_code, media_type=resp.headers.get("content-type")
+        )
 
     return Starlette(routes=[Route("/v1/chat/completions", proxy, methods=["POST"])])
 
@@ -101,23 +119,29 @@ def kvern_app(upstream: str, db_path: str) -> Any:
     from kvern.config import parse_config
     from tests.assets import tokenizer_fixture
 
-    config = parse_config({
-        "upstream": {"base_url": upstream + "/v1"},
-        "tokenizers": {"models": {"llama3.2*": str(tokenizer_fixture("llama3").directory)}},
-        "analytics": {"db_path": db_path},
-    })
+    config = parse_config(
+        {
+            "upstream": {"base_url": upstream + "/v1"},
+            "tokenizers": {"models": {"llama3.2*": str(tokenizer_fixture("llama3").directory)}},
+            "analytics": {"db_path": db_path},
+        }
+    )
     return create_app(config)
 
 
 def serve_main(kind: str, port: int, upstream: str, db_path: str) -> None:
     import uvicorn
 
-    app = {"upstream": lambda: upstream_app(), "thin": lambda: thin_app(upstream),
-           "kvern": lambda: kvern_app(upstream, db_path)}[kind]()
+    app = {
+        "upstream": lambda: upstream_app(),
+        "thin": lambda: thin_app(upstream),
+        "kvern": lambda: kvern_app(upstream, db_path),
+    }[kind]()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # -- load generator --------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -128,8 +152,18 @@ def free_port() -> int:
 def start(kind: str, upstream: str = "", db_path: str = "") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--upstream", upstream,
-         "--db", db_path],
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            kind,
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--db",
+            db_path,
+        ],
         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -157,18 +191,24 @@ def make_chats(n: int, rng: random.Random) -> list[bytes]:
         messages = [{"role": "system", "content": system}]
         for _turn in range(4):
             messages = messages + [{"role": "user", "content": text(rng.randint(60, 150))}]
-            bodies.append(json.dumps({"model": MODEL, "messages": messages, "stream": True}).encode())
+            bodies.append(
+                json.dumps({"model": MODEL, "messages": messages, "stream": True}).encode()
+            )
             messages = messages + [{"role": "assistant", "content": text(rng.randint(60, 150))}]
     return bodies[:n]
 
 
-async def run_load(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], list[float], float]:
+async def run_load(
+    url: str, bodies: list[bytes], concurrency: int
+) -> tuple[list[float], list[float], float]:
     import httpx
 
     ttfb: list[float] = []
     total: list[float] = []
     queue = list(bodies)
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    limits = httpx.Limits(
+        max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8
+    )
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
 
         async def worker() -> None:
@@ -176,8 +216,12 @@ async def run_load(url: str, bodies: list[bytes], concurrency: int) -> tuple[lis
                 body = queue.pop()
                 t0 = time.perf_counter()
                 first = None
-                async with client.stream("POST", "/v1/chat/completions", content=body,
-                                         headers={"content-type": "application/json"}) as resp:
+                async with client.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                ) as resp:
                     async for _ in resp.aiter_raw():
                         if first is None:
                             first = time.perf_counter()
@@ -252,30 +296,48 @@ def main() -> None:
     def tput(name: str, conc: int) -> float:
         return statistics.median(results[(name, conc)]["tput"])
 
-    print(f"\n{'':24}{'c=1 ttfb p50':>14}{'p99':>9}{'total p50':>11}{'p99':>9}"
-          f"{'c=64 ttfb p50':>15}{'p99':>9}{'total p50':>11}{'p99':>9}{'req/s c64':>11}")
+    print(
+        f"\n{'':24}{'c=1 ttfb p50':>14}{'p99':>9}{'total p50':>11}{'p99':>9}"
+        f"{'c=64 ttfb p50':>15}{'p99':>9}{'total p50':>11}{'p99':>9}{'req/s c64':>11}"
+    )
     for name in targets:
-        row = [stat(name, 1, "ttfb", 50), stat(name, 1, "ttfb", 99), stat(name, 1, "total", 50),
-               stat(name, 1, "total", 99), stat(name, 64, "ttfb", 50), stat(name, 64, "ttfb", 99),
-               stat(name, 64, "total", 50), stat(name, 64, "total", 99)]
-        print(f"{name + ' (ms)':24}" + "".join(f"{v:>{w}.2f}" for v, w in
-              zip(row, (14, 9, 11, 9, 15, 9, 11, 9))) + f"{tput(name, 64):>11.1f}")
+        row = [
+            stat(name, 1, "ttfb", 50),
+            stat(name, 1, "ttfb", 99),
+            stat(name, 1, "total", 50),
+            stat(name, 1, "total", 99),
+            stat(name, 64, "ttfb", 50),
+            stat(name, 64, "ttfb", 99),
+            stat(name, 64, "total", 50),
+            stat(name, 64, "total", 99),
+        ]
+        print(
+            f"{name + ' (ms)':24}"
+            + "".join(f"{v:>{w}.2f}" for v, w in zip(row, WIDTHS, strict=True))
+            + f"{tput(name, 64):>11.1f}"
+        )
     print("\nadded over direct (ms)       c=1 ttfb p50   p99   total p50   c=64 ttfb p50   p99")
     for name in ("thin", "kvern"):
-        print(f"  {name:<26}{stat(name,1,'ttfb',50)-stat('direct',1,'ttfb',50):>9.2f}"
-              f"{stat(name,1,'ttfb',99)-stat('direct',1,'ttfb',99):>8.2f}"
-              f"{stat(name,1,'total',50)-stat('direct',1,'total',50):>11.2f}"
-              f"{stat(name,64,'ttfb',50)-stat('direct',64,'ttfb',50):>15.2f}"
-              f"{stat(name,64,'ttfb',99)-stat('direct',64,'ttfb',99):>8.2f}")
+        print(
+            f"  {name:<26}{stat(name, 1, 'ttfb', 50) - stat('direct', 1, 'ttfb', 50):>9.2f}"
+            f"{stat(name, 1, 'ttfb', 99) - stat('direct', 1, 'ttfb', 99):>8.2f}"
+            f"{stat(name, 1, 'total', 50) - stat('direct', 1, 'total', 50):>11.2f}"
+            f"{stat(name, 64, 'ttfb', 50) - stat('direct', 64, 'ttfb', 50):>15.2f}"
+            f"{stat(name, 64, 'ttfb', 99) - stat('direct', 64, 'ttfb', 99):>8.2f}"
+        )
     for name in ("thin", "kvern"):
-        print(f"throughput ratio {name} / direct at c=64: {tput(name, 64) / tput('direct', 64):.3f}")
+        print(
+            f"throughput ratio {name} / direct at c=64: {tput(name, 64) / tput('direct', 64):.3f}"
+        )
     x = stat("kvern", 1, "ttfb", 50) - stat("direct", 1, "ttfb", 50)
     f = stat("thin", 1, "ttfb", 50) - stat("direct", 1, "ttfb", 50)
     y = stat("kvern", 64, "ttfb", 99) - stat("direct", 64, "ttfb", 99)
     z = tput("kvern", 64) / tput("direct", 64)
     print(f"kvern added / thin added at c=1 (ttfb p50): {x / f if f > 0 else float('nan'):.2f}")
-    print(f"added_ttfb_p50_ms_c1={x:.3f} floor_added_ttfb_p50_ms_c1={f:.3f} "
-          f"added_ttfb_p99_ms_c64={y:.3f} throughput_ratio_c64={z:.3f}")
+    print(
+        f"added_ttfb_p50_ms_c1={x:.3f} floor_added_ttfb_p50_ms_c1={f:.3f} "
+        f"added_ttfb_p99_ms_c64={y:.3f} throughput_ratio_c64={z:.3f}"
+    )
 
 
 if __name__ == "__main__":

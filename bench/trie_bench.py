@@ -151,8 +151,10 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _tokenization_chat(turns: int, rng: random.Random) -> list[list[dict[str, str]]]:
     """A growing chat with realistic message sizes; one ``messages`` list per turn."""
-    words = ("cache prefix token model latency request answer system user value block "
-             "decode prefill replica budget policy trie memory hit miss").split()
+    words = (
+        "cache prefix token model latency request answer system user value block "
+        "decode prefill replica budget policy trie memory hit miss"
+    ).split()
 
     def text(n_words: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n_words)) + "."

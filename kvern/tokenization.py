@@ -264,7 +264,7 @@ class TokenizerRegistry:
 
     def states(self) -> list[TokenizerState]:
         """Per requested model: exact or fallback, source, incremental state, error."""
-        out = []
+        out: list[TokenizerState] = []
         for slot in self._slots.values():
             tok = slot.value
             if tok is None:

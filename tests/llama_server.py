@@ -97,8 +97,13 @@ def build_llama_server(jobs: int | None = None) -> Path:
             )
             subprocess.run(
                 [
-                    "cmake", "--build", str(build), "--target", "llama-server",
-                    "-j", str(jobs or os.cpu_count() or 2),
+                    "cmake",
+                    "--build",
+                    str(build),
+                    "--target",
+                    "llama-server",
+                    "-j",
+                    str(jobs or os.cpu_count() or 2),
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -115,4 +120,3 @@ def build_llama_server(jobs: int | None = None) -> Path:
 if __name__ == "__main__":
     start = time.monotonic()
     print(build_llama_server(), f"{time.monotonic() - start:.0f}s")
-

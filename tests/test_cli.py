@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def kvern_process(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[
-    tuple[subprocess.Popen[bytes], str]
-]:
+def kvern_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, *args, "--port", str(port)],
@@ -110,8 +110,11 @@ def test_sigterm_loses_no_analytics_row(
             for i in range(40):
                 reply = client.post(
                     "/v1/chat/completions",
-                    json={"model": "qwen2.5:7b", "messages": [{"role": "user", "content": f"{i}"}],
-                          "stream": i % 2 == 0},
+                    json={
+                        "model": "qwen2.5:7b",
+                        "messages": [{"role": "user", "content": f"{i}"}],
+                        "stream": i % 2 == 0,
+                    },
                 )
                 assert reply.status_code == 200
         # The writer waits up to 5 s per batch: these rows are still queued now.

@@ -319,7 +319,9 @@ def test_client_leaving_before_the_first_byte_cancels_upstream(
 ) -> None:
     state = upstream[1]
     # Load the tokenizer first: its load holds the GIL this test process shares.
-    client_for(kvern).chat.completions.create(model=QWEN, messages=[{"role": "user", "content": "w"}])
+    client_for(kvern).chat.completions.create(
+        model=QWEN, messages=[{"role": "user", "content": "w"}]
+    )
     httpx.get(kvern + "/trie/visualize")
     before = len(state.cached)
     disconnects = state.disconnects

@@ -187,7 +187,11 @@ async def forward(request: Request) -> Response:
         # cancelled, which closed the upstream connection and so the generation.
         if tracked:
             services.tracker.complete(
-                ctx, status=None, error="client_disconnected", ttfb_ms=None, body=b"",
+                ctx,
+                status=None,
+                error="client_disconnected",
+                ttfb_ms=None,
+                body=b"",
                 content_type="",
             )
         return Response(status_code=499)
