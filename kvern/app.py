@@ -8,6 +8,7 @@ analytics store drains its queue to disk, then the upstream client closes.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -80,9 +81,12 @@ def create_app(
             clock=wall,
             started_s=wall(),
         )
+        previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(config.proxy.gil_switch_interval_ms / 1000.0)
         try:
             yield
         finally:
+            sys.setswitchinterval(previous_interval)
             await tracker.close()
             if store is not None:
                 await store.close()
@@ -135,5 +139,5 @@ def create_app(
     app.include_router(health_routes.router)
     app.include_router(analytics_routes.router)
     app.include_router(trie_routes.router)
-    app.include_router(proxy_routes.router)
+    proxy_routes.add_proxy_routes(app)
     return app

@@ -43,6 +43,10 @@ class ProxyConfig(_Section):
     port: int = Field(8080, ge=1, le=65535)
     # Request bodies larger than this are refused with a 400 before forwarding.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # How long a thread may hold the GIL before the relay's event loop gets it
+    # (CPython's default is 5 ms). Tracking runs on a thread beside the event
+    # loop; a shorter interval keeps tokenization from delaying relayed bytes.
+    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
 class UpstreamConfig(_Section):

@@ -176,8 +176,15 @@ class Tracker:
 
     # -- prediction (at arrival) ---------------------------------------------------
 
-    def begin(self, ctx: RequestContext, body: dict[str, Any] | None) -> None:
-        """Start tracking ``ctx`` beside its request; returns at once."""
+    def begin(self, ctx: RequestContext, body: dict[str, Any] | None, *, insert: bool) -> None:
+        """Start tracking ``ctx``; returns at once.
+
+        The proxy calls this when the upstream's first byte arrives: by then the
+        backend has finished this prompt's prefill, so its KV is in the
+        backend's cache, and tracking work never competes with the request
+        before its first byte. ``insert=False`` (failed requests) matches the
+        prompt without adding it: a backend that refused a request cached nothing.
+        """
         if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
             self.stats.num_untracked += 1
             return
@@ -185,12 +192,14 @@ class Tracker:
             self.stats.num_skipped_backlog += 1
             return
         self._pending += 1
-        ctx.prediction = self._spawn(self._predict(ctx.model, ctx.endpoint, body))
+        ctx.prediction = self._spawn(self._predict(ctx.model, ctx.endpoint, body, insert))
 
-    async def _predict(self, model: str, endpoint: str, body: dict[str, Any]) -> Prediction | None:
+    async def _predict(
+        self, model: str, endpoint: str, body: dict[str, Any], insert: bool
+    ) -> Prediction | None:
         try:
             tok = await self._registry.get(model)
-            return await self.in_thread(self._predict_sync, tok, model, endpoint, body)
+            return await self.in_thread(self._predict_sync, tok, model, endpoint, body, insert)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
@@ -198,7 +207,7 @@ class Tracker:
             self._pending -= 1
 
     def _predict_sync(
-        self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any]
+        self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
     ) -> Prediction | None:
         prompt = _prompt_of(tok, endpoint, body, self._normalizer(model))
         if prompt is None:
@@ -206,10 +215,14 @@ class Tracker:
             return None
         mt = self._forest.get(model)
         now = self._clock()
-        result = mt.trie.insert(prompt.ids, now)
-        mt.trie.lock(result.node)
-        mt.trie.maintain(mt.max_tokens, now)
-        matched = result.matched_tokens
+        node: TrieNode | None = None
+        if insert:
+            result = mt.trie.insert(prompt.ids, now)
+            mt.trie.lock(result.node)
+            mt.trie.maintain(mt.max_tokens, now)
+            matched, node = result.matched_tokens, result.node
+        else:
+            matched = mt.trie.match(prompt.ids).matched_tokens
         self.stats.num_tracked += 1
         return Prediction(
             prompt_tokens=len(prompt.ids),
@@ -217,7 +230,7 @@ class Tracker:
             matched_tokens_aligned=RadixTrie.aligned(matched, mt.block_size),
             hit=matched >= self._config.trie.min_prefix_tokens,
             tokenizer_kind=prompt.kind,
-            node=result.node,
+            node=node,
         )
 
     # -- completion (after the response) -------------------------------------------
