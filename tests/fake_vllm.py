@@ -196,8 +196,43 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
             }
         )
 
+    async def ollama_chat(request: Request) -> Response:
+        """Ollama's native /api/chat: NDJSON lines, a final object with prompt_eval_count."""
+        raw = await request.body()
+        state.raw_bodies.append(raw)
+        body = json.loads(raw)
+        state.requests.append(body)
+        ids = prompt_ids(body, chat=True)
+        cached = _cached_tokens(state, ids)
+        state.cached.append(cached)
+        state.prompt_tokens.append(len(ids))
+        message = {"role": "assistant", "content": ""}
+        lines: list[dict[str, Any]] = [
+            {"model": body["model"], "message": {**message, "content": f"w{i} "}, "done": False}
+            for i in range(3)
+        ]
+        lines.append(
+            {
+                "model": body["model"],
+                "message": message,
+                "done": True,
+                "done_reason": "stop",
+                "prompt_eval_count": len(ids) - cached,
+                "eval_count": 3,
+            }
+        )
+        if body.get("stream", True):
+            text = "".join(json.dumps(line) + "\n" for line in lines)
+            return Response(text, media_type="application/x-ndjson")
+        return JSONResponse({**lines[-1], "message": {**message, "content": "w0 w1 w2 "}})
+
+    async def ollama_tags(request: Request) -> Response:
+        return JSONResponse({"models": [{"name": m} for m in tokenizers]})
+
     app = Starlette(
         routes=[
+            Route("/api/chat", ollama_chat, methods=["POST"]),
+            Route("/api/tags", ollama_tags, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", text, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

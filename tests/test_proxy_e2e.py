@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -340,3 +341,41 @@ def test_client_leaving_before_the_first_byte_cancels_upstream(
     assert len(state.cached) == before
     rows = analytics(kvern)["summary"]
     assert rows["requests"] == 2 and rows["errors"] == 1
+
+
+def test_ollama_native_chat_is_tracked_with_its_own_cache_figure(
+    kvern: str, upstream: tuple[str, FakeVLLMState]
+) -> None:
+    state = upstream[1]
+    turns = growing_chat(2, system="Ollama system prompt. " * 20)
+    for messages in turns:
+        reply = httpx.post(kvern + "/api/chat", json={"model": QWEN, "messages": messages})
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("application/x-ndjson")
+        assert json.loads(reply.text.splitlines()[-1])["done"] is True
+    summary = analytics(kvern, model=QWEN)["summary"]
+    assert summary["requests"] == 2
+    # Ollama reports prompt tokens *evaluated*; kvern derives the cached rest.
+    assert summary["predicted_vs_reported"]["reported_cached_tokens"] == state.cached[-1]
+    assert summary["matched_tokens"] == state.prompt_tokens[-2]
+    tags = httpx.get(kvern + "/api/tags")
+    assert tags.status_code == 200 and tags.json()["models"][0]["name"] == QWEN
+
+
+def test_analytics_parameters(kvern: str) -> None:
+    client_for(kvern).chat.completions.create(
+        model=QWEN, messages=[{"role": "user", "content": "x"}]
+    )
+    out = httpx.get(kvern + "/analytics", params={"window": "1h", "bucket": 60}).json()
+    assert out["window"] == "1h" and out["summary"]["requests"] == 1
+    assert len(out["timeseries"]) == 1 and out["timeseries"][0]["requests"] == 1
+    assert out["by_model"][0]["model"] == QWEN
+    assert out["by_tenant"][0]["tenant"].startswith("key:")
+    assert "sk-test-key" not in json.dumps(out)
+    bad = httpx.get(kvern + "/analytics", params={"window": "1y"})
+    assert bad.status_code == 400 and "1h, 24h, 7d, all" in bad.json()["error"]["message"]
+    bad_bucket = httpx.get(kvern + "/analytics", params={"bucket": 0})
+    assert (
+        bad_bucket.status_code == 400
+        and bad_bucket.json()["error"]["type"] == "invalid_request_error"
+    )
