@@ -24,9 +24,14 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from tests import assets
+from tests.servers import free_port
 
 _BUILD_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -116,6 +121,66 @@ def build_llama_server(jobs: int | None = None) -> Path:
             shutil.rmtree(build, ignore_errors=True)
     return final
 
+
+
+def tiny_model(name: str = "qwen2") -> Path:
+    """A tiny random-weight GGUF with the real tokenizer and template of ``name`` (cached)."""
+    from tests.tiny_gguf import write_tiny_model
+
+    gguf_name, template_name = assets.FIXTURES[name]
+    target = assets.cache_root() / "models" / f"tiny-{name}-{assets.LLAMA_CPP_PYTHON_VERSION}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        models = assets.models_dir()
+        write_tiny_model(
+            models / gguf_name,
+            (models / "templates" / template_name).read_text(encoding="utf-8"),
+            target,
+            arch="qwen2" if name == "qwen2" else "llama",
+        )
+    return target
+
+
+@contextmanager
+def llama_server(
+    model: Path, *, slots: int = 1, cache_ram_mib: int | None = None, ctx_size: int = 8192,
+    extra: tuple[str, ...] = (),
+) -> Iterator[str]:
+    """Run llama-server on 127.0.0.1 (a free port); yields its base URL (without /v1)."""
+    binary = build_llama_server()
+    port = free_port()
+    args = [
+        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(ctx_size * slots), "--jinja", "-t", "2", "--no-webui",
+    ]
+    if cache_ram_mib is not None:
+        args += ["--cache-ram", str(cache_ram_mib)]
+    args += list(extra)
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"llama-server did not start; log:\n{Path(log.name).read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 if __name__ == "__main__":
     start = time.monotonic()

@@ -101,7 +101,8 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> N
 
 def test_columns_follow_the_record_fields_in_order() -> None:
     assert COLUMNS[:3] == ("request_id", "ts_s", "model")
-    assert len(COLUMNS) == 21
+    assert len(COLUMNS) == 24
+    assert COLUMNS[-3:] == ("predicted_cached_tokens", "backend_model", "block_size")
     assert to_row(full_record())[COLUMNS.index("stream")] == 1
 
 
@@ -296,7 +297,8 @@ async def test_a_failed_batch_does_not_kill_the_writer(
         assert store.num_lost == 2
         assert len([r for r in caplog.records if "no such table" in r.getMessage()]) == 1
         with closing(sqlite3.connect(path)) as other:
-            other.executescript(MIGRATIONS[0])
+            for script in MIGRATIONS:
+                other.executescript(script)
         store.record(make_record(4))
         await store.flush()
         assert store.num_written == 2

@@ -87,6 +87,13 @@ class RequestRecord:
     reported_cached_source: str | None = None
     # The backend's finish_reason for the (first) choice.
     finish_reason: str | None = None
+    # Cached tokens kvern predicts the backend reports, by its model of that
+    # backend's cache (slots, blocks, the last token always recomputed).
+    predicted_cached_tokens: int | None = None
+    # Which backend cache model made that prediction (e.g. "llamacpp", "radix").
+    backend_model: str | None = None
+    # KV block size the prediction was counted in.
+    block_size: int | None = None
 
 
 # The analytics column names, in table and row-tuple order: the record's fields.

@@ -52,6 +52,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX requests_tenant_ts ON requests (tenant, ts_s);
     CREATE INDEX requests_upstream_ts ON requests (upstream, ts_s);
     """,
+    # 2: kvern's model of the backend's own cache (see kvern.backends): the
+    # cached tokens it predicts the backend will report, which cache model
+    # made the prediction, and the KV block size it counted in.
+    """
+    ALTER TABLE requests ADD COLUMN predicted_cached_tokens INTEGER;
+    ALTER TABLE requests ADD COLUMN backend_model TEXT;
+    ALTER TABLE requests ADD COLUMN block_size INTEGER;
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

@@ -76,6 +76,11 @@ class EvictionPolicy(Protocol):
         """Rank for eviction at ``now_s``: the lowest key is evicted first."""
         ...
 
+    def on_evict(self, node: TrieNode, key: tuple[float, ...]) -> None:
+        """Called for each leaf :meth:`RadixTrie.evict` removes, with the key
+        it was ranked by (not for expiry, which is no capacity decision)."""
+        ...
+
 
 def _check_ttl(name: str, ttl_s: float | None) -> None:
     if ttl_s is not None and not ttl_s > 0:
@@ -127,6 +132,9 @@ class LRUPolicy:
         """Oldest access first, shallower first among equals."""
         return (node.last_access_s, node.depth)
 
+    def on_evict(self, node: TrieNode, key: tuple[float, ...]) -> None:
+        """Nothing to keep: the ranking does not depend on what went before."""
+
 
 @dataclass(slots=True, frozen=True)
 class TTLPolicy:
@@ -147,6 +155,9 @@ class TTLPolicy:
     def sort_key(self, node: TrieNode, now_s: float) -> tuple[float, ...]:
         """Oldest access first, shallower first among equals."""
         return (node.last_access_s, node.depth)
+
+    def on_evict(self, node: TrieNode, key: tuple[float, ...]) -> None:
+        """Nothing to keep: the ranking does not depend on what went before."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,6 +185,9 @@ class LFUDecayPolicy:
     def sort_key(self, node: TrieNode, now_s: float) -> tuple[float, ...]:
         """Lowest decayed hit count at ``now_s`` first."""
         return (_decayed_score(node, now_s, self._decay_per_s), node.last_access_s, node.depth)
+
+    def on_evict(self, node: TrieNode, key: tuple[float, ...]) -> None:
+        """Nothing to keep: the ranking does not depend on what went before."""
 
 
 @dataclass(slots=True, frozen=True)

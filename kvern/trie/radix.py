@@ -389,12 +389,15 @@ class RadixTrie:
         now_s: float,
         eligible: Callable[[TrieNode], bool],
         keep_going: Callable[[], bool],
+        on_evict: Callable[[TrieNode, tuple[float, ...]], None] | None,
     ) -> list[EvictedPrefix]:
         """Remove unlocked, eligible leaves in policy order while ``keep_going()``.
 
         One O(n) scan seeds a heap with the evictable leaves; a parent that
         becomes an evictable leaf joins the heap. The sequence number breaks
         ties between equal keys in scan order, so orders are deterministic.
+        ``on_evict`` (when given) hears of each removed leaf and its key,
+        before the leaf's parent is ranked.
         """
         if not keep_going():
             return []
@@ -409,7 +412,9 @@ class RadixTrie:
         heapq.heapify(heap)
         evicted: list[EvictedPrefix] = []
         while heap and keep_going():
-            _, _, leaf = heapq.heappop(heap)
+            key, _, leaf = heapq.heappop(heap)
+            if on_evict is not None:
+                on_evict(leaf, key)
             parent = leaf.parent
             assert parent is not None
             evicted.append(EvictedPrefix(self.prefix_tokens(leaf), len(leaf.key)))
@@ -431,10 +436,15 @@ class RadixTrie:
         """Evict leaves in policy order until at most ``max_tokens`` remain.
 
         Stops early when nothing evictable remains (the rest is locked).
-        Returns what was removed, in eviction order.
+        Returns what was removed, in eviction order. The policy's
+        ``on_evict`` hears of each removal (a capacity decision, which is what
+        an aging policy's clock follows).
         """
         return self._remove_leaves(
-            now_s, eligible=lambda node: True, keep_going=lambda: self._num_tokens > max_tokens
+            now_s,
+            eligible=lambda node: True,
+            keep_going=lambda: self._num_tokens > max_tokens,
+            on_evict=self._policy.on_evict,
         )
 
     def expire(self, now_s: float) -> list[EvictedPrefix]:
@@ -444,7 +454,9 @@ class RadixTrie:
         ancestor is never older than its descendants: a leaf that is still
         fresh shields all its ancestors, and removing expired leaves
         repeatedly removes exactly the expired, unlocked subtrees. Removal is
-        in policy order, like :meth:`evict`.
+        in policy order, like :meth:`evict`, but the policy's ``on_evict`` is
+        not called: expiry is not a capacity decision, so an aging policy's
+        clock must not jump to the value of an idle but valuable prefix.
         """
         ttl_s = self._policy.ttl_s
         if ttl_s is None:
@@ -454,6 +466,7 @@ class RadixTrie:
             now_s,
             eligible=lambda node: node.last_access_s < cutoff_s,
             keep_going=lambda: self._num_tokens > 0,
+            on_evict=None,
         )
 
     def maintain(self, max_tokens: int, now_s: float, low_watermark: float = 0.9) -> int:
