@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvern.config import EvictionConfig, TrieConfig
+from kvern.backends import CacheModel, build_cache_model
+from kvern.config import CacheModelConfig, EvictionConfig, TrieConfig
 from kvern.trie import RadixTrie
 from kvern.trie.policies import EvictionPolicy, make_policy
 
@@ -21,6 +22,7 @@ class ModelTrie:
     trie: RadixTrie  # the model's prefixes
     max_tokens: int  # memory cap in tokens
     block_size: int  # the backend's KV block size for aligned figures
+    cache_model: CacheModel  # the upstream's own cache, replayed to predict its reuse
 
 
 def policy_from_config(eviction: EvictionConfig) -> EvictionPolicy:
@@ -36,9 +38,15 @@ def policy_from_config(eviction: EvictionConfig) -> EvictionPolicy:
 class TrieForest:
     """Model name -> :class:`ModelTrie`; only ever touched from the tracking thread."""
 
-    def __init__(self, trie_config: TrieConfig, eviction: EvictionConfig) -> None:
+    def __init__(
+        self,
+        trie_config: TrieConfig,
+        eviction: EvictionConfig,
+        cache_model: CacheModelConfig | None = None,
+    ) -> None:
         self._config = trie_config
         self._eviction = eviction
+        self._cache_model = cache_model or CacheModelConfig.model_validate({})
         self._tries: dict[str, ModelTrie] = {}
         policy_from_config(eviction)  # fail at start-up, not on the first request
 
@@ -47,7 +55,11 @@ class TrieForest:
         if found is None:
             max_tokens, block_size = self._config.for_model(model)
             found = ModelTrie(
-                model, RadixTrie(policy_from_config(self._eviction)), max_tokens, block_size
+                model,
+                RadixTrie(policy_from_config(self._eviction)),
+                max_tokens,
+                block_size,
+                build_cache_model(self._cache_model, block_size),
             )
             self._tries[model] = found
         return found

@@ -21,8 +21,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from array import array
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,6 +53,12 @@ class Prediction:
     hit: bool  # matched >= min_prefix_tokens
     tokenizer_kind: str  # "exact" or "fallback"
     node: TrieNode | None  # locked while the request is in flight
+    predicted_cached_tokens: int | None = None  # by the backend's cache model
+    backend_model: str | None = None  # which cache model predicted it
+    block_size: int | None = None  # the block size it counted in
+    ids: array[int] | None = None  # the prompt's ids (to extend with the answer)
+    tokenizer: ModelTokenizer | None = None  # to tokenize the answer
+    handle: Any = None  # the cache model's handle (a slot)
 
 
 @dataclass(slots=True)
@@ -67,6 +74,7 @@ class RequestContext:
     stream: bool  # the client asked for a stream
     upstream: str  # upstream name
     prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
+    prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
 
 
 def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | None:
@@ -143,6 +151,8 @@ class Tracker:
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvern-tracking")
         self._normalizers: dict[str, Normalizer] = {}
+        # Per model whose tokenizer is loading: actions to run, in arrival order, once loaded.
+        self._waiting: dict[str, list[Callable[[ModelTokenizer], None]]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._logged_kinds: set[str] = set()
         self.stats = TrackerStats()
@@ -184,6 +194,11 @@ class Tracker:
         backend's cache, and tracking work never competes with the request
         before its first byte. ``insert=False`` (failed requests) matches the
         prompt without adding it: a backend that refused a request cached nothing.
+
+        With the tokenizer loaded, the job goes straight onto the tracking
+        thread's queue, so jobs run in the order requests reached this point
+        and a request's answer is settled (see :meth:`complete`) before any
+        later request is predicted.
         """
         if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
             self.stats.num_untracked += 1
@@ -192,19 +207,53 @@ class Tracker:
             self.stats.num_skipped_backlog += 1
             return
         self._pending += 1
-        ctx.prediction = self._spawn(self._predict(ctx.model, ctx.endpoint, body, insert))
+        model, endpoint = ctx.model, ctx.endpoint
+        job: Future[Prediction | None] = Future()
+        job.add_done_callback(self._job_done)
+        ctx.prediction_job = job
+        ctx.prediction = asyncio.wrap_future(job)
 
-    async def _predict(
-        self, model: str, endpoint: str, body: dict[str, Any], insert: bool
-    ) -> Prediction | None:
+        def submit(tok: ModelTokenizer) -> None:
+            inner = self._executor.submit(self._predict_guarded, tok, model, endpoint, body, insert)
+            # Runs on the tracking thread as the job ends, before the next job starts.
+            inner.add_done_callback(lambda f: job.set_result(f.result()))
+
+        self._in_order(model, submit)
+
+    def _in_order(self, model: str, action: Callable[[ModelTokenizer], None]) -> None:
+        """Run ``action(tokenizer)`` now, or once the tokenizer has loaded, in arrival order."""
+        waiting = self._waiting.get(model)
+        if waiting is None:
+            tok = self._registry.loaded(model)
+            if tok is not None:
+                action(tok)
+                return
+            waiting = self._waiting[model] = []
+            self._spawn(self._load_then_release(model))
+        waiting.append(action)
+
+    async def _load_then_release(self, model: str) -> None:
+        """Load a model's tokenizer off the loop, then release its queued jobs in order."""
         try:
             tok = await self._registry.get(model)
-            return await self.in_thread(self._predict_sync, tok, model, endpoint, body, insert)
+        except Exception as exc:  # noqa: BLE001 - the registry falls back; this is a bug guard
+            self._count_error("load", exc)
+            tok = ModelTokenizer(None, source=None, error=f"{type(exc).__name__}")
+        for action in self._waiting.pop(model, []):
+            action(tok)
+
+    def _job_done(self, _: Any) -> None:
+        # Runs on the tracking thread; the counter is only a soft backlog limit.
+        self._pending -= 1
+
+    def _predict_guarded(
+        self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
+    ) -> Prediction | None:
+        try:
+            return self._predict_sync(tok, model, endpoint, body, insert)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
-        finally:
-            self._pending -= 1
 
     def _predict_sync(
         self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
@@ -216,7 +265,12 @@ class Tracker:
         mt = self._forest.get(model)
         now = self._clock()
         node: TrieNode | None = None
+        predicted: int | None = None
+        handle: Any = None
         if insert:
+            # The cache model looks first: the trie must not yet hold this prompt.
+            start = mt.cache_model.start(mt.trie, prompt.ids, now)
+            predicted, handle = start.predicted_cached_tokens, start.handle
             result = mt.trie.insert(prompt.ids, now)
             mt.trie.lock(result.node)
             mt.trie.maintain(mt.max_tokens, now)
@@ -231,6 +285,12 @@ class Tracker:
             hit=matched >= self._config.trie.min_prefix_tokens,
             tokenizer_kind=prompt.kind,
             node=node,
+            predicted_cached_tokens=predicted,
+            backend_model=mt.cache_model.name,
+            block_size=mt.cache_model.block_size,
+            ids=prompt.ids if insert else None,
+            tokenizer=tok,
+            handle=handle,
         )
 
     # -- completion (after the response) -------------------------------------------
@@ -245,31 +305,56 @@ class Tracker:
         body: bytes,
         content_type: str,
     ) -> None:
-        """Record ``ctx`` once its response is over (or failed); returns at once."""
-        latency_ms = (time.perf_counter() - ctx.start_s) * 1000.0
-        self._spawn(self._finish(ctx, status, error, ttfb_ms, latency_ms, body, content_type))
+        """Record ``ctx`` once its response is over (or failed); returns at once.
 
-    async def _finish(
+        Settling (reading the answer, telling the cache model what the backend
+        now holds) is queued on the tracking thread right now, so it runs
+        before the prediction of any request whose first byte comes later.
+        """
+        latency_ms = (time.perf_counter() - ctx.start_s) * 1000.0
+        job = ctx.prediction_job
+        if job is None or ctx.model is None:
+            nothing: Future[tuple[Prediction | None, ResponseFacts]] = Future()
+            nothing.set_result((None, ResponseFacts()))
+            settled = asyncio.wrap_future(nothing)
+        else:
+            model = ctx.model
+            done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
+            settled = asyncio.wrap_future(done)
+
+            def submit(_: ModelTokenizer) -> None:
+                inner = self._executor.submit(self._settle_guarded, model, job, body, content_type)
+                inner.add_done_callback(lambda f: done.set_result(f.result()))
+
+            self._in_order(model, submit)
+        self._spawn(self._record_when(ctx, settled, status, error, ttfb_ms, latency_ms))
+
+    def _settle_guarded(
+        self, model: str | None, job: Future[Prediction | None], body: bytes, content_type: str
+    ) -> tuple[Prediction | None, ResponseFacts]:
+        """On the tracking thread: the prediction job ran before this one (FIFO)."""
+        prediction: Prediction | None = None
+        facts = ResponseFacts()
+        try:
+            prediction = job.result()
+            if body:
+                facts = parse_response(body, content_type)
+            if prediction is not None and model is not None:
+                self._settle(model, prediction, facts)
+        except Exception as exc:  # noqa: BLE001
+            self._count_error("finish", exc)
+        return prediction, facts
+
+    async def _record_when(
         self,
         ctx: RequestContext,
+        settled: asyncio.Future[tuple[Prediction | None, ResponseFacts]],
         status: int | None,
         error: str | None,
         ttfb_ms: float | None,
         latency_ms: float,
-        body: bytes,
-        content_type: str,
     ) -> None:
-        prediction: Prediction | None = None
-        facts = ResponseFacts()
-        try:
-            if ctx.prediction is not None:
-                prediction = await ctx.prediction
-            if body:
-                facts = await self.in_thread(parse_response, body, content_type)
-            if prediction is not None and prediction.node is not None and ctx.model is not None:
-                await self.in_thread(self._unlock, ctx.model, prediction.node)
-        except Exception as exc:  # noqa: BLE001
-            self._count_error("finish", exc)
+        prediction, facts = await settled
         if self._record is None:
             return
         try:
@@ -279,10 +364,35 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
 
-    def _unlock(self, model: str, node: TrieNode) -> None:
-        found = self._forest.peek(model)
-        if found is not None:
-            found.trie.unlock(node)
+    def _settle(self, model: str, p: Prediction, facts: ResponseFacts) -> None:
+        """After the answer: the backend now holds prompt + answer; tell the cache model."""
+        mt = self._forest.peek(model)
+        if mt is None or p.node is None:
+            return  # nothing was inserted (a failed request): nothing to settle
+        held = p.node
+        now = self._clock()
+        gen = self._generated_ids(p, facts)
+        if gen is not None and p.ids is not None:
+            full = array("i", p.ids)
+            full.extend(gen)
+            held = mt.trie.insert(full, now).node
+        mt.cache_model.finish(mt.trie, p.handle, held, now)
+        mt.trie.unlock(p.node)
+        p.ids = None  # drop the prompt's ids now
+
+    def _generated_ids(self, p: Prediction, facts: ResponseFacts) -> array[int] | None:
+        """The answer's tokens the backend fed back through the model (all but the last).
+
+        The backend holds the ids it sampled; kvern sees their text, so the
+        answer is re-tokenized -- exact for the usual canonical output.
+        """
+        if not self._config.upstream.cache_model.cache_generated or p.tokenizer is None:
+            return None
+        if not facts.completion_text:
+            return None
+        gen = p.tokenizer.encode_text(facts.completion_text)
+        evaluated = (facts.completion_tokens or len(gen)) - 1
+        return gen[: max(0, min(evaluated, len(gen)))] or None
 
     def _to_record(
         self,
@@ -323,6 +433,9 @@ class Tracker:
             reported_cached_tokens=reported,
             reported_cached_source=source,
             finish_reason=facts.finish_reason,
+            predicted_cached_tokens=p.predicted_cached_tokens if p else None,
+            backend_model=p.backend_model if p else None,
+            block_size=p.block_size if p else None,
         )
 
     async def drain(self) -> None:

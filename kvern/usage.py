@@ -30,25 +30,41 @@ class ResponseFacts:
     reported_cached_source: str | None = None  # which field it came from
     prompt_eval_count: int | None = None  # Ollama: prompt tokens evaluated (not cached)
     finish_reason: str | None = None  # last finish reason seen
+    completion_text: str = ""  # the generated text of the first choice (content only)
 
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _absorb(facts: ResponseFacts, obj: Any, counted: list[int]) -> None:
+def _absorb(facts: ResponseFacts, obj: Any, counted: list[int], parts: list[str]) -> None:
     if not isinstance(obj, dict):
         return
     for choice in obj.get("choices") or ():
         if not isinstance(choice, dict):
             continue
+        first = choice.get("index", 0) == 0
         if choice.get("finish_reason"):
             facts.finish_reason = str(choice["finish_reason"])
         delta = choice.get("delta")
+        message = choice.get("message")
         if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
             counted[0] += 1
+            if first and isinstance(delta.get("content"), str):
+                parts.append(delta["content"])
         elif isinstance(choice.get("text"), str) and choice["text"]:
             counted[0] += 1
+            if first:
+                parts.append(choice["text"])
+        elif isinstance(message, dict) and first and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    # Ollama's native API: {"message": {"content": ...}} per line, or "response".
+    message = obj.get("message")
+    if "choices" not in obj and isinstance(message, dict):
+        if isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    elif "choices" not in obj and isinstance(obj.get("response"), str):
+        parts.append(obj["response"])
     usage = obj.get("usage")
     if isinstance(usage, dict):
         facts.completion_tokens = _int(usage.get("completion_tokens"))
@@ -78,6 +94,7 @@ def parse_response(body: bytes, content_type: str) -> ResponseFacts:
     """Parse a whole response: SSE (``text/event-stream``), NDJSON (Ollama) or JSON."""
     facts = ResponseFacts()
     counted = [0]
+    parts: list[str] = []
     text = body.decode("utf-8", errors="replace")
     if "event-stream" in content_type:
         for line in text.splitlines():
@@ -87,14 +104,14 @@ def parse_response(body: bytes, content_type: str) -> ResponseFacts:
             if not payload or payload == "[DONE]":
                 continue
             try:
-                _absorb(facts, json.loads(payload), counted)
+                _absorb(facts, json.loads(payload), counted, parts)
             except ValueError:
                 continue
     elif "ndjson" in content_type or ("\n{" in text and not text.lstrip().startswith("[")):
         for line in text.splitlines():
             if line.strip():
                 try:
-                    _absorb(facts, json.loads(line), counted)
+                    _absorb(facts, json.loads(line), counted, parts)
                 except ValueError:
                     continue
     else:
@@ -102,9 +119,8 @@ def parse_response(body: bytes, content_type: str) -> ResponseFacts:
             obj = json.loads(text)
         except ValueError:
             return facts
-        _absorb(facts, obj, counted)
-        if isinstance(obj, dict) and isinstance(obj.get("message"), dict):
-            pass  # Ollama non-streaming: handled by the ``done`` branch
+        _absorb(facts, obj, counted, parts)
+    facts.completion_text = "".join(parts)
     if facts.completion_tokens is None and counted[0]:
         facts.completion_tokens = counted[0]
     return facts

@@ -1,0 +1,124 @@
+"""Truth: kvern's predicted cached tokens against a real llama-server's own figures.
+
+openai client -> kvern -> llama.cpp's llama-server (built from the PyPI sdist,
+serving a tiny random-weight model with the real Qwen2 tokenizer and Qwen2.5
+template). kvern's tokenizer and template engine (HF tokenizers + Jinja) and
+llama-server's (C++) are independent implementations of the same model, and
+llama-server reports what it really reused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from kvern.app import create_app
+from kvern.config import KvernConfig, parse_config
+from tests.llama_server import llama_server, tiny_model
+from tests.servers import serve
+
+MODEL = "tiny-qwen2"
+SYSTEM = "You are a terse assistant for the kvern test suite. " * 8
+
+
+def config_for(
+    tmp_path: Path, url: str, fixtures: dict[str, Any], **cache_model: Any
+) -> KvernConfig:
+    return parse_config(
+        {
+            "upstream": {
+                "base_url": url + "/v1",
+                "cache_model": {"kind": "llamacpp", **cache_model},
+            },
+            "tokenizers": {"models": {MODEL: str(fixtures["qwen2"].directory)}},
+            "trie": {"block_size": 1, "min_prefix_tokens": 1},
+            "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
+        }
+    )
+
+
+def rows(db: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    out = [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY rowid")]
+    con.close()
+    return out
+
+
+def flush(url: str) -> None:
+    assert httpx.get(url + "/analytics", params={"window": "all"}).status_code == 200
+
+
+def chat(client: openai.OpenAI, messages: list[dict[str, str]], user: str | None = None) -> str:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+        **({"user": user} if user else {}),
+    )
+    return reply.choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def one_slot() -> Iterator[str]:
+    with llama_server(tiny_model("qwen2"), slots=1) as url:
+        yield url
+
+
+def run_conversation(kvern: str, turns: int, *, own_replies: bool, user: str | None = None) -> None:
+    client = openai.OpenAI(base_url=kvern + "/v1", api_key="x", max_retries=0)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+    for turn in range(turns):
+        answer = chat(client, messages, user)
+        reply = answer if own_replies else f"Scripted answer {turn}, as an agent framework writes."
+        messages += [
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": f"Turn {turn}: go on."},
+        ]
+
+
+def test_one_slot_one_conversation_agrees_exactly(
+    tmp_path: Path, one_slot: str, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    with serve(create_app(config_for(tmp_path, one_slot, tokenizer_fixtures))) as kvern:
+        run_conversation(kvern, 6, own_replies=False)
+        flush(kvern)
+    table = rows(tmp_path / "kvern.db")
+    assert len(table) == 6
+    for row in table:
+        assert row["reported_cached_source"] == "usage.prompt_tokens_details.cached_tokens"
+        # Same rendering and tokenization as llama-server's own C++ implementation.
+        assert row["prompt_tokens"] == row["upstream_prompt_tokens"], row
+    predicted = [r["predicted_cached_tokens"] for r in table]
+    reported = [r["reported_cached_tokens"] for r in table]
+    assert reported[1] > 0
+    assert predicted == reported
+
+
+def test_the_models_own_replies_differ_only_by_re_tokenized_answer_tokens(
+    tmp_path: Path, one_slot: str, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    """The slot holds the answer's sampled ids; kvern sees only their text.
+
+    kvern re-tokenizes the answer, which is exact when the model's output is
+    canonically tokenized (real models, nearly always). This tiny model has
+    random weights and samples odd ids (byte pieces, non-canonical splits),
+    so its re-tokenized answers can part from the sampled ids: the prediction
+    may then exceed the report, by at most the previous answer's length.
+    """
+    with serve(create_app(config_for(tmp_path, one_slot, tokenizer_fixtures))) as kvern:
+        run_conversation(kvern, 6, own_replies=True)
+        flush(kvern)
+    table = rows(tmp_path / "kvern.db")
+    for before, row in zip(table, table[1:], strict=False):
+        gap = row["predicted_cached_tokens"] - row["reported_cached_tokens"]
+        assert 0 <= gap <= before["completion_tokens"] - 1, (before, row)
+        # Everything up to the end of the previous prompt is always predicted right.
+        assert row["reported_cached_tokens"] >= before["prompt_tokens"]
