@@ -1,8 +1,9 @@
 """The application factory: ``create_app(config)`` builds kvern's ASGI app.
 
 Every service is created in the lifespan and closed there, in reverse order:
-tracking is drained first (so the last requests' rows exist), then the
-analytics store drains its queue to disk, then the upstream client closes.
+parity checks still running are cancelled, tracking is drained (so the last
+requests' rows exist), then the analytics store drains its queue to disk, then
+the upstream client closes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.errors import BadRequest, KvernError, error_response
 from kvern.forest import TrieForest
+from kvern.parity import ParityChecker
 from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
@@ -60,7 +62,7 @@ def create_app(
                 clock=wall,
             )
             await store.start()
-        forest = TrieForest(config.trie, config.eviction)
+        forest = TrieForest(config.trie, config.eviction, config.upstream.cache_model)
         tokenizers = registry or TokenizerRegistry(config.tokenizers)
         tracker = Tracker(
             config,
@@ -70,9 +72,23 @@ def create_app(
             clock=wall,
         )
         client = build_client(config.upstream, transport)
+        upstream = Upstream.from_config(config.upstream)
+        parity: ParityChecker | None = None
+        previous_on_loaded = tokenizers.on_loaded
+        if config.tokenizers.parity_check:
+            # Rendering runs on the tracking thread, which owns the tokenizers' caches.
+            parity = ParityChecker(
+                client=client,
+                upstream=upstream,
+                store=store,
+                run_sync=tracker.in_thread,
+                clock=wall,
+            )
+            tokenizers.on_loaded = parity.on_loaded
+            parity.start(tokenizers, config.tokenizers.models)
         app.state.services = Services(
             config=config,
-            upstream=Upstream.from_config(config.upstream),
+            upstream=upstream,
             client=client,
             registry=tokenizers,
             forest=forest,
@@ -80,6 +96,7 @@ def create_app(
             store=store,
             clock=wall,
             started_s=wall(),
+            parity=parity,
         )
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(config.proxy.gil_switch_interval_ms / 1000.0)
@@ -87,6 +104,9 @@ def create_app(
             yield
         finally:
             sys.setswitchinterval(previous_interval)
+            if parity is not None:
+                await parity.close()
+                tokenizers.on_loaded = previous_on_loaded
             await tracker.close()
             if store is not None:
                 await store.close()

@@ -49,6 +49,30 @@ class ProxyConfig(_Section):
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
+class CacheModelConfig(_Section):
+    """How the upstream's own KV cache reuses prefixes, to predict what it will report.
+
+    ``radix``: one prefix cache shared by all requests, counted in whole KV
+    blocks (vLLM: block 16; SGLang: 1). ``llamacpp``: llama.cpp's server and
+    Ollama: ``slots`` sequences (its ``-np``), chosen by prompt similarity,
+    plus the RAM prompt cache of ``--cache-ram``.
+    """
+
+    kind: Literal["radix", "llamacpp"] = "radix"
+    # radix: KV block size; unset means trie.block_size.
+    block_size: int | None = Field(None, ge=1)
+    # llamacpp: number of server slots (-np) and the slot similarity threshold (-sps).
+    slots: int = Field(1, ge=1)
+    slot_prompt_similarity: float = Field(0.1, ge=0.0, le=1.0)
+    # llamacpp: whether --cache-ram is on (the default, 8 GiB), and its size in
+    # tokens: MiB * 2^20 / (2 * layers * kv_heads * head_dim * bytes per value).
+    cache_ram: bool = True
+    cache_ram_tokens: int | None = Field(None, ge=1)
+    # Backends keep the KV of generated tokens too; kvern then adds each answer
+    # (re-tokenized) to the sequence the backend holds.
+    cache_generated: bool = True
+
+
 class UpstreamConfig(_Section):
     """The OpenAI-compatible backend every request is forwarded to."""
 
@@ -62,6 +86,8 @@ class UpstreamConfig(_Section):
     pool_timeout_s: float = Field(10.0, gt=0)
     max_connections: int = Field(256, ge=1)
     max_keepalive_connections: int = Field(64, ge=0)
+    # The backend's own cache, for predicting the cached tokens it reports.
+    cache_model: CacheModelConfig = Field(default_factory=CacheModelConfig)  # type: ignore[arg-type]
 
     @field_validator("base_url")
     @classmethod
@@ -92,6 +118,9 @@ class TokenizersConfig(_Section):
     # Share of requests on which the incremental result is checked against a
     # whole-string tokenization; a mismatch turns incremental off for the model.
     verify_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+    # Compare kvern's rendering and tokenization with the upstream's own (llama.cpp's
+    # /apply-template + /tokenize, vLLM's /tokenize) once per model, in the background.
+    parity_check: bool = True
 
     @field_validator("models", mode="before")
     @classmethod

@@ -161,6 +161,13 @@ class ModelTokenizer:
             ids = array("i", self.hf.backend_tokenizer.encode(text, add_special_tokens=True).ids)
         return PromptTokens(ids, self.kind, False, 0, False, None, text)
 
+    def encode_text(self, text: str) -> array[int]:
+        """Token ids of plain text with no special tokens (generated answers)."""
+        if self._approx is not None:
+            return self._approx.encode(text)
+        assert self.hf is not None
+        return array("i", self.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (for hot prefixes); special tokens are kept visible."""
         if self._approx is not None:
@@ -170,6 +177,8 @@ class ModelTokenizer:
 
 
 HFLoader = Callable[[TokenizerEntry], Any]
+# (request model name, its tokenizer), once the tokenizer is ready.
+OnLoaded = Callable[[str, ModelTokenizer], None]
 
 
 @dataclass(slots=True)
@@ -189,10 +198,21 @@ class TokenizerRegistry:
     the event loop is forwarding other users' requests meanwhile.
     """
 
-    def __init__(self, config: TokenizersConfig, *, loader: HFLoader = load_hf_tokenizer) -> None:
+    def __init__(
+        self,
+        config: TokenizersConfig,
+        *,
+        loader: HFLoader = load_hf_tokenizer,
+        on_loaded: OnLoaded | None = None,
+    ) -> None:
         self._config = config
         self._loader = loader
         self._slots: dict[str, _Slot] = {}
+        # Called on the event loop, once per model name, when :meth:`get` first
+        # has that name's tokenizer ready (the parity check hooks in here).
+        # Exceptions it raises are logged, never passed to the caller of get().
+        self.on_loaded = on_loaded
+        self._notified: set[str] = set()
         self._verify_every = (
             0 if config.verify_sample_rate == 0 else max(1, round(1 / config.verify_sample_rate))
         )
@@ -231,6 +251,15 @@ class TokenizerRegistry:
             hf, source=entry.source, cache_tokens=cache_tokens, verify_every=verify_every
         )
 
+    def loaded(self, model: str) -> ModelTokenizer | None:
+        """The model's tokenizer if it is already loaded, without loading it."""
+        key, _ = self._key(model)
+        slot = self._slots.get(key)
+        if slot is None or slot.value is None:
+            return None
+        slot.models.add(model)
+        return slot.value
+
     def get_sync(self, model: str) -> ModelTokenizer:
         """Resolve and load in the calling thread (tests, tools, benchmarks)."""
         key, entry = self._key(model)
@@ -246,7 +275,7 @@ class TokenizerRegistry:
         slot = self._slots.setdefault(key, _Slot())
         slot.models.add(model)
         if slot.value is not None:
-            return slot.value
+            return self._loaded(model, slot.value)
         if slot.future is None:
             loop = asyncio.get_running_loop()
             slot.future = loop.create_future()
@@ -259,8 +288,18 @@ class TokenizerRegistry:
                 raise
             slot.value = value
             slot.future.set_result(value)
-            return value
-        return await asyncio.shield(slot.future)
+            return self._loaded(model, value)
+        return self._loaded(model, await asyncio.shield(slot.future))
+
+    def _loaded(self, model: str, value: ModelTokenizer) -> ModelTokenizer:
+        """Tell ``on_loaded``, the first time only, that ``model``'s tokenizer is ready."""
+        if self.on_loaded is not None and model not in self._notified:
+            self._notified.add(model)
+            try:
+                self.on_loaded(model, value)
+            except Exception:  # noqa: BLE001 - a listener must not fail tokenizer lookups
+                logger.exception("on_loaded callback failed for model %s", model)
+        return value
 
     def states(self) -> list[TokenizerState]:
         """Per requested model: exact or fallback, source, incremental state, error."""
