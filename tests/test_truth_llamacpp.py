@@ -122,3 +122,57 @@ def test_the_models_own_replies_differ_only_by_re_tokenized_answer_tokens(
         assert 0 <= gap <= before["completion_tokens"] - 1, (before, row)
         # Everything up to the end of the previous prompt is always predicted right.
         assert row["reported_cached_tokens"] >= before["prompt_tokens"]
+
+
+def interleaved(kvern: str, conversations: int, turns: int) -> None:
+    """Several tenants' conversations, one turn each in rotation, scripted replies."""
+    client = openai.OpenAI(base_url=kvern + "/v1", api_key="x", max_retries=0)
+    histories = [
+        [
+            {"role": "system", "content": SYSTEM + f" Tenant {c}: " + "policy text. " * (5 + c)},
+            {"role": "user", "content": f"Hello from tenant {c}"},
+        ]
+        for c in range(conversations)
+    ]
+    for turn in range(turns):
+        for c, messages in enumerate(histories):
+            chat(client, messages, user=f"tenant-{c}")
+            messages += [
+                {"role": "assistant", "content": f"Reply {turn} to tenant {c}."},
+                {"role": "user", "content": f"Tenant {c}, turn {turn}: more."},
+            ]
+
+
+def predicted_and_reported(db: Path) -> tuple[list[int], list[int], list[int]]:
+    table = rows(db)
+    return (
+        [r["predicted_cached_tokens"] for r in table],
+        [r["reported_cached_tokens"] for r in table],
+        [r["matched_tokens"] for r in table],
+    )
+
+
+@pytest.mark.parametrize(
+    ("slots", "cache_ram_mib"),
+    [(2, None), (1, None), (1, 0)],
+    ids=["two-slots", "one-slot-ram-cache", "one-slot-no-ram-cache"],
+)
+def test_interleaved_tenants_agree_when_slots_and_ram_cache_are_modelled(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any], slots: int, cache_ram_mib: int | None
+) -> None:
+    with llama_server(tiny_model("qwen2"), slots=slots, cache_ram_mib=cache_ram_mib) as url:
+        config = config_for(
+            tmp_path, url, tokenizer_fixtures, slots=slots, cache_ram=cache_ram_mib != 0
+        )
+        with serve(create_app(config)) as kvern:
+            interleaved(kvern, conversations=3, turns=3)
+            flush(kvern)
+    predicted, reported, matched = predicted_and_reported(tmp_path / "kvern.db")
+    assert len(reported) == 9
+    assert predicted == reported
+    if slots == 1 and cache_ram_mib == 0:
+        # One slot, no RAM cache: each tenant's turn evicts the previous tenant's
+        # context, so the backend reuses only the shared system-prompt head. A
+        # prediction from kvern's trie alone (every prefix ever seen) would be
+        # far too high; modelling the slot gets it exactly.
+        assert all(m > r for m, r in zip(matched[3:], reported[3:], strict=True))
