@@ -124,12 +124,22 @@ def test_the_models_own_replies_differ_only_by_re_tokenized_answer_tokens(
         assert row["reported_cached_tokens"] >= before["prompt_tokens"]
 
 
-def interleaved(kvern: str, conversations: int, turns: int) -> None:
-    """Several tenants' conversations, one turn each in rotation, scripted replies."""
+def interleaved(kvern: str, conversations: int, turns: int, *, distinct: bool = False) -> None:
+    """Several tenants' conversations, one turn each in rotation, scripted replies.
+
+    ``distinct``: tenants share no system prompt, so llama-server picks its
+    slot by LRU and goes through its RAM prompt cache.
+    """
     client = openai.OpenAI(base_url=kvern + "/v1", api_key="x", max_retries=0)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
     histories = [
         [
-            {"role": "system", "content": SYSTEM + f" Tenant {c}: " + "policy text. " * (5 + c)},
+            {
+                "role": "system",
+                "content": (f"{words[c]} rules apply. " * 30)
+                if distinct
+                else SYSTEM + f" Tenant {c}: " + "policy text. " * (5 + c),
+            },
             {"role": "user", "content": f"Hello from tenant {c}"},
         ]
         for c in range(conversations)
@@ -153,26 +163,59 @@ def predicted_and_reported(db: Path) -> tuple[list[int], list[int], list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("slots", "cache_ram_mib"),
-    [(2, None), (1, None), (1, 0)],
-    ids=["two-slots", "one-slot-ram-cache", "one-slot-no-ram-cache"],
+    ("slots", "cache_ram_mib", "distinct"),
+    [(2, None, False), (1, None, False), (1, 0, False), (1, None, True), (2, None, True)],
+    ids=[
+        "two-slots",
+        "one-slot-ram-cache",
+        "one-slot-no-ram-cache",
+        "one-slot-ram-cache-lru",
+        "two-slots-ram-cache-lru",
+    ],
 )
 def test_interleaved_tenants_agree_when_slots_and_ram_cache_are_modelled(
-    tmp_path: Path, tokenizer_fixtures: dict[str, Any], slots: int, cache_ram_mib: int | None
+    tmp_path: Path,
+    tokenizer_fixtures: dict[str, Any],
+    slots: int,
+    cache_ram_mib: int | None,
+    distinct: bool,
 ) -> None:
     with llama_server(tiny_model("qwen2"), slots=slots, cache_ram_mib=cache_ram_mib) as url:
         config = config_for(
             tmp_path, url, tokenizer_fixtures, slots=slots, cache_ram=cache_ram_mib != 0
         )
         with serve(create_app(config)) as kvern:
-            interleaved(kvern, conversations=3, turns=3)
+            interleaved(kvern, conversations=3, turns=3, distinct=distinct)
             flush(kvern)
     predicted, reported, matched = predicted_and_reported(tmp_path / "kvern.db")
     assert len(reported) == 9
     assert predicted == reported
-    if slots == 1 and cache_ram_mib == 0:
+    if slots == 1 and cache_ram_mib == 0 and not distinct:
         # One slot, no RAM cache: each tenant's turn evicts the previous tenant's
         # context, so the backend reuses only the shared system-prompt head. A
         # prediction from kvern's trie alone (every prefix ever seen) would be
         # far too high; modelling the slot gets it exactly.
         assert all(m > r for m, r in zip(matched[3:], reported[3:], strict=True))
+
+
+def test_analytics_shows_calibration_per_upstream_and_model(
+    tmp_path: Path, one_slot: str, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    config = config_for(tmp_path, one_slot, tokenizer_fixtures, slots=1, cache_ram=False)
+    with serve(create_app(config)) as kvern:
+        # Mis-modelled on purpose: the server keeps a RAM prompt cache, kvern
+        # is told it has none, so some predictions come out wrong.
+        interleaved(kvern, conversations=2, turns=3, distinct=True)
+        out = httpx.get(kvern + "/analytics", params={"window": "all"}).json()
+    (entry,) = out["calibration"]
+    table = rows(tmp_path / "kvern.db")
+    errors = [abs(r["predicted_cached_tokens"] - r["reported_cached_tokens"]) for r in table]
+    assert entry["model"] == MODEL and entry["backend_model"] == "llamacpp"
+    assert entry["requests"] == len(table) == 6
+    assert entry["reported_cached_tokens"] == sum(r["reported_cached_tokens"] for r in table)
+    assert entry["mean_abs_error_tokens"] == pytest.approx(sum(errors) / 6)
+    assert entry["exact_share"] == pytest.approx(sum(e == 0 for e in errors) / 6)
+    assert entry["off_by_more_than_a_block_share"] == pytest.approx(sum(e > 1 for e in errors) / 6)
+    assert max(errors) > 0
+    worst = entry["worst"][0]
+    assert abs(worst["predicted"] - worst["reported"]) == max(errors)
