@@ -1,0 +1,252 @@
+"""kvern's accuracy on a real backend: ``python bench/truth.py [--quick]``.
+
+Starts llama.cpp's own llama-server (built once per machine from the PyPI sdist,
+see tests/llama_server.py) serving a tiny random-weight model with the real
+Qwen2 tokenizer and Qwen2.5 chat template, with 2 slots and its RAM prompt
+cache on (its defaults otherwise), and kvern in front of it told so. Then:
+
+1. A 300-request multi-tenant trace through kvern: 8 tenants with their own
+   system prompts (some sharing a company preamble), Zipf popularity,
+   multi-turn sessions interleaved 4 at a time, each turn re-sending the whole
+   conversation with the model's own replies, streaming with usage. For every
+   request kvern predicts the cached tokens llama-server will report; the
+   calibration figures come from kvern's own ``/analytics``.
+2. kvern's added latency on this real backend: the same requests sent
+   alternately straight to llama-server and through kvern.
+
+The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODEL = "tiny-qwen2"
+SLOTS = 2
+
+
+def zipf_choice(rng: random.Random, n: int, s: float = 1.2) -> int:
+    weights = [1 / (k + 1) ** s for k in range(n)]
+    return rng.choices(range(n), weights=weights)[0]
+
+
+def tenant_prompts(rng: random.Random, n: int) -> list[str]:
+    preamble = "You work for Example Corp. Follow the company policy below. " * 4
+    words = "ledger invoice refund shipping warranty account billing support order".split()
+    prompts = []
+    for t in range(n):
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(60, 160)))
+        prompts.append((preamble if t % 2 == 0 else "") + f"Tenant {t} rules: {body}.")
+    return prompts
+
+
+def stream_chat(client: Any, url: str, body: dict[str, Any]) -> tuple[float, float, str]:
+    """POST a streaming chat; returns (ttfb_ms, total_ms, content)."""
+    t0 = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if first is None:
+                first = time.perf_counter()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices") or []:
+                    parts.append((choice.get("delta") or {}).get("content") or "")
+    end = time.perf_counter()
+    return ((first or end) - t0) * 1000, (end - t0) * 1000, "".join(parts)
+
+
+@contextmanager
+def kvern_process(config: Any, tmp: Path) -> Iterator[str]:
+    """kvern in its own process, as users run it (``python -m kvern serve``)."""
+    import httpx
+    import yaml
+
+    from tests.servers import free_port
+
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvern",
+            "serve",
+            "--config",
+            str(path),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("kvern did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import httpx
+
+    from kvern.config import parse_config
+    from tests.assets import tokenizer_fixture
+    from tests.llama_server import llama_server, tiny_model
+
+    rng = random.Random(11)
+    n_requests = 60 if quick else 300
+    tenants = tenant_prompts(rng, 8)
+    tmp = Path(tempfile.mkdtemp(prefix="kvern-truth-"))
+    with llama_server(tiny_model("qwen2"), slots=SLOTS) as upstream:
+        config = parse_config(
+            {
+                "upstream": {
+                    "base_url": upstream + "/v1",
+                    "cache_model": {"kind": "llamacpp", "slots": SLOTS},
+                },
+                "tokenizers": {"models": {MODEL: str(tokenizer_fixture("qwen2").directory)}},
+                "trie": {"block_size": 1},
+                "analytics": {"db_path": str(tmp / "truth.db"), "flush_interval_ms": 20},
+            }
+        )
+        with kvern_process(config, tmp) as kvern, httpx.Client(timeout=120) as client:
+            sessions: list[dict[str, Any]] = []
+            for _ in range(n_requests):
+                if len(sessions) < 4 or rng.random() < 0.15:
+                    tenant = zipf_choice(rng, len(tenants))
+                    sessions.append(
+                        {
+                            "tenant": tenant,
+                            "left": rng.randint(2, 6),
+                            "messages": [{"role": "system", "content": tenants[tenant]}],
+                        }
+                    )
+                session = rng.choice(sessions)
+                session["messages"].append(
+                    {"role": "user", "content": f"Question {rng.randint(1, 10**6)}: status?"}
+                )
+                body = {
+                    "model": MODEL,
+                    "messages": session["messages"],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "user": f"tenant-{session['tenant']}",
+                }
+                _, _, content = stream_chat(client, kvern, body)
+                session["messages"].append({"role": "assistant", "content": content})
+                session["left"] -= 1
+                if session["left"] == 0:
+                    sessions.remove(session)
+            report = client.get(kvern + "/analytics", params={"window": "all"}).json()
+
+            # Added latency: identical requests, alternately direct and through kvern.
+            probe = [{"role": "system", "content": tenants[0]}]
+            ttfb: dict[str, list[float]] = {"direct": [], "kvern": []}
+            total: dict[str, list[float]] = {"direct": [], "kvern": []}
+            for i in range(20 if quick else 60):
+                messages = probe + [{"role": "user", "content": f"Latency probe {i}"}]
+                body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": 8}
+                for name, url in (("direct", upstream), ("kvern", kvern)):
+                    t, tot, _ = stream_chat(client, url, body)
+                    ttfb[name].append(t)
+                    total[name].append(tot)
+    (cal,) = [c for c in report["calibration"] if c["model"] == MODEL]
+    summary = report["summary"]
+    return {
+        "requests": cal["requests"],
+        "predicted_cached": cal["predicted_cached_tokens"],
+        "reported_cached": cal["reported_cached_tokens"],
+        "mean_abs_error_tokens": cal["mean_abs_error_tokens"],
+        "mean_signed_error_tokens": cal["mean_signed_error_tokens"],
+        "exact_share": cal["exact_share"],
+        "off_by_more_than_a_block_share": cal["off_by_more_than_a_block_share"],
+        "prompt_tokens": summary["prompt_tokens"],
+        "trie_matched_tokens": summary["matched_tokens"],
+        "worst": cal["worst"],
+        "ttfb_direct_p50_ms": statistics.median(ttfb["direct"]),
+        "ttfb_kvern_p50_ms": statistics.median(ttfb["kvern"]),
+        "total_direct_p50_ms": statistics.median(total["direct"]),
+        "total_kvern_p50_ms": statistics.median(total["kvern"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="60 requests instead of 300")
+    args = parser.parse_args()
+    r = run(args.quick)
+    diff = abs(r["predicted_cached"] - r["reported_cached"])
+    print("\nkvern vs llama-server (2 slots, RAM prompt cache on), streaming, own replies")
+    print("-" * 76)
+    rows = [
+        ("requests", f"{r['requests']}"),
+        ("prompt tokens (kvern's count)", f"{r['prompt_tokens']:,}"),
+        ("trie prefix matches (any earlier prompt)", f"{r['trie_matched_tokens']:,}"),
+        ("predicted cached tokens (slot model)", f"{r['predicted_cached']:,}"),
+        ("reported cached tokens (llama-server)", f"{r['reported_cached']:,}"),
+        ("|predicted - reported| / reported", f"{diff / max(1, r['reported_cached']):.2%}"),
+        ("mean absolute error, tokens/request", f"{r['mean_abs_error_tokens']:.2f}"),
+        ("mean signed error, tokens/request", f"{r['mean_signed_error_tokens']:+.2f}"),
+        ("exactly right", f"{r['exact_share']:.1%}"),
+        ("off by more than one block", f"{r['off_by_more_than_a_block_share']:.1%}"),
+        (
+            "TTFB p50 direct / via kvern, ms",
+            f"{r['ttfb_direct_p50_ms']:.2f} / {r['ttfb_kvern_p50_ms']:.2f}",
+        ),
+        (
+            "total p50 direct / via kvern, ms",
+            f"{r['total_direct_p50_ms']:.2f} / {r['total_kvern_p50_ms']:.2f}",
+        ),
+    ]
+    for label, value in rows:
+        print(f"  {label:<44}{value:>28}")
+    if r["worst"]:
+        print("  worst examples (request id, prompt, predicted, reported):")
+        for w in r["worst"]:
+            print(
+                f"    {w['request_id']}  {w['prompt_tokens']:>6} {w['predicted']:>6} "
+                f"{w['reported']:>6}"
+            )
+    print(
+        f"requests={r['requests']} predicted_cached={r['predicted_cached']} "
+        f"reported_cached={r['reported_cached']} "
+        f"mean_abs_error_tokens={r['mean_abs_error_tokens']:.3f} exact_share={r['exact_share']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
