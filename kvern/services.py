@@ -16,6 +16,7 @@ import httpx
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.forest import TrieForest
+from kvern.parity import ParityChecker
 from kvern.tokenization import TokenizerRegistry
 from kvern.tracking import Tracker
 from kvern.upstream import Upstream
@@ -34,3 +35,4 @@ class Services:
     store: AnalyticsStore | None  # None when analytics are disabled
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
+    parity: ParityChecker | None = None  # None when tokenizers.parity_check is off

@@ -289,7 +289,10 @@ async def test_a_failed_batch_does_not_kill_the_writer(
         store.record(make_record(1))
         await store.flush()
         with closing(sqlite3.connect(path)) as other:
-            other.execute("DROP TABLE requests")
+            # Every table, so that re-running the migrations below recreates them.
+            tables = other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            for (table,) in tables.fetchall():
+                other.execute(f"DROP TABLE {table}")
         for i in (2, 3):  # two failed batches of the same kind
             store.record(make_record(i))
             await store.flush()

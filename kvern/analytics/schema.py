@@ -60,6 +60,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE requests ADD COLUMN backend_model TEXT;
     ALTER TABLE requests ADD COLUMN block_size INTEGER;
     """,
+    # 3: tokenizer and template parity checks against the upstream (see
+    # kvern.parity): one row per check; booleans INTEGER 0/1, NULL when not
+    # compared; first_diff_json is the first difference found, as JSON.
+    """
+    CREATE TABLE parity_checks (
+        ts_s REAL NOT NULL,
+        model TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        method TEXT,
+        status TEXT NOT NULL,
+        template_match INTEGER,
+        tokens_match INTEGER,
+        first_diff_json TEXT,
+        detail TEXT
+    );
+    CREATE INDEX parity_checks_model_upstream_ts ON parity_checks (model, upstream, ts_s);
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

@@ -17,6 +17,11 @@ graceful shutdown: :meth:`AnalyticsStore.close` drains everything queued.
 for; the queue is FIFO, so once the writer reaches the marker every earlier row
 is committed. The bound on rows is kept by a counter rather than by the
 queue's ``maxsize``, so a marker never takes a row's place nor waits for room.
+
+Parity checks (one row per model and upstream per process) skip the queue:
+:meth:`AnalyticsStore.write_parity` inserts and commits directly. A lock
+keeps that INSERT and commit from landing between a batch's ``executemany``
+and its commit or rollback on the shared connection.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 import aiosqlite
 
+from kvern.analytics.parity_rows import INSERT_PARITY_SQL, ParityRow
 from kvern.analytics.records import COLUMNS, RequestRecord, SqlValue, to_row
 from kvern.analytics.schema import migrate
 
@@ -87,6 +93,8 @@ class AnalyticsStore:
         self._clock = clock
         self._queue: asyncio.Queue[RequestRecord | _Marker] = asyncio.Queue()
         self._conn: aiosqlite.Connection | None = None
+        # Held across each write transaction (batch, prune, parity row).
+        self._write_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -156,6 +164,26 @@ class AnalyticsStore:
             self.num_dropped += 1
             return False
         self.num_queued += 1
+        return True
+
+    async def write_parity(self, row: ParityRow) -> bool:
+        """Insert one parity-check row and commit; False (counted) if not written.
+
+        Rare and off the request path, so one direct write instead of the
+        batching queue. Never raises on a write error.
+        """
+        conn = self._conn
+        if conn is None or self._closing:
+            self.num_write_errors += 1
+            return False
+        async with self._write_lock:
+            try:
+                await conn.execute(INSERT_PARITY_SQL, row.to_row())
+                await conn.commit()
+            except Exception as exc:
+                self._note_error(exc)
+                await self._rollback(conn)
+                return False
         return True
 
     # -- waiting and reading ----------------------------------------------
@@ -270,14 +298,15 @@ class AnalyticsStore:
                 self.num_lost += 1
         if not rows:
             return
-        try:
-            await conn.executemany(_INSERT_SQL, rows)
-            await conn.commit()
-        except Exception as exc:  # sqlite3.Error and anything else: keep the writer alive
-            self._note_error(exc)
-            self.num_lost += len(rows)
-            await self._rollback(conn)
-            return
+        async with self._write_lock:
+            try:
+                await conn.executemany(_INSERT_SQL, rows)
+                await conn.commit()
+            except Exception as exc:  # sqlite3.Error and anything else: keep the writer alive
+                self._note_error(exc)
+                self.num_lost += len(rows)
+                await self._rollback(conn)
+                return
         self.num_written += len(rows)
         self.num_batches += 1
 
@@ -288,15 +317,16 @@ class AnalyticsStore:
             return
         now_s = self._clock()
         self._last_prune_s = now_s
-        try:
-            cursor = await conn.execute(
-                "DELETE FROM requests WHERE ts_s < ?", (now_s - self._retention_s,)
-            )
-            await conn.commit()
-        except Exception as exc:
-            self._note_error(exc)
-            await self._rollback(conn)
-            return
+        async with self._write_lock:
+            try:
+                cursor = await conn.execute(
+                    "DELETE FROM requests WHERE ts_s < ?", (now_s - self._retention_s,)
+                )
+                await conn.commit()
+            except Exception as exc:
+                self._note_error(exc)
+                await self._rollback(conn)
+                return
         self.num_pruned += max(cursor.rowcount, 0)
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:

@@ -2,7 +2,8 @@
 
 Query parameters: ``window`` (1h, 24h, 7d, all), ``model`` (one model only),
 ``bucket`` (seconds per time bucket; adds a time series). The store is flushed
-first so a user sees the request they just made.
+first so a user sees the request they just made. ``parity`` is the latest
+tokenizer/template parity check per model and upstream, whatever the window.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from kvern.analytics import queries
+from kvern.analytics.calibration import calibration
+from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
 from kvern.services import Services
 
@@ -50,6 +53,8 @@ async def analytics(
         "by_upstream": await queries.breakdown(
             store, by="upstream", window=window, model=model, now_s=now
         ),
+        "calibration": await calibration(store, window=window, model=model, now_s=now),
+        "parity": await latest_parity(store, model=model),
         "store": store.stats(),
     }
     if bucket is not None:

@@ -1,4 +1,9 @@
-"""``GET /health``: is kvern up, can it reach its upstream, how is each model tokenized."""
+"""``GET /health``: is kvern up, can it reach its upstream, how is each model tokenized.
+
+``parity`` holds, per model, the latest check of kvern's rendering and
+tokenization against the upstream's (see :mod:`kvern.parity`); ``null`` when
+``tokenizers.parity_check`` is off, and a model appears once its check ended.
+"""
 
 from __future__ import annotations
 
@@ -60,4 +65,9 @@ async def health(request: Request) -> dict[str, Any]:
             "errors": dict(tracker.errors),
         },
         "analytics": services.store.stats() if services.store is not None else None,
+        "parity": (
+            {m: r.to_dict() for m, r in services.parity.reports().items()}
+            if services.parity is not None
+            else None
+        ),
     }
