@@ -63,7 +63,9 @@ def create_app(
             )
             await store.start()
         forest = TrieForest(config.trie, config.eviction, config.upstream.cache_model)
-        tokenizers = registry or TokenizerRegistry(config.tokenizers)
+        tokenizers = registry or TokenizerRegistry(
+            config.tokenizers, upstream_origin=Upstream.from_config(config.upstream).origin
+        )
         tracker = Tracker(
             config,
             registry=tokenizers,

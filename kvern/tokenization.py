@@ -25,6 +25,7 @@ from kvern.fallback import ApproximateTokenizer
 from kvern.incremental import SegmentTokenizer
 from kvern.normalize import Normalizer
 from kvern.render import prepare_messages, render_chat, render_generic
+from kvern.upstream_tokenizer import UPSTREAM_SOURCE, upstream_model_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,11 @@ class TokenizerRegistry:
         *,
         loader: HFLoader = load_hf_tokenizer,
         on_loaded: OnLoaded | None = None,
+        upstream_origin: str | None = None,
     ) -> None:
+        """``upstream_origin``: where models with ``source: upstream`` are tokenized."""
         self._config = config
+        self._upstream_origin = upstream_origin
         self._loader = loader
         self._slots: dict[str, _Slot] = {}
         # Called on the event loop, once per model name, when :meth:`get` first
@@ -235,6 +239,10 @@ class TokenizerRegistry:
                 cache_tokens=cache_tokens,
                 verify_every=verify_every,
             )
+        if entry.source == UPSTREAM_SOURCE:
+            if self._upstream_origin is None:
+                return ModelTokenizer(None, source=entry.source, error="no upstream to ask")
+            return upstream_model_tokenizer(self._upstream_origin, model)  # type: ignore[no-any-return]
         try:
             hf = self._loader(entry)
         except Exception as exc:  # noqa: BLE001 - any load failure means fallback

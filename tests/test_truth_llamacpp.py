@@ -219,3 +219,25 @@ def test_analytics_shows_calibration_per_upstream_and_model(
     assert max(errors) > 0
     worst = entry["worst"][0]
     assert abs(worst["predicted"] - worst["reported"]) == max(errors)
+
+
+def test_upstream_tokenizer_mode_is_exact_without_a_local_tokenizer(
+    tmp_path: Path, one_slot: str, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    config = config_for(tmp_path, one_slot, tokenizer_fixtures)
+    data = config.model_dump()
+    data["tokenizers"]["models"] = {MODEL: {"source": "upstream"}}
+    with serve(create_app(parse_config(data))) as kvern:
+        run_conversation(kvern, 4, own_replies=False)
+        flush(kvern)
+        health = httpx.get(kvern + "/health").json()
+        hot = httpx.get(kvern + "/trie/visualize").json()[MODEL]["hot_prefixes"]
+    assert health["tokenizers"][MODEL]["kind"] == "exact"
+    assert health["tokenizers"][MODEL]["source"].startswith("upstream:")
+    table = rows(tmp_path / "kvern.db")
+    assert [r["tokenizer_kind"] for r in table] == ["exact"] * 4
+    assert [r["prompt_tokens"] for r in table] == [r["upstream_prompt_tokens"] for r in table]
+    assert [r["predicted_cached_tokens"] for r in table] == [
+        r["reported_cached_tokens"] for r in table
+    ]
+    assert "terse assistant" in hot[0]["text"]
