@@ -221,13 +221,21 @@ def test_analytics_shows_calibration_per_upstream_and_model(
     assert abs(worst["predicted"] - worst["reported"]) == max(errors)
 
 
-def test_upstream_tokenizer_mode_is_exact_without_a_local_tokenizer(
-    tmp_path: Path, one_slot: str, tokenizer_fixtures: dict[str, Any]
-) -> None:
-    config = config_for(tmp_path, one_slot, tokenizer_fixtures)
-    data = config.model_dump()
+def upstream_mode_config(tmp_path: Path, url: str, fixtures: dict[str, Any]) -> KvernConfig:
+    data = config_for(tmp_path, url, fixtures).model_dump()
     data["tokenizers"]["models"] = {MODEL: {"source": "upstream"}}
-    with serve(create_app(parse_config(data))) as kvern:
+    return parse_config(data)
+
+
+def test_upstream_tokenizer_mode_is_exact_without_a_local_tokenizer(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    # A fresh server: one that served earlier tests already holds this
+    # system prompt, which a fresh kvern cannot know about.
+    with (
+        llama_server(tiny_model("qwen2"), slots=1) as url,
+        serve(create_app(upstream_mode_config(tmp_path, url, tokenizer_fixtures))) as kvern,
+    ):
         run_conversation(kvern, 4, own_replies=False)
         flush(kvern)
         health = httpx.get(kvern + "/health").json()
