@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvern.trie import EvictedPrefix, RadixTrie, TrieNode, make_policy
+from kvern.trie import CostAwarePolicy, EvictedPrefix, RadixTrie, TrieNode, make_policy
 
 Seq = tuple[int, ...]
 
@@ -71,6 +71,8 @@ class TrieMachine(RuleBasedStateMachine):
         # Locked nodes and the sequence each was locked for.
         self.locks: list[tuple[TrieNode, Seq]] = []
         self.now_s = 0.0
+        # The cost_aware clock at the last check: it must never go back.
+        self.clock = 0.0
 
     @initialize(policy=st.sampled_from(sorted(POLICY_PARAMS)))
     def choose_policy(self, policy: str) -> None:
@@ -183,6 +185,20 @@ class TrieMachine(RuleBasedStateMachine):
     @invariant()
     def counters_match_a_recount(self) -> None:
         self.trie.check_invariants()
+
+    @invariant()
+    def cost_aware_clock_rises_and_credits_stay_non_negative(self) -> None:
+        policy = self.trie.policy
+        if not isinstance(policy, CostAwarePolicy):
+            return
+        assert policy.clock >= self.clock
+        self.clock = policy.clock
+        for node in self._leaves():
+            walk: TrieNode | None = node
+            while walk is not None and walk is not self.trie.root:
+                assert walk.score >= -1e-9
+                assert walk.clock_at_access <= policy.clock
+                walk = walk.parent
 
     @invariant()
     def locked_sequences_stay_whole(self) -> None:

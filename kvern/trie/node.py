@@ -44,11 +44,15 @@ class TrieNode:
     last_access_s: float = 0.0
     # In-flight requests holding a path through this node; > 0 pins it.
     lock_ref: int = 0
-    # Policy-owned running value (e.g. a decayed hit count); 0 for LRU.
+    # Policy-owned running value (lfu: decayed hit count; cost_aware: decayed
+    # count of requests that ended or branched off here); 0 for LRU.
     score: float = 0.0
     # The time ``score`` was last brought up to date, so a policy can decay it
     # correctly whatever the order of stat updates around its hook (s).
     score_time_s: float = 0.0
+    # The policy's aging clock (cost_aware's inflation value L) at the node's
+    # last access; stays 0 under policies without one.
+    clock_at_access: float = 0.0
     # Upstream name -> last time that upstream served this prefix (s); None
     # until routing records one.
     upstreams: dict[str, float] | None = None

@@ -278,6 +278,7 @@ class RadixTrie:
             lock_ref=child.lock_ref,
             score=child.score,
             score_time_s=child.score_time_s,
+            clock_at_access=child.clock_at_access,
             upstreams=dict(child.upstreams) if child.upstreams is not None else None,
         )
         parent.children[edge[0]] = upper
