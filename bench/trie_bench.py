@@ -26,10 +26,10 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import kvern  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The checkout's root: kvern (when not installed) and tests.assets (the real tokenizers).
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 from kvern.trie import RadixTrie, make_policy
 

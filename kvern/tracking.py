@@ -375,7 +375,7 @@ class Tracker:
         if gen is not None and p.ids is not None:
             full = array("i", p.ids)
             full.extend(gen)
-            held = mt.trie.insert(full, now).node
+            held = mt.trie.insert(full, now, count_hit=False).node
         mt.cache_model.finish(mt.trie, p.handle, held, now)
         mt.trie.unlock(p.node)
         p.ids = None  # drop the prompt's ids now

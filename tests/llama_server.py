@@ -122,7 +122,6 @@ def build_llama_server(jobs: int | None = None) -> Path:
     return final
 
 
-
 def tiny_model(name: str = "qwen2") -> Path:
     """A tiny random-weight GGUF with the real tokenizer and template of ``name`` (cached)."""
     from tests.tiny_gguf import write_tiny_model
@@ -143,15 +142,32 @@ def tiny_model(name: str = "qwen2") -> Path:
 
 @contextmanager
 def llama_server(
-    model: Path, *, slots: int = 1, cache_ram_mib: int | None = None, ctx_size: int = 8192,
+    model: Path,
+    *,
+    slots: int = 1,
+    cache_ram_mib: int | None = None,
+    ctx_size: int = 8192,
     extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Run llama-server on 127.0.0.1 (a free port); yields its base URL (without /v1)."""
     binary = build_llama_server()
     port = free_port()
     args = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "-np", str(slots), "-c", str(ctx_size * slots), "--jinja", "-t", "2", "--no-webui",
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(ctx_size * slots),
+        "--jinja",
+        "-t",
+        "2",
+        "--no-webui",
     ]
     if cache_ram_mib is not None:
         args += ["--cache-ram", str(cache_ram_mib)]
@@ -181,6 +197,7 @@ def llama_server(
             proc.kill()
             proc.wait()
         log.close()
+
 
 if __name__ == "__main__":
     start = time.monotonic()

@@ -509,3 +509,17 @@ def test_maintain_expires_at_most_once_per_tenth_of_ttl() -> None:
     assert trie.maintain(1000, 161.0) == 1  # runs: [2] seen at 60 < 61
     trie.check_invariants()
     assert trie.num_tokens == 0
+
+
+def test_uncounted_insert_touches_but_counts_no_hit() -> None:
+    trie = RadixTrie()
+    prompt = trie.insert([1, 2, 3, 4], now_s=1.0).node
+    answer = trie.insert([1, 2, 3, 4, 9, 9], now_s=2.0, count_hit=False)
+    trie.check_invariants()
+    assert answer.matched_tokens == 4 and answer.new_tokens == 2
+    assert (prompt.hit_count, answer.node.hit_count) == (1, 0)
+    assert prompt.last_access_s == 2.0
+    # Splitting an existing path for another uncounted branch keeps the counts consistent.
+    trie.insert([1, 2, 7], now_s=3.0, count_hit=False)
+    trie.check_invariants()
+    assert [h.hit_count for h in trie.hot_prefixes(5)] == [1]

@@ -115,6 +115,10 @@ def _as_int_array(tokens: Sequence[int]) -> array[int]:
     return array("i", tokens)
 
 
+def _no_access(node: TrieNode, now_s: float) -> None:
+    """The access hook of uncounted inserts."""
+
+
 def _common_len(key: array[int], pos: int, edge: array[int]) -> int:
     """Length of the common prefix of ``key[pos:]`` and ``edge``.
 
@@ -191,13 +195,20 @@ class RadixTrie:
             return MatchResult(pos + _common_len(key, pos, edge), child)
         return MatchResult(pos, node)
 
-    def insert(self, tokens: Sequence[int], now_s: float) -> InsertResult:
+    def insert(
+        self, tokens: Sequence[int], now_s: float, *, count_hit: bool = True
+    ) -> InsertResult:
         """Record a request's prompt; one traversal does the match and the insert.
 
         Every node on the path (the root, split nodes and the new leaf
         included) gets ``hit_count += 1`` and ``last_access_s = now_s``, then
         the policy's ``on_access`` hook (not called for the root, which is
         never ranked).
+
+        ``count_hit=False`` records tokens the backend holds without a request
+        having asked for them (an answer appended to its prompt): the path is
+        touched (``last_access_s``) but no hit is counted or credited, and a new
+        leaf starts at ``hit_count = 0``.
         """
         key = _as_int_array(tokens)
         num_query = len(key)
@@ -208,8 +219,9 @@ class RadixTrie:
             now_s = self._latest_s
         else:
             self._latest_s = now_s
-        on_access = self._policy.on_access
-        root.hit_count += 1
+        on_access = self._policy.on_access if count_hit else _no_access
+        hit = 1 if count_hit else 0
+        root.hit_count += hit
         root.last_access_s = now_s
         node = root
         pos = 0
@@ -222,7 +234,7 @@ class RadixTrie:
                     key=key[pos:],
                     parent=node,
                     depth=node.depth + num_new,
-                    hit_count=1,
+                    hit_count=hit,
                     first_seen_s=now_s,
                     last_access_s=now_s,
                     score_time_s=now_s,
@@ -237,7 +249,7 @@ class RadixTrie:
             if key[pos : pos + num_edge] != edge:
                 num_edge = _common_len(key, pos, edge)
                 child = self._split(child, num_edge)
-            child.hit_count += 1
+            child.hit_count += hit
             child.last_access_s = now_s
             on_access(child, now_s)
             pos += num_edge
@@ -352,6 +364,7 @@ class RadixTrie:
             node
             for node in self._iter_nodes()
             if node.depth >= min_depth
+            and node.hit_count > 0
             and not any(c.hit_count == node.hit_count for c in node.children.values())
         ]
         top = heapq.nsmallest(
