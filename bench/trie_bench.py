@@ -31,7 +31,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kvern.trie import RadixTrie, make_policy
+from kvern.trie import RadixTrie, make_policy  # noqa: E402 - after the sys.path set-up above
 
 _SEED = 20240611
 _VOCAB_SIZE = 128_000
