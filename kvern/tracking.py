@@ -18,7 +18,6 @@ through untracked (and counted) rather than queued without bound.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from array import array
@@ -31,92 +30,26 @@ from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
 from kvern.forest import TrieForest
 from kvern.normalize import Normalizer
-from kvern.tokenization import ModelTokenizer, PromptTokens, TokenizerRegistry
+from kvern.requests import TRACKED_ENDPOINTS, prompt_of, tenant_of
+from kvern.tokenization import ModelTokenizer, TokenizerRegistry
+from kvern.tracking_records import Prediction, RequestContext, to_record
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 from kvern.usage import ResponseFacts, parse_response
 
+# Re-exported: ``from kvern.tracking import RequestContext, tenant_of, Prediction`` keeps working.
+__all__ = [
+    "TRACKED_ENDPOINTS",
+    "Prediction",
+    "RequestContext",
+    "Tracker",
+    "TrackerStats",
+    "tenant_of",
+]
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-TRACKED_ENDPOINTS = frozenset({"chat", "completions", "ollama_chat", "ollama_generate"})
-
-
-@dataclass(slots=True)
-class Prediction:
-    """What the trie says about one request's prompt."""
-
-    prompt_tokens: int  # kvern's count of the prompt
-    matched_tokens: int  # prompt tokens already in the trie (predicted reusable)
-    matched_tokens_aligned: int  # the same, floored to the backend's block size
-    hit: bool  # matched >= min_prefix_tokens
-    tokenizer_kind: str  # "exact" or "fallback"
-    node: TrieNode | None  # locked while the request is in flight
-    predicted_cached_tokens: int | None = None  # by the backend's cache model
-    backend_model: str | None = None  # which cache model predicted it
-    block_size: int | None = None  # the block size it counted in
-    ids: array[int] | None = None  # the prompt's ids (to extend with the answer)
-    tokenizer: ModelTokenizer | None = None  # to tokenize the answer
-    handle: Any = None  # the cache model's handle (a slot)
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """A request in flight, from arrival to its analytics row."""
-
-    request_id: str  # kvern's id (also sent back as x-kvern-request-id)
-    ts_s: float  # wall-clock arrival time
-    start_s: float  # monotonic arrival time, for latencies
-    endpoint: str  # chat, completions, ollama_chat, ollama_generate, other
-    model: str | None  # the body's model
-    tenant: str | None  # hash of the API key or the user field
-    stream: bool  # the client asked for a stream
-    upstream: str  # upstream name
-    prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
-    prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
-
-
-def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | None:
-    """A stable, non-reversible tenant id: the ``user`` field, else the API key, hashed."""
-    user = body.get("user") if isinstance(body, dict) else None
-    if isinstance(user, str) and user:
-        return "user:" + hashlib.sha256(user.encode()).hexdigest()[:16]
-    if authorization:
-        key = authorization.removeprefix("Bearer ").strip()
-        if key:
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    return None
-
-
-def _prompt_of(
-    tok: ModelTokenizer, endpoint: str, body: dict[str, Any], norm: Normalizer
-) -> PromptTokens | None:
-    """Tokenize a request body the way its endpoint's backend would."""
-    if endpoint in ("chat", "ollama_chat"):
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return None
-        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-        return tok.chat(messages, tools=tools, normalizer=norm)
-    if endpoint == "ollama_generate":
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            return None
-        if body.get("raw") is True:
-            return tok.completion(prompt, normalizer=norm)
-        messages = []
-        if isinstance(body.get("system"), str):
-            messages.append({"role": "system", "content": body["system"]})
-        messages.append({"role": "user", "content": prompt})
-        return tok.chat(messages, normalizer=norm)
-    if endpoint == "completions":
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return tok.completion(prompt, normalizer=norm)
-    return None
 
 
 @dataclass(slots=True)
@@ -258,7 +191,7 @@ class Tracker:
     def _predict_sync(
         self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
     ) -> Prediction | None:
-        prompt = _prompt_of(tok, endpoint, body, self._normalizer(model))
+        prompt = prompt_of(tok, endpoint, body, self._normalizer(model))
         if prompt is None:
             self.stats.num_untracked += 1
             return None
@@ -359,7 +292,15 @@ class Tracker:
             return
         try:
             self._record(
-                self._to_record(ctx, prediction, facts, status, error, ttfb_ms, latency_ms)
+                to_record(
+                    ctx,
+                    prediction,
+                    facts,
+                    status=status,
+                    error=error,
+                    ttfb_ms=ttfb_ms,
+                    latency_ms=latency_ms,
+                )
             )
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
@@ -393,50 +334,6 @@ class Tracker:
         gen = p.tokenizer.encode_text(facts.completion_text)
         evaluated = (facts.completion_tokens or len(gen)) - 1
         return gen[: max(0, min(evaluated, len(gen)))] or None
-
-    def _to_record(
-        self,
-        ctx: RequestContext,
-        p: Prediction | None,
-        facts: ResponseFacts,
-        status: int | None,
-        error: str | None,
-        ttfb_ms: float | None,
-        latency_ms: float,
-    ) -> RequestRecord:
-        reported, source = facts.reported_cached_tokens, facts.reported_cached_source
-        if reported is None and facts.prompt_eval_count is not None and p is not None:
-            # Ollama reports the prompt tokens it evaluated; the rest came from its cache.
-            reported = max(0, p.prompt_tokens - facts.prompt_eval_count)
-            source = "ollama.prompt_eval_count"
-        return RequestRecord(
-            request_id=ctx.request_id,
-            ts_s=ctx.ts_s,
-            model=ctx.model or "",
-            tenant=ctx.tenant,
-            endpoint=ctx.endpoint,
-            upstream=ctx.upstream,
-            stream=ctx.stream,
-            status=status,
-            error=error,
-            prompt_tokens=p.prompt_tokens if p else None,
-            matched_tokens=p.matched_tokens if p else None,
-            matched_tokens_aligned=p.matched_tokens_aligned if p else None,
-            hit=p.hit if p else None,
-            tokenizer_kind=p.tokenizer_kind if p else None,
-            ttfb_ms=ttfb_ms,
-            latency_ms=latency_ms,
-            completion_tokens=facts.completion_tokens,
-            upstream_prompt_tokens=facts.upstream_prompt_tokens
-            if facts.upstream_prompt_tokens is not None
-            else facts.prompt_eval_count,
-            reported_cached_tokens=reported,
-            reported_cached_source=source,
-            finish_reason=facts.finish_reason,
-            predicted_cached_tokens=p.predicted_cached_tokens if p else None,
-            backend_model=p.backend_model if p else None,
-            block_size=p.block_size if p else None,
-        )
 
     async def drain(self) -> None:
         """Wait for every tracking task in flight (graceful shutdown, tests)."""

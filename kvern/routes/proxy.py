@@ -24,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from kvern.errors import BadRequest, BodyTooLarge, KvernError, error_response
+from kvern.requests import tenant_of
 from kvern.services import Services
-from kvern.tracking import RequestContext, tenant_of
+from kvern.tracking_records import RequestContext
 from kvern.upstream import forward_headers, mapped_errors, response_headers
 
 # Bytes of a response kept for the side reader; past this only the tail is kept

@@ -15,12 +15,12 @@ from kvern.trie.policies import (
     TTLPolicy,
     make_policy,
 )
-from kvern.trie.radix import (
+from kvern.trie.radix import RadixTrie
+from kvern.trie.records import (
     EvictedPrefix,
     HotPrefix,
     InsertResult,
     MatchResult,
-    RadixTrie,
     TrieStats,
 )
 

@@ -35,77 +35,19 @@ import heapq
 import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from kvern.trie.node import TrieNode
 from kvern.trie.policies import EvictionPolicy, LRUPolicy
+from kvern.trie.records import EvictedPrefix, HotPrefix, InsertResult, MatchResult, TrieStats
+
+# The records are re-exported: ``from kvern.trie.radix import MatchResult`` keeps working.
+__all__ = ["EvictedPrefix", "HotPrefix", "InsertResult", "MatchResult", "RadixTrie", "TrieStats"]
 
 # Bytes of one int object that a dict key holds a reference to, for ids
 # outside CPython's small-int cache (-5..256).
 _INT_OBJECT_BYTES = sys.getsizeof(10**6)
 # Bytes of one float object (the values of a node's upstreams dict).
 _FLOAT_OBJECT_BYTES = sys.getsizeof(1.0)
-
-
-@dataclass(slots=True)
-class MatchResult:
-    """The longest stored prefix of a token sequence."""
-
-    # Leading tokens of the query present in the trie.
-    matched_tokens: int
-    # Deepest node fully or partially matched; the root when nothing matched.
-    node: TrieNode
-
-
-@dataclass(slots=True)
-class InsertResult:
-    """What an insert found and added."""
-
-    # Leading tokens already present before this call: what the backend's
-    # prefix cache could have served.
-    matched_tokens: int
-    # The node where the sequence ends (lock it while the request is in flight).
-    node: TrieNode
-    # Tokens this call added to the trie.
-    new_tokens: int
-
-
-@dataclass(slots=True)
-class HotPrefix:
-    """A frequently used prefix, for the hot-prefix endpoint."""
-
-    # The full token path from the root to the end of the node.
-    tokens: list[int]
-    # Length of that path (tokens).
-    depth: int
-    # Requests that passed through the node.
-    hit_count: int
-    # When the prefix was first created (s).
-    first_seen_s: float
-    # When a request last passed through it (s).
-    last_access_s: float
-
-
-@dataclass(slots=True)
-class EvictedPrefix:
-    """One leaf removed by eviction or expiry."""
-
-    # The full token path from the root to the end of the removed leaf.
-    tokens: list[int]
-    # Tokens removed: the leaf's edge length only.
-    num_tokens: int
-
-
-@dataclass(slots=True)
-class TrieStats:
-    """Size of the trie, for on-demand endpoints."""
-
-    # Nodes excluding the root.
-    num_nodes: int
-    # Sum of edge lengths (tokens stored).
-    num_tokens: int
-    # Measured estimate of the Python heap the trie holds (bytes).
-    estimated_bytes: int
 
 
 def _as_int_array(tokens: Sequence[int]) -> array[int]:

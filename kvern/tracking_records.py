@@ -1,0 +1,101 @@
+"""A tracked request's records: the request in flight, the trie's prediction, its analytics row.
+
+Why a module of their own: the proxy fills in a :class:`RequestContext`, the
+tracking thread answers with a :class:`Prediction`, and :func:`to_record`
+flattens both, with what the backend reported, into the one
+:class:`~kvern.analytics.records.RequestRecord` analytics keeps. None of this
+needs the tracking thread's machinery in :mod:`kvern.tracking`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from kvern.analytics.records import RequestRecord
+from kvern.tokenization import ModelTokenizer
+from kvern.trie.node import TrieNode
+from kvern.usage import ResponseFacts
+
+
+@dataclass(slots=True)
+class Prediction:
+    """What the trie says about one request's prompt."""
+
+    prompt_tokens: int  # kvern's count of the prompt
+    matched_tokens: int  # prompt tokens already in the trie (predicted reusable)
+    matched_tokens_aligned: int  # the same, floored to the backend's block size
+    hit: bool  # matched >= min_prefix_tokens
+    tokenizer_kind: str  # "exact" or "fallback"
+    node: TrieNode | None  # locked while the request is in flight
+    predicted_cached_tokens: int | None = None  # by the backend's cache model
+    backend_model: str | None = None  # which cache model predicted it
+    block_size: int | None = None  # the block size it counted in
+    ids: array[int] | None = None  # the prompt's ids (to extend with the answer)
+    tokenizer: ModelTokenizer | None = None  # to tokenize the answer
+    handle: Any = None  # the cache model's handle (a slot)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """A request in flight, from arrival to its analytics row."""
+
+    request_id: str  # kvern's id (also sent back as x-kvern-request-id)
+    ts_s: float  # wall-clock arrival time
+    start_s: float  # monotonic arrival time, for latencies
+    endpoint: str  # chat, completions, ollama_chat, ollama_generate, other
+    model: str | None  # the body's model
+    tenant: str | None  # hash of the API key or the user field
+    stream: bool  # the client asked for a stream
+    upstream: str  # upstream name
+    prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
+    prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
+
+
+def to_record(
+    ctx: RequestContext,
+    p: Prediction | None,
+    facts: ResponseFacts,
+    *,
+    status: int | None,
+    error: str | None,
+    ttfb_ms: float | None,
+    latency_ms: float,
+) -> RequestRecord:
+    """The analytics row of a finished (or failed) request; ``p`` is None if none was made."""
+    reported, source = facts.reported_cached_tokens, facts.reported_cached_source
+    if reported is None and facts.prompt_eval_count is not None and p is not None:
+        # Ollama reports the prompt tokens it evaluated; the rest came from its cache.
+        reported = max(0, p.prompt_tokens - facts.prompt_eval_count)
+        source = "ollama.prompt_eval_count"
+    return RequestRecord(
+        request_id=ctx.request_id,
+        ts_s=ctx.ts_s,
+        model=ctx.model or "",
+        tenant=ctx.tenant,
+        endpoint=ctx.endpoint,
+        upstream=ctx.upstream,
+        stream=ctx.stream,
+        status=status,
+        error=error,
+        prompt_tokens=p.prompt_tokens if p else None,
+        matched_tokens=p.matched_tokens if p else None,
+        matched_tokens_aligned=p.matched_tokens_aligned if p else None,
+        hit=p.hit if p else None,
+        tokenizer_kind=p.tokenizer_kind if p else None,
+        ttfb_ms=ttfb_ms,
+        latency_ms=latency_ms,
+        completion_tokens=facts.completion_tokens,
+        upstream_prompt_tokens=facts.upstream_prompt_tokens
+        if facts.upstream_prompt_tokens is not None
+        else facts.prompt_eval_count,
+        reported_cached_tokens=reported,
+        reported_cached_source=source,
+        finish_reason=facts.finish_reason,
+        predicted_cached_tokens=p.predicted_cached_tokens if p else None,
+        backend_model=p.backend_model if p else None,
+        block_size=p.block_size if p else None,
+    )
