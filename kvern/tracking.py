@@ -49,6 +49,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# A request waiting longer than this for its first byte no longer holds tracking back.
+_STALE_HOLD_S = 60.0
+
 T = TypeVar("T")
 
 
@@ -74,6 +77,7 @@ class Tracker:
         record: Callable[[RequestRecord], bool] | None,
         clock: Callable[[], float] = time.time,
         max_pending: int = 512,
+        max_yield_s: float = 0.05,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -81,6 +85,13 @@ class Tracker:
         self._record = record
         self._clock = clock
         self._max_pending = max_pending
+        # Requests sent upstream whose first byte has not been relayed yet:
+        # tracking jobs wait (briefly) while any exist, so they never compete
+        # for the GIL in the window a user feels as time to first token.
+        # request id -> monotonic time it was sent; a hold older than
+        # _STALE_HOLD_S is ignored (a response that never started relaying).
+        self._holds: dict[str, float] = {}
+        self._max_yield_s = max_yield_s
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvern-tracking")
         self._normalizers: dict[str, Normalizer] = {}
@@ -179,9 +190,36 @@ class Tracker:
         # Runs on the tracking thread; the counter is only a soft backlog limit.
         self._pending -= 1
 
+    def hold(self, ctx: RequestContext) -> None:
+        """``ctx`` was sent upstream and awaits its first byte (the event loop calls this)."""
+        if not ctx.awaiting_first_byte:
+            ctx.awaiting_first_byte = True
+            self._holds[ctx.request_id] = time.perf_counter()
+
+    def release(self, ctx: RequestContext) -> None:
+        """``ctx``'s first byte was relayed, or it ended; idempotent."""
+        if ctx.awaiting_first_byte:
+            ctx.awaiting_first_byte = False
+            self._holds.pop(ctx.request_id, None)
+
+    def _yield_to_requests(self) -> None:
+        """On the tracking thread: step aside while requests await their first byte.
+
+        Bounded by ``max_yield_s`` so tracking still progresses under constant load.
+        """
+        start = time.perf_counter()
+        deadline = start + self._max_yield_s
+        while True:
+            now = time.perf_counter()
+            # list() of a dict's values runs in C under the GIL: a consistent copy.
+            if now >= deadline or all(now - t > _STALE_HOLD_S for t in list(self._holds.values())):
+                return
+            time.sleep(0.0005)
+
     def _predict_guarded(
         self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
     ) -> Prediction | None:
+        self._yield_to_requests()
         try:
             return self._predict_sync(tok, model, endpoint, body, insert)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
@@ -268,6 +306,7 @@ class Tracker:
         """On the tracking thread: the prediction job ran before this one (FIFO)."""
         prediction: Prediction | None = None
         facts = ResponseFacts()
+        self._yield_to_requests()
         try:
             prediction = job.result()
             if body:

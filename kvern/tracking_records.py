@@ -53,6 +53,7 @@ class RequestContext:
     upstream: str  # upstream name
     prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
     prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
+    awaiting_first_byte: bool = False  # counted in Tracker's requests-awaiting-first-byte
 
 
 def to_record(

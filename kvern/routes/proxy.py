@@ -187,21 +187,27 @@ async def _forward(services: Services, request: Request) -> Response:
         ),
         content=raw,
     )
+    services.tracker.hold(ctx)
     try:
         with mapped_errors(upstream):
             upstream_response = await _send_unless_disconnected(
                 request, client.send(upstream_request, stream=True)
             )
     except ClientGone:
+        services.tracker.release(ctx)
         # The client left while the upstream was still prefilling: the send was
         # cancelled, which closed the upstream connection and so the generation.
         if track is not None:
             track.done(None, "client_disconnected", None, b"", "")
         return Response(status_code=499)
     except KvernError as exc:
+        services.tracker.release(ctx)
         if track is not None:
             track.done(exc.status_code, exc.code, None, b"", "")
         return error_response(exc)
+    except BaseException:
+        services.tracker.release(ctx)
+        raise
 
     headers = response_headers(upstream_response.headers)
     headers["x-kvern-request-id"] = ctx.request_id
@@ -259,6 +265,7 @@ async def _relay_whole(
             track.done(exc.status_code, exc.code, ttfb_ms, b"", "")
         return error_response(exc)
     finally:
+        services.tracker.release(ctx)
         await upstream_response.aclose()
     if track is not None:
         track.done(upstream_response.status_code, None, ttfb_ms, content, content_type)
@@ -283,6 +290,7 @@ async def _relay_stream(
                     kept.add(chunk)
                 yield chunk
                 if ttfb_ms is None:
+                    services.tracker.release(ctx)
                     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
                     if track is not None:
                         track.first_byte(status)
@@ -293,6 +301,7 @@ async def _relay_stream(
         error = "client_disconnected"
         raise
     finally:
+        services.tracker.release(ctx)
         await upstream_response.aclose()
         if track is not None:
             track.done(status, error, ttfb_ms, kept.value(), content_type)
