@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,47 +73,17 @@ def stream_chat(client: Any, url: str, body: dict[str, Any]) -> tuple[float, flo
 
 
 @contextmanager
-def kvern_process(config: Any, tmp: Path) -> Iterator[str]:
+def kvern_serving(config: Any, tmp: Path) -> Iterator[str]:
     """kvern in its own process, as users run it (``python -m kvern serve``)."""
-    import httpx
     import yaml
 
-    from tests.servers import free_port
+    from tests.servers import kvern_process
 
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvern",
-            "serve",
-            "--config",
-            str(path),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=tmp,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("kvern did not start") from None
-                time.sleep(0.2)
+    args = ["-m", "kvern", "serve", "--config", str(path), "--log-level", "warning"]
+    with kvern_process(args, tmp) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -141,7 +109,7 @@ def run(quick: bool) -> dict[str, Any]:
                 "analytics": {"db_path": str(tmp / "truth.db"), "flush_interval_ms": 20},
             }
         )
-        with kvern_process(config, tmp) as kvern, httpx.Client(timeout=120) as client:
+        with kvern_serving(config, tmp) as kvern, httpx.Client(timeout=120) as client:
             sessions: list[dict[str, Any]] = []
             for _ in range(n_requests):
                 if len(sessions) < 4 or rng.random() < 0.15:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -40,3 +46,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def kvern_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """kvern in its own process, as users run it; yields (process, base URL).
+
+    ``args`` follow the Python executable (``["-m", "kvern", "serve", ...]`` or
+    ``["run_proxy.py", ...]``); ``--port`` is added. Output goes to a file, not
+    a pipe, so a chatty process can never block on a full pipe.
+    """
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="kvern-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    output = Path(log.name).read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"kvern did not start:\n{output}") from None
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

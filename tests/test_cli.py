@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +14,9 @@ import httpx
 import pytest
 
 from tests.fake_vllm import FakeVLLMState, create_fake_vllm
-from tests.servers import free_port, serve
+from tests.servers import free_port, kvern_process, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextmanager
-def kvern_process(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, *args, "--port", str(port)],
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read().decode() if proc.stdout else ""
-                    raise RuntimeError(f"kvern did not start:\n{out}") from None
-                time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_run_proxy_serves_with_the_shipped_config_and_no_upstream(tmp_path: Path) -> None:
