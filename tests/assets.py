@@ -138,13 +138,7 @@ def tokenizer_fixture(name: str) -> TokenizerFixture:
 
         tokenizer = build_tokenizer_from_gguf(gguf)
         tokenizer.chat_template = template.read_text(encoding="utf-8")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / ".complete").write_text("ok")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _save_atomically(tokenizer, target)
     return TokenizerFixture(name, target, gguf, template, read_vectors(gguf))
 
 
@@ -178,11 +172,19 @@ def small_bpe_fixture() -> Path:
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
     fast.chat_template = (models_dir() / "templates" / FIXTURES["qwen2"][1]).read_text("utf-8")
+    _save_atomically(fast, target)
+    return target
+
+
+def _save_atomically(tokenizer: object, target: Path) -> None:
+    """``save_pretrained`` into a temporary folder, mark it complete, move it in place.
+
+    Concurrent runs (tests and a benchmark) never see a half-written folder.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    fast.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
     (tmp / ".complete").write_text("ok")
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    return target
