@@ -66,8 +66,11 @@ class CacheModelConfig(_Section):
     slot_prompt_similarity: float = Field(0.1, ge=0.0, le=1.0)
     # llamacpp: whether --cache-ram is on (the default, 8 GiB), and its size in
     # tokens: MiB * 2^20 / (2 * layers * kv_heads * head_dim * bytes per value).
+    # The default, 1M tokens, is 8 GiB at 8 KiB of KV per token (a ~1B GQA
+    # model); set it for your model. kvern keeps each cached sequence pinned in
+    # its trie, so this also bounds kvern's own memory. null: no limit.
     cache_ram: bool = True
-    cache_ram_tokens: int | None = Field(None, ge=1)
+    cache_ram_tokens: int | None = Field(1_000_000, ge=1)
     # Backends keep the KV of generated tokens too; kvern then adds each answer
     # (re-tokenized) to the sequence the backend holds.
     cache_generated: bool = True

@@ -164,8 +164,11 @@ class LlamaCppSlots:
     def _trim(self, trie: RadixTrie) -> None:
         if self.cache_ram_tokens is None:
             return
-        while self.cached and sum(n.depth for n in self.cached) > self.cache_ram_tokens:
-            trie.unlock(self.cached.popleft())
+        total = sum(n.depth for n in self.cached)
+        while self.cached and total > self.cache_ram_tokens:
+            oldest = self.cached.popleft()
+            total -= oldest.depth
+            trie.unlock(oldest)
 
     def _load(self, trie: RadixTrie, slot: _Slot, path: PromptPath) -> None:
         """server_prompt_cache::load: move a better cached sequence into the slot."""
