@@ -28,10 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from tests import assets
-from tests.servers import free_port
+from tests.servers import free_port, serving_process
 
 _BUILD_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -172,31 +170,9 @@ def llama_server(
     if cache_ram_mib is not None:
         args += ["--cache-ram", str(cache_ram_mib)]
     args += list(extra)
-    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"llama-server did not start; log:\n{Path(log.name).read_text()[-3000:]}"
-                )
-            time.sleep(0.2)
+    # llama-server's /health answers 503 while it loads the model, 200 once ready.
+    with serving_process(args, port=port, name="llama-server", start_timeout_s=120) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 if __name__ == "__main__":

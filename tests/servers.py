@@ -49,36 +49,36 @@ def free_port() -> int:
 
 
 @contextmanager
-def kvern_process(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
+def serving_process(
+    args: list[str],
+    *,
+    port: int,
+    name: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    start_timeout_s: float = 60.0,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """kvern in its own process, as users run it; yields (process, base URL).
+    """Start a server process on 127.0.0.1:``port``; yield (process, URL) once ``/health`` is 200.
 
-    ``args`` follow the Python executable (``["-m", "kvern", "serve", ...]`` or
-    ``["run_proxy.py", ...]``); ``--port`` is added. Output goes to a file, not
-    a pipe, so a chatty process can never block on a full pipe.
+    Output goes to a file, not a pipe, so a chatty process can never block on a
+    full pipe; its tail is shown if the server does not come up. On exit the
+    process gets SIGTERM (a graceful stop), then SIGKILL if it lingers.
     """
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="kvern-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, *args, "--port", str(port)],
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout_s
         while True:
             try:
-                httpx.get(url + "/health", timeout=5)
-                break
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
             except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    output = Path(log.name).read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"kvern did not start:\n{output}") from None
-                time.sleep(0.2)
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                output = Path(log.name).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} did not start; its output:\n{output}")
+            time.sleep(0.2)
         yield proc, url
     finally:
         if proc.poll() is None:
@@ -89,3 +89,23 @@ def kvern_process(
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+@contextmanager
+def kvern_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """kvern in its own process, as users run it; yields (process, base URL).
+
+    ``args`` follow the Python executable (``["-m", "kvern", "serve", ...]`` or
+    ``["run_proxy.py", ...]``); ``--port`` is added.
+    """
+    port = free_port()
+    with serving_process(
+        [sys.executable, *args, "--port", str(port)],
+        port=port,
+        name="kvern",
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
+    ) as served:
+        yield served
