@@ -32,22 +32,17 @@ their hit counts stay per prefix.
 from __future__ import annotations
 
 import heapq
-import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
+from kvern.trie import report
+from kvern.trie.invariants import check_trie
 from kvern.trie.node import TrieNode
 from kvern.trie.policies import EvictionPolicy, LRUPolicy
 from kvern.trie.records import EvictedPrefix, HotPrefix, InsertResult, MatchResult, TrieStats
 
 # The records are re-exported: ``from kvern.trie.radix import MatchResult`` keeps working.
 __all__ = ["EvictedPrefix", "HotPrefix", "InsertResult", "MatchResult", "RadixTrie", "TrieStats"]
-
-# Bytes of one int object that a dict key holds a reference to, for ids
-# outside CPython's small-int cache (-5..256).
-_INT_OBJECT_BYTES = sys.getsizeof(10**6)
-# Bytes of one float object (the values of a node's upstreams dict).
-_FLOAT_OBJECT_BYTES = sys.getsizeof(1.0)
 
 
 def _as_int_array(tokens: Sequence[int]) -> array[int]:
@@ -286,7 +281,7 @@ class RadixTrie:
             path.extend(edge)
         return path.tolist()
 
-    def _iter_nodes(self) -> Iterator[TrieNode]:
+    def iter_nodes(self) -> Iterator[TrieNode]:
         """Every node except the root, parents before children (dict order)."""
         stack = list(reversed(self._root.children.values()))
         while stack:
@@ -296,47 +291,12 @@ class RadixTrie:
                 stack.extend(reversed(node.children.values()))
 
     def hot_prefixes(self, n: int, min_depth: int = 0) -> list[HotPrefix]:
-        """The ``n`` most hit prefixes at least ``min_depth`` tokens long.
-
-        Ordered by hit_count, then deeper first, then more recent. A node is
-        skipped when one of its children has the same hit_count: that child is
-        an equally hot longer prefix, and showing the longest is more useful.
-        """
-        candidates = [
-            node
-            for node in self._iter_nodes()
-            if node.depth >= min_depth
-            and node.hit_count > 0
-            and not any(c.hit_count == node.hit_count for c in node.children.values())
-        ]
-        top = heapq.nsmallest(
-            n, candidates, key=lambda x: (-x.hit_count, -x.depth, -x.last_access_s)
-        )
-        return [
-            HotPrefix(
-                tokens=self.prefix_tokens(node),
-                depth=node.depth,
-                hit_count=node.hit_count,
-                first_seen_s=node.first_seen_s,
-                last_access_s=node.last_access_s,
-            )
-            for node in top
-        ]
+        """The ``n`` most hit prefixes at least ``min_depth`` tokens long (see report.py)."""
+        return report.hot_prefixes(self, n, min_depth)
 
     def stats(self) -> TrieStats:
-        """Counts plus a measured memory estimate (an O(n) walk)."""
-        getsizeof = sys.getsizeof
-        root = self._root
-        total_bytes = 0
-        for node in (root, *self._iter_nodes()):
-            total_bytes += getsizeof(node) + getsizeof(node.children) + getsizeof(node.key)
-            total_bytes += _INT_OBJECT_BYTES * sum(
-                1 for first in node.children if first > 256 or first < -5
-            )
-            if node.upstreams is not None:
-                total_bytes += getsizeof(node.upstreams)
-                total_bytes += _FLOAT_OBJECT_BYTES * len(node.upstreams)
-        return TrieStats(self._num_nodes, self._num_tokens, total_bytes)
+        """Counts plus a measured memory estimate (an O(n) walk; see report.py)."""
+        return report.measure(self)
 
     # --------------------------------------------------------------- eviction
 
@@ -361,7 +321,7 @@ class RadixTrie:
         root = self._root
         heap: list[tuple[tuple[float, ...], int, TrieNode]] = []
         seq = 0
-        for node in self._iter_nodes():
+        for node in self.iter_nodes():
             if not node.children and node.lock_ref == 0 and eligible(node):
                 heap.append((sort_key(node, now_s), seq, node))
                 seq += 1
@@ -447,47 +407,5 @@ class RadixTrie:
     # ------------------------------------------------------------- invariants
 
     def check_invariants(self) -> None:
-        """Recount everything kept incrementally; raise AssertionError on a mismatch.
-
-        O(n); for tests after every mutation.
-        """
-        root = self._root
-        if len(root.key) != 0 or root.parent is not None or root.depth != 0:
-            raise AssertionError("root must have an empty key, no parent and depth 0")
-        num_nodes = 0
-        num_tokens = 0
-        for node in (root, *self._iter_nodes()):
-            if node is not root:
-                num_nodes += 1
-                num_tokens += len(node.key)
-            hits = 0
-            locks = 0
-            latest_s = float("-inf")
-            for first, child in node.children.items():
-                where = f"child {first} of node at depth {node.depth}"
-                if len(child.key) == 0:
-                    raise AssertionError(f"{where} has an empty key")
-                if child.key[0] != first:
-                    raise AssertionError(f"{where} has key starting {child.key[0]}")
-                if child.parent is not node:
-                    raise AssertionError(f"{where} does not point back to its parent")
-                if child.depth != node.depth + len(child.key):
-                    raise AssertionError(
-                        f"{where} has depth {child.depth}, expected {node.depth + len(child.key)}"
-                    )
-                hits += child.hit_count
-                locks += child.lock_ref
-                latest_s = max(latest_s, child.last_access_s)
-            where = f"node at depth {node.depth}"
-            if node.hit_count < hits:
-                raise AssertionError(f"{where}: hit_count {node.hit_count} < children's {hits}")
-            if node.lock_ref < 0 or node.lock_ref < locks:
-                raise AssertionError(f"{where}: lock_ref {node.lock_ref} < children's {locks}")
-            if node.last_access_s < latest_s:
-                raise AssertionError(
-                    f"{where}: last_access_s {node.last_access_s} older than a child's {latest_s}"
-                )
-        if num_nodes != self._num_nodes:
-            raise AssertionError(f"num_nodes counter {self._num_nodes} != recount {num_nodes}")
-        if num_tokens != self._num_tokens:
-            raise AssertionError(f"num_tokens counter {self._num_tokens} != recount {num_tokens}")
+        """Recount everything kept incrementally; raise AssertionError on a mismatch (O(n))."""
+        check_trie(self)
