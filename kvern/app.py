@@ -30,10 +30,14 @@ from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
 from kvern.routes import trie as trie_routes
+from kvern.routing.book import PresenceBook
+from kvern.routing.health import HealthMonitor
+from kvern.routing.pool import UpstreamPool
+from kvern.routing.router import Router
 from kvern.services import Services
 from kvern.tokenization import TokenizerRegistry
 from kvern.tracking import Tracker
-from kvern.upstream import Upstream, build_client
+from kvern.upstream import build_client
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +66,27 @@ def create_app(
                 clock=wall,
             )
             await store.start()
-        forest = TrieForest(config.trie, config.eviction, config.upstream.cache_model)
+        pool = UpstreamPool(config.upstream_entries(), config.routing.health)
+        upstream = pool.replicas[0].upstream
+        several = len(pool) > 1
+        presence = (
+            PresenceBook(
+                pool.caches(),
+                learn=config.routing.learn_capacity,
+                trusted_before=lambda name: pool.by_name[name].load.oldest_awaiting(),
+            )
+            if several
+            else None
+        )
+        held_together = sum(r.entry.kv_capacity_tokens for r in pool.replicas) if several else 0
+        forest = TrieForest(
+            config.trie,
+            config.eviction,
+            config.upstream.cache_model,
+            min_max_tokens=held_together + held_together // 4,
+        )
         tokenizers = registry or TokenizerRegistry(
-            config.tokenizers, upstream_origin=Upstream.from_config(config.upstream).origin
+            config.tokenizers, upstream_origin=upstream.origin
         )
         tracker = Tracker(
             config,
@@ -72,9 +94,19 @@ def create_app(
             forest=forest,
             record=store.record if store is not None else None,
             clock=wall,
+            # With several upstreams some request nearly always awaits its
+            # first byte; a long step-aside would starve tracking and routing.
+            max_yield_s=0.005 if several else 0.05,
+            presence=presence,
         )
         client = build_client(config.upstream, transport)
-        upstream = Upstream.from_config(config.upstream)
+
+        def on_down(name: str) -> None:
+            if presence is not None:
+                tracker.in_thread_soon(presence.drop_upstream, name)
+
+        monitor = HealthMonitor(pool, config.routing.health, client, on_down=on_down)
+        router = Router(pool, config.routing, config.routing_policy(), tracker, clock=wall)
         parity: ParityChecker | None = None
         previous_on_loaded = tokenizers.on_loaded
         if config.tokenizers.parity_check:
@@ -91,6 +123,9 @@ def create_app(
         app.state.services = Services(
             config=config,
             upstream=upstream,
+            pool=pool,
+            router=router,
+            health=monitor,
             client=client,
             registry=tokenizers,
             forest=forest,
@@ -100,12 +135,14 @@ def create_app(
             started_s=wall(),
             parity=parity,
         )
+        monitor.start()
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(config.proxy.gil_switch_interval_ms / 1000.0)
         try:
             yield
         finally:
             sys.setswitchinterval(previous_interval)
+            await monitor.close()
             if parity is not None:
                 await parity.close()
                 tokenizers.on_loaded = previous_on_loaded

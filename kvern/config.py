@@ -19,9 +19,12 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvern.config_routing import RoutingConfig, UpstreamEntry
 
 ENV_UPSTREAM_URL = "KVERN_UPSTREAM_URL"
 ENV_HOST = "KVERN_HOST"
@@ -236,6 +239,32 @@ class KvernConfig(_Section):
     # Model name or glob -> ordered rules; ``*`` applies to every model.
     normalization: dict[str, list[NormalizationRule]] = Field(default_factory=dict)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)  # type: ignore[arg-type]
+    # Several replicas to route among; empty: ``upstream.base_url`` alone.
+    # Timeouts, pool limits and the cache model still come from ``upstream``.
+    upstreams: list[UpstreamEntry] = Field(default_factory=list)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _unique_upstream_names(self) -> KvernConfig:
+        names = [u.name for u in self.upstreams]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"upstream names must be unique; repeated: {dupes}")
+        return self
+
+    def upstream_entries(self) -> list[UpstreamEntry]:
+        """The upstreams to route among: the list, or the one ``upstream.base_url``."""
+        if self.upstreams:
+            return list(self.upstreams)
+        base = self.upstream.base_url
+        # Built unvalidated: a netloc such as user@host is fine as a display name.
+        return [UpstreamEntry.model_construct(name=urlsplit(base).netloc, url=base)]
+
+    def routing_policy(self) -> str:
+        """The configured policy, or the default for the number of upstreams."""
+        if self.routing.policy is not None:
+            return self.routing.policy
+        return "cache_aware" if len(self.upstreams) > 1 else "round_robin"
 
     def rules_for(self, model: str) -> list[NormalizationRule]:
         """Every rule whose pattern matches ``model``, in file order."""

@@ -43,8 +43,13 @@ class TrieForest:
         trie_config: TrieConfig,
         eviction: EvictionConfig,
         cache_model: CacheModelConfig | None = None,
+        *,
+        min_max_tokens: int = 0,
     ) -> None:
         self._config = trie_config
+        # With several upstreams the trie must hold at least what they hold
+        # together, or it would evict prefixes routing still counts on.
+        self._min_max_tokens = min_max_tokens
         self._eviction = eviction
         self._cache_model = cache_model or CacheModelConfig.model_validate({})
         self._tries: dict[str, ModelTrie] = {}
@@ -57,7 +62,7 @@ class TrieForest:
             found = ModelTrie(
                 model,
                 RadixTrie(policy_from_config(self._eviction)),
-                max_tokens,
+                max(max_tokens, self._min_max_tokens),
                 block_size,
                 build_cache_model(self._cache_model, block_size),
             )

@@ -17,6 +17,9 @@ from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.forest import TrieForest
 from kvern.parity import ParityChecker
+from kvern.routing.health import HealthMonitor
+from kvern.routing.pool import UpstreamPool
+from kvern.routing.router import Router
 from kvern.tokenization import TokenizerRegistry
 from kvern.tracking import Tracker
 from kvern.upstream import Upstream
@@ -27,7 +30,10 @@ class Services:
     """Everything a route needs, owned by the app's lifespan."""
 
     config: KvernConfig  # the validated configuration
-    upstream: Upstream  # where requests go
+    upstream: Upstream  # the first upstream (parity checks, the single-upstream case)
+    pool: UpstreamPool  # every upstream, with load and health
+    router: Router  # picks an upstream per request
+    health: HealthMonitor  # circuit breakers and active checks
     client: httpx.AsyncClient  # one pooled keep-alive client
     registry: TokenizerRegistry  # model name -> tokenizer
     forest: TrieForest  # model name -> trie (tracking thread only)

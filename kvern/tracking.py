@@ -22,15 +22,18 @@ import logging
 import time
 from array import array
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
 from kvern.forest import TrieForest
+from kvern.jobs import JobThread
 from kvern.normalize import Normalizer
 from kvern.requests import TRACKED_ENDPOINTS, prompt_of, tenant_of
+from kvern.routing.book import PresenceBook, RouteHandle
+from kvern.routing.presence import PresenceMatch
 from kvern.tokenization import ModelTokenizer, TokenizerRegistry
 from kvern.tracking_records import Prediction, RequestContext, to_record
 from kvern.trie import RadixTrie
@@ -65,6 +68,14 @@ class TrackerStats:
     errors: dict[str, int] = field(default_factory=dict)  # tracking errors by kind
 
 
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """Which upstream answered a request in the end (after any failover), and whether it did."""
+
+    upstream: str
+    ok: bool
+
+
 class Tracker:
     """Owns the tracking thread, the per-model tries and the path to analytics."""
 
@@ -78,6 +89,7 @@ class Tracker:
         clock: Callable[[], float] = time.time,
         max_pending: int = 512,
         max_yield_s: float = 0.05,
+        presence: PresenceBook | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -93,7 +105,9 @@ class Tracker:
         self._holds: dict[str, float] = {}
         self._max_yield_s = max_yield_s
         self._pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvern-tracking")
+        self._executor = JobThread("kvern-tracking")
+        # With several upstreams: which upstream holds which prefix (see kvern.routing).
+        self.presence = presence
         self._normalizers: dict[str, Normalizer] = {}
         # Per model whose tokenizer is loading: actions to run, in arrival order, once loaded.
         self._waiting: dict[str, list[Callable[[ModelTokenizer], None]]] = {}
@@ -119,8 +133,18 @@ class Tracker:
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the tracking thread (where the tries live)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def in_thread_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn`` on the tracking thread without waiting; errors are counted."""
+
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - never fails a request
+                self._count_error("background", exc)
+
+        self._executor.submit(guarded)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
@@ -144,6 +168,8 @@ class Tracker:
         and a request's answer is settled (see :meth:`complete`) before any
         later request is predicted.
         """
+        if ctx.prediction_job is not None:
+            return  # already predicted when it was routed
         if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
             self.stats.num_untracked += 1
             return
@@ -157,8 +183,12 @@ class Tracker:
         ctx.prediction_job = job
         ctx.prediction = asyncio.wrap_future(job)
 
+        upstream = ctx.upstream
+
         def submit(tok: ModelTokenizer) -> None:
-            inner = self._executor.submit(self._predict_guarded, tok, model, endpoint, body, insert)
+            inner = self._executor.submit(
+                self._predict_guarded, tok, model, endpoint, body, insert, upstream
+            )
             # Runs on the tracking thread as the job ends, before the next job starts.
             inner.add_done_callback(lambda f: job.set_result(f.result()))
 
@@ -190,6 +220,62 @@ class Tracker:
         # Runs on the tracking thread; the counter is only a soft backlog limit.
         self._pending -= 1
 
+    def route(
+        self,
+        ctx: RequestContext,
+        body: dict[str, Any] | None,
+        decide: Callable[[PresenceMatch, float], Any],
+    ) -> asyncio.Future[Any] | None:
+        """Match the prompt against every upstream's presence, let ``decide`` pick, record it.
+
+        Runs as an urgent job on the tracking thread (ahead of queued
+        bookkeeping). ``decide(match, now)`` returns a choice whose
+        ``replica.name`` is the upstream; the prompt is inserted and marked
+        there at once, and the request's prediction is made (so :meth:`begin`
+        does nothing later). Returns a future of the choice -- None when the
+        prompt gave no tokens -- or None at once when routing cannot use the
+        trie now (nothing to track, the model's tokenizer still loading,
+        tracking behind); the caller then routes by load alone.
+        """
+        if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
+            return None
+        if self.presence is None or self._pending >= self._max_pending:
+            return None
+        model, endpoint = ctx.model, ctx.endpoint
+        tok = self._registry.loaded(model) if model not in self._waiting else None
+        if tok is None:
+            return None
+        self._pending += 1
+        job: Future[Prediction | None] = Future()
+        job.add_done_callback(self._job_done)
+        ctx.prediction_job = job
+        ctx.prediction = asyncio.wrap_future(job)
+        chosen: Future[Any] = Future()
+
+        def pick(match: PresenceMatch, now: float) -> str:
+            choice = decide(match, now)
+            chosen.set_result(choice)
+            return str(choice.replica.name)
+
+        def run() -> None:
+            prediction: Prediction | None = None
+            try:
+                prediction = self._predict_sync(
+                    tok, model, endpoint, body, True, ctx.upstream, route=pick
+                )
+            except Exception as exc:  # noqa: BLE001 - handed to the router or counted
+                if not chosen.done():
+                    chosen.set_exception(exc)
+                else:
+                    self._count_error("route", exc)
+            finally:
+                job.set_result(prediction)
+                if not chosen.done():
+                    chosen.set_result(None)
+
+        self._executor.submit(run, urgent=True)
+        return asyncio.wrap_future(chosen)
+
     def hold(self, ctx: RequestContext) -> None:
         """``ctx`` was sent upstream and awaits its first byte (the event loop calls this)."""
         if not ctx.awaiting_first_byte:
@@ -209,7 +295,7 @@ class Tracker:
         """
         start = time.perf_counter()
         deadline = start + self._max_yield_s
-        while True:
+        while not self._executor.urgent_waiting:
             now = time.perf_counter()
             # list() of a dict's values runs in C under the GIL: a consistent copy.
             if now >= deadline or all(now - t > _STALE_HOLD_S for t in list(self._holds.values())):
@@ -217,18 +303,32 @@ class Tracker:
             time.sleep(0.0005)
 
     def _predict_guarded(
-        self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
+        self,
+        tok: ModelTokenizer,
+        model: str,
+        endpoint: str,
+        body: dict[str, Any],
+        insert: bool,
+        upstream: str,
     ) -> Prediction | None:
         self._yield_to_requests()
         try:
-            return self._predict_sync(tok, model, endpoint, body, insert)
+            return self._predict_sync(tok, model, endpoint, body, insert, upstream)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
 
     def _predict_sync(
-        self, tok: ModelTokenizer, model: str, endpoint: str, body: dict[str, Any], insert: bool
+        self,
+        tok: ModelTokenizer,
+        model: str,
+        endpoint: str,
+        body: dict[str, Any],
+        insert: bool,
+        upstream: str,
+        route: Callable[[PresenceMatch, float], str] | None = None,
     ) -> Prediction | None:
+        """Tokenize, predict, insert and lock; ``route`` (given a match) picks the upstream."""
         prompt = prompt_of(tok, endpoint, body, self._normalizer(model))
         if prompt is None:
             self.stats.num_untracked += 1
@@ -238,7 +338,21 @@ class Tracker:
         node: TrieNode | None = None
         predicted: int | None = None
         handle: Any = None
-        if insert:
+        backend_model, block_size = mt.cache_model.name, mt.cache_model.block_size
+        if self.presence is not None and insert:
+            match = self.presence.for_model(mt).match(prompt.ids)
+            if route is not None:
+                upstream = route(match, now)
+            handle = self.presence.handle(match, upstream, now)
+            predicted = handle.predicted
+            backend_model = "routed"
+            block_size = self.presence.caches[upstream].block_size
+            result = mt.trie.insert(prompt.ids, now)
+            mt.trie.lock(result.node)
+            self.presence.commit(mt, result.node, upstream, now)
+            mt.trie.maintain(mt.max_tokens, now)
+            matched, node = result.matched_tokens, result.node
+        elif insert:
             # The cache model looks first: the trie must not yet hold this prompt.
             start = mt.cache_model.start(mt.trie, prompt.ids, now)
             predicted, handle = start.predicted_cached_tokens, start.handle
@@ -257,8 +371,8 @@ class Tracker:
             tokenizer_kind=prompt.kind,
             node=node,
             predicted_cached_tokens=predicted,
-            backend_model=mt.cache_model.name,
-            block_size=mt.cache_model.block_size,
+            backend_model=backend_model,
+            block_size=block_size,
             ids=prompt.ids if insert else None,
             tokenizer=tok,
             handle=handle,
@@ -292,16 +406,24 @@ class Tracker:
             model = ctx.model
             done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
             settled = asyncio.wrap_future(done)
+            served = _Served(ctx.upstream, status is not None and status < 400)
 
             def submit(_: ModelTokenizer) -> None:
-                inner = self._executor.submit(self._settle_guarded, model, job, body, content_type)
+                inner = self._executor.submit(
+                    self._settle_guarded, model, job, body, content_type, served
+                )
                 inner.add_done_callback(lambda f: done.set_result(f.result()))
 
             self._in_order(model, submit)
         self._spawn(self._record_when(ctx, settled, status, error, ttfb_ms, latency_ms))
 
     def _settle_guarded(
-        self, model: str | None, job: Future[Prediction | None], body: bytes, content_type: str
+        self,
+        model: str | None,
+        job: Future[Prediction | None],
+        body: bytes,
+        content_type: str,
+        served: _Served,
     ) -> tuple[Prediction | None, ResponseFacts]:
         """On the tracking thread: the prediction job ran before this one (FIFO)."""
         prediction: Prediction | None = None
@@ -312,7 +434,7 @@ class Tracker:
             if body:
                 facts = parse_response(body, content_type)
             if prediction is not None and model is not None:
-                self._settle(model, prediction, facts)
+                self._settle(model, prediction, facts, served)
         except Exception as exc:  # noqa: BLE001
             self._count_error("finish", exc)
         return prediction, facts
@@ -344,19 +466,24 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
 
-    def _settle(self, model: str, p: Prediction, facts: ResponseFacts) -> None:
+    def _settle(self, model: str, p: Prediction, facts: ResponseFacts, served: _Served) -> None:
         """After the answer: the backend now holds prompt + answer; tell the cache model."""
         mt = self._forest.peek(model)
         if mt is None or p.node is None:
             return  # nothing was inserted (a failed request): nothing to settle
         held = p.node
         now = self._clock()
-        gen = self._generated_ids(p, facts)
+        gen = self._generated_ids(p, facts) if served.ok else None
         if gen is not None and p.ids is not None:
             full = array("i", p.ids)
             full.extend(gen)
             held = mt.trie.insert(full, now, count_hit=False).node
-        mt.cache_model.finish(mt.trie, p.handle, held, now)
+        if isinstance(p.handle, RouteHandle) and self.presence is not None:
+            if served.ok:
+                reported = facts.reported_cached_tokens
+                self.presence.settle(mt, held, p.handle, served.upstream, reported, now)
+        else:
+            mt.cache_model.finish(mt.trie, p.handle, held, now)
         mt.trie.unlock(p.node)
         p.ids = None  # drop the prompt's ids now
 
@@ -381,4 +508,4 @@ class Tracker:
 
     async def close(self) -> None:
         await self.drain()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown()

@@ -54,6 +54,9 @@ class RequestContext:
     prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
     prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
     awaiting_first_byte: bool = False  # counted in Tracker's requests-awaiting-first-byte
+    route_reason: str | None = None  # why the router picked the first upstream
+    route_attempts: int = 1  # upstreams tried
+    route_load: int | None = None  # the chosen upstream's load when chosen
 
 
 def to_record(
@@ -99,4 +102,7 @@ def to_record(
         predicted_cached_tokens=p.predicted_cached_tokens if p else None,
         backend_model=p.backend_model if p else None,
         block_size=p.block_size if p else None,
+        route_reason=ctx.route_reason,
+        route_attempts=ctx.route_attempts,
+        route_load_tokens=ctx.route_load,
     )

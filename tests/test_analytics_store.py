@@ -101,8 +101,9 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> N
 
 def test_columns_follow_the_record_fields_in_order() -> None:
     assert COLUMNS[:3] == ("request_id", "ts_s", "model")
-    assert len(COLUMNS) == 24
-    assert COLUMNS[-3:] == ("predicted_cached_tokens", "backend_model", "block_size")
+    assert len(COLUMNS) == 27
+    assert COLUMNS[-6:-3] == ("predicted_cached_tokens", "backend_model", "block_size")
+    assert COLUMNS[-3:] == ("route_reason", "route_attempts", "route_load_tokens")
     assert to_row(full_record())[COLUMNS.index("stream")] == 1
 
 

@@ -94,6 +94,13 @@ class RequestRecord:
     backend_model: str | None = None
     # KV block size the prediction was counted in.
     block_size: int | None = None
+    # Why the router chose the first upstream: "prefix", "miss",
+    # "prefix_overloaded", "least_load", "round_robin", "session", ...
+    route_reason: str | None = None
+    # Upstreams tried (1 unless it failed over before relaying anything).
+    route_attempts: int | None = None
+    # The chosen upstream's load when chosen (prompt-token equivalents).
+    route_load_tokens: int | None = None
 
 
 # The analytics column names, in table and row-tuple order: the record's fields.

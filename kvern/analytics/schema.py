@@ -77,6 +77,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX parity_checks_model_upstream_ts ON parity_checks (model, upstream, ts_s);
     """,
+    # 4: routing across several upstreams (see kvern.routing): the policy's
+    # reason for the first choice, upstreams tried, and the chosen upstream's
+    # load (prompt-token equivalents in flight) when it was chosen.
+    """
+    ALTER TABLE requests ADD COLUMN route_reason TEXT;
+    ALTER TABLE requests ADD COLUMN route_attempts INTEGER;
+    ALTER TABLE requests ADD COLUMN route_load_tokens INTEGER;
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

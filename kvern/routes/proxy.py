@@ -16,18 +16,28 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from kvern.errors import BadRequest, BodyTooLarge, KvernError, error_response
+from kvern.errors import (
+    BadRequest,
+    BodyTooLarge,
+    KvernError,
+    NoHealthyUpstream,
+    UpstreamError,
+    error_response,
+)
 from kvern.requests import tenant_of
+from kvern.routing.router import RouteState
 from kvern.services import Services
 from kvern.tracking_records import RequestContext
 from kvern.upstream import forward_headers, mapped_errors, response_headers
+
+T = TypeVar("T")
 
 # Bytes of a response kept for the side reader; past this only the tail is kept
 # (usage and finish reason come last).
@@ -98,9 +108,7 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _send_unless_disconnected(
-    request: Request, send: Coroutine[Any, Any, httpx.Response]
-) -> httpx.Response:
+async def _send_unless_disconnected(request: Request, send: Coroutine[Any, Any, T]) -> T:
     """Await the upstream's response headers, cancelling the send if the client leaves first.
 
     A long prefill can take seconds before the first byte; without this, a
@@ -164,7 +172,6 @@ async def _forward(services: Services, request: Request) -> Response:
     elif endpoint != "other":
         body = _parse_lenient(raw)
 
-    upstream = services.upstream
     model = body.get("model") if body is not None else None
     ctx = RequestContext(
         request_id="kv-" + uuid.uuid4().hex[:20],
@@ -174,25 +181,18 @@ async def _forward(services: Services, request: Request) -> Response:
         model=model if isinstance(model, str) else None,
         tenant=tenant_of(request.headers.get("authorization"), body),
         stream=bool(body.get("stream", endpoint.startswith("ollama"))) if body else False,
-        upstream=upstream.name,
+        upstream=services.upstream.name,
     )
     track = _Tracking(services, ctx, body) if ctx.model is not None else None
-
-    client = services.client
-    upstream_request = client.build_request(
-        request.method,
-        upstream.url_for(request.url.path, request.url.query),
-        headers=forward_headers(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-        ),
-        content=raw,
+    route = await services.router.route(ctx, body, request.headers, len(raw))
+    ctx.route_reason = route.choice.reason
+    ctx.route_load = route.choice.load
+    headers_out = forward_headers(
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
     )
     services.tracker.hold(ctx)
     try:
-        with mapped_errors(upstream):
-            upstream_response = await _send_unless_disconnected(
-                request, client.send(upstream_request, stream=True)
-            )
+        attempt = await _send_with_failover(services, request, ctx, route, headers_out, raw)
     except ClientGone:
         services.tracker.release(ctx)
         # The client left while the upstream was still prefilling: the send was
@@ -209,17 +209,159 @@ async def _forward(services: Services, request: Request) -> Response:
         services.tracker.release(ctx)
         raise
 
+    upstream_response = attempt.response
     headers = response_headers(upstream_response.headers)
     headers["x-kvern-request-id"] = ctx.request_id
+    headers["x-kvern-upstream"] = attempt.route.replica.name
     content_type = upstream_response.headers.get("content-type", "")
     is_stream = "event-stream" in content_type or "ndjson" in content_type or ctx.stream
     if not is_stream:
-        return await _relay_whole(services, ctx, upstream_response, headers, content_type, track)
+        return await _relay_whole(services, ctx, attempt, headers, content_type, track)
     return StreamingResponse(
-        _relay_stream(services, ctx, upstream_response, content_type, track),
+        _relay_stream(services, ctx, attempt, content_type, track),
         status_code=upstream_response.status_code,
         headers=headers,
     )
+
+
+class _Attempt:
+    """The upstream response being relayed, with its first chunk already read (streams)."""
+
+    def __init__(
+        self, route: RouteState, response: httpx.Response, first: bytes | None = None
+    ) -> None:
+        self.route = route
+        self.response = response
+        self.first = first
+        self.chunks: AsyncIterator[bytes] | None = None
+
+    def end(self, ctx: RequestContext) -> None:
+        """Release the load this request put on its upstream (idempotent per stage)."""
+        self.route.replica.load.end(ctx.request_id, self.route.prefill_tokens)
+
+
+def _retryable(exc: KvernError) -> bool:
+    """A failure after which nothing reached the client and the request may go elsewhere.
+
+    Not a read timeout: the upstream may still be working on it.
+    """
+    cause = exc.__cause__
+    return isinstance(exc, UpstreamError) and not isinstance(
+        cause, (httpx.ReadTimeout, httpx.WriteTimeout)
+    )
+
+
+async def _send_with_failover(
+    services: Services,
+    request: Request,
+    ctx: RequestContext,
+    route: RouteState,
+    headers: list[tuple[str, str]],
+    raw: bytes,
+) -> _Attempt:
+    """Send to the chosen upstream; on a failure before any byte, try the next one.
+
+    A streamed answer's first chunk is read here, before any header goes to
+    the client: a replica that dies during prefill has sent its headers
+    already (vLLM and Starlette send them at once) but no token, and the
+    request can still go elsewhere.
+    """
+    monitor, router = services.health, services.router
+    retry_statuses = set(services.config.routing.retry_on_status)
+    tried: set[str] = set()
+    current: RouteState | None = route
+    last_error: KvernError | None = None
+    while current is not None:
+        replica = current.replica
+        tried.add(replica.name)
+        ctx.upstream = replica.name
+        ctx.route_attempts = current.attempts
+        if current is not route:
+            replica.load.reserve(ctx.request_id, current.prefill_tokens, services.clock())
+        attempt: _Attempt | None = None
+        if not monitor.acquire(replica):
+            replica.load.end(ctx.request_id, current.prefill_tokens)
+            last_error = NoHealthyUpstream(f"upstream {replica.name}: circuit open")
+            current = router.next_attempt(current, tried)
+            continue
+        replica.counters.requests += 1
+        try:
+            attempt = await _try_once(services, request, ctx, current, headers, raw)
+        except KvernError as exc:
+            current.replica.load.end(ctx.request_id, current.prefill_tokens)
+            monitor.failed(replica, exc.message)
+            replica.counters.failures += 1
+            if not _retryable(exc):
+                raise
+            last_error = exc
+        except BaseException:
+            current.replica.load.end(ctx.request_id, current.prefill_tokens)
+            raise
+        else:
+            status = attempt.response.status_code
+            nxt = router.next_attempt(current, tried) if status in retry_statuses else None
+            if nxt is None:
+                if status < 500:
+                    monitor.succeeded(replica)
+                elif status in retry_statuses:
+                    monitor.failed(replica, f"answered {status}")
+                return attempt
+            await attempt.response.aclose()
+            attempt.end(ctx)
+            monitor.failed(replica, f"answered {status}")
+            replica.counters.failures += 1
+            last_error = None
+            replica.counters.failovers += 1
+            current = nxt
+            continue
+        nxt = router.next_attempt(current, tried)
+        if nxt is not None:
+            replica.counters.failovers += 1
+        current = nxt
+    assert last_error is not None
+    raise last_error
+
+
+async def _try_once(
+    services: Services,
+    request: Request,
+    ctx: RequestContext,
+    route: RouteState,
+    headers: list[tuple[str, str]],
+    raw: bytes,
+) -> _Attempt:
+    upstream = route.replica.upstream
+    client = services.client
+    upstream_request = client.build_request(
+        request.method,
+        upstream.url_for(request.url.path, request.url.query),
+        headers=headers,
+        content=raw,
+    )
+    with mapped_errors(upstream):
+        response = await _send_unless_disconnected(
+            request, client.send(upstream_request, stream=True)
+        )
+    attempt = _Attempt(route, response)
+    content_type = response.headers.get("content-type", "")
+    if not ("event-stream" in content_type or "ndjson" in content_type or ctx.stream):
+        return attempt
+    chunks = response.aiter_raw()
+    try:
+        with mapped_errors(upstream):
+            attempt.first = await _send_unless_disconnected(request, _first_chunk(chunks))
+    except BaseException:
+        await response.aclose()
+        raise
+    attempt.chunks = chunks
+    return attempt
+
+
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    async for chunk in chunks:
+        if chunk:
+            return chunk
+    return b""
 
 
 class _Tracking:
@@ -251,14 +393,17 @@ class _Tracking:
 async def _relay_whole(
     services: Services,
     ctx: RequestContext,
-    upstream_response: httpx.Response,
+    attempt: _Attempt,
     headers: dict[str, str],
     content_type: str,
     track: _Tracking | None,
 ) -> Response:
+    upstream_response = attempt.response
     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
+    replica = attempt.route.replica
+    replica.load.first_byte(ctx.request_id, attempt.route.prefill_tokens)
     try:
-        with mapped_errors(services.upstream):
+        with mapped_errors(replica.upstream):
             content = await upstream_response.aread()
     except KvernError as exc:
         if track is not None:
@@ -266,6 +411,7 @@ async def _relay_whole(
         return error_response(exc)
     finally:
         services.tracker.release(ctx)
+        attempt.end(ctx)
         await upstream_response.aclose()
     if track is not None:
         track.done(upstream_response.status_code, None, ttfb_ms, content, content_type)
@@ -275,22 +421,36 @@ async def _relay_whole(
 async def _relay_stream(
     services: Services,
     ctx: RequestContext,
-    upstream_response: httpx.Response,
+    attempt: _Attempt,
     content_type: str,
     track: _Tracking | None,
 ) -> AsyncIterator[bytes]:
+    upstream_response = attempt.response
+    replica = attempt.route.replica
     kept = _Kept()
     ttfb_ms: float | None = None
     error: str | None = None
     status = upstream_response.status_code
+    chunks = attempt.chunks if attempt.chunks is not None else upstream_response.aiter_raw()
     try:
-        with mapped_errors(services.upstream):
-            async for chunk in upstream_response.aiter_raw():
+        with mapped_errors(replica.upstream):
+            pending = attempt.first
+            while True:
+                if pending is not None:
+                    chunk, pending = pending, None
+                else:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if not chunk:
+                    continue
                 if track is not None:
                     kept.add(chunk)
                 yield chunk
                 if ttfb_ms is None:
                     services.tracker.release(ctx)
+                    replica.load.first_byte(ctx.request_id, attempt.route.prefill_tokens)
                     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
                     if track is not None:
                         track.first_byte(status)
@@ -302,6 +462,7 @@ async def _relay_stream(
         raise
     finally:
         services.tracker.release(ctx)
+        attempt.end(ctx)
         await upstream_response.aclose()
         if track is not None:
             track.done(status, error, ttfb_ms, kept.value(), content_type)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from kvern.trie import report
 from kvern.trie.invariants import check_trie
@@ -42,7 +43,23 @@ from kvern.trie.policies import EvictionPolicy, LRUPolicy
 from kvern.trie.records import EvictedPrefix, HotPrefix, InsertResult, MatchResult, TrieStats
 
 # The records are re-exported: ``from kvern.trie.radix import MatchResult`` keeps working.
-__all__ = ["EvictedPrefix", "HotPrefix", "InsertResult", "MatchResult", "RadixTrie", "TrieStats"]
+__all__ = [
+    "EvictedPrefix",
+    "HotPrefix",
+    "InsertResult",
+    "MatchResult",
+    "RadixTrie",
+    "TrieListener",
+    "TrieStats",
+]
+
+
+class TrieListener(Protocol):
+    """What hears of structural changes (see :class:`RadixTrie`'s ``listener``)."""
+
+    def on_split(self, upper: TrieNode, lower: TrieNode) -> None: ...
+
+    def on_remove(self, node: TrieNode) -> None: ...
 
 
 def _as_int_array(tokens: Sequence[int]) -> array[int]:
@@ -79,10 +96,21 @@ def _common_len(key: array[int], pos: int, edge: array[int]) -> int:
 class RadixTrie:
     """One model's radix trie of token ids."""
 
-    __slots__ = ("_policy", "_root", "_num_tokens", "_num_nodes", "_latest_s", "_next_expire_s")
+    __slots__ = (
+        "_policy",
+        "_root",
+        "_num_tokens",
+        "_num_nodes",
+        "_latest_s",
+        "_next_expire_s",
+        "listener",
+    )
 
     def __init__(self, policy: EvictionPolicy | None = None) -> None:
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        # Told of every split and every removed node (routing's per-upstream
+        # presence keeps token counts and LRU entries per node); None: nobody.
+        self.listener: TrieListener | None = None
         self._root = TrieNode(key=array("i"))
         self._num_tokens = 0
         self._num_nodes = 0
@@ -234,6 +262,8 @@ class RadixTrie:
         child.key = edge[at:]
         child.parent = upper
         self._num_nodes += 1
+        if self.listener is not None:
+            self.listener.on_split(upper, child)
         return upper
 
     @staticmethod
@@ -336,6 +366,8 @@ class RadixTrie:
             evicted.append(EvictedPrefix(self.prefix_tokens(leaf), len(leaf.key)))
             del parent.children[leaf.key[0]]
             leaf.parent = None
+            if self.listener is not None:
+                self.listener.on_remove(leaf)
             self._num_tokens -= len(leaf.key)
             self._num_nodes -= 1
             if (

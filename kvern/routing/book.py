@@ -1,0 +1,106 @@
+"""Presence for every model, and the three moments a request touches it.
+
+1. **predict** (before its prompt is inserted): the longest prefix each
+   upstream holds, and what the chosen upstream should report cached;
+2. **commit** (right after the insert): the chosen upstream now holds the
+   prompt -- marked at once, so the next request with the same new prefix
+   follows it there instead of prefilling it again elsewhere;
+3. **settle** (after the answer): the upstream that really served it holds
+   prompt + answer; its reported cached tokens correct the view.
+
+Runs on the tracking thread, like everything that touches a trie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvern.forest import ModelTrie
+from kvern.routing.presence import (
+    ModelPresence,
+    PathStep,
+    PresenceMatch,
+    PresenceStats,
+    UpstreamCache,
+)
+from kvern.trie.node import TrieNode
+
+
+@dataclass(slots=True)
+class RouteHandle:
+    """What a request's prediction needs at settle time (the Prediction's ``handle``)."""
+
+    upstream: str  # where presence was predicted and marked
+    predicted: int  # cached tokens predicted there
+    trusted: int  # the part of it backed by finished prefills
+    marks: list[PathStep] = field(default_factory=list)  # that upstream's marks on the path
+
+
+class PresenceBook:
+    """Model name -> :class:`ModelPresence`, built on a model's first request."""
+
+    def __init__(
+        self,
+        caches: Sequence[UpstreamCache],
+        *,
+        learn: bool,
+        trusted_before: Callable[[str], float],
+    ) -> None:
+        self.caches = {c.name: c for c in caches}
+        self._learn = learn
+        self._trusted_before = trusted_before
+        self._models: dict[str, ModelPresence] = {}
+
+    def for_model(self, mt: ModelTrie) -> ModelPresence:
+        presence = self._models.get(mt.model)
+        if presence is None:
+            presence = ModelPresence(mt.trie, list(self.caches.values()), learn=self._learn)
+            self._models[mt.model] = presence
+        return presence
+
+    def predict(
+        self, mt: ModelTrie, ids: Sequence[int], upstream: str, now_s: float
+    ) -> tuple[PresenceMatch, RouteHandle]:
+        """Match ``ids`` on every upstream; the handle is for ``upstream``."""
+        match = self.for_model(mt).match(ids)
+        return match, self.handle(match, upstream, now_s)
+
+    def handle(self, match: PresenceMatch, upstream: str, now_s: float) -> RouteHandle:
+        """``upstream``'s prediction from ``match`` (before the request marks anything)."""
+        cache = self.caches.get(upstream)
+        if cache is None:
+            return RouteHandle(upstream, 0, 0)
+        trusted_before = min(self._trusted_before(upstream), now_s)
+        return RouteHandle(
+            upstream,
+            match.cached(cache),
+            match.trusted_cached(cache, trusted_before),
+            match.marks(upstream),
+        )
+
+    def commit(self, mt: ModelTrie, node: TrieNode, upstream: str, now_s: float) -> None:
+        self.for_model(mt).mark(node, upstream, now_s)
+
+    def settle(
+        self,
+        mt: ModelTrie,
+        held: TrieNode,
+        handle: RouteHandle,
+        served_by: str,
+        reported: int | None,
+        now_s: float,
+    ) -> None:
+        """``served_by`` holds ``held``; learn from its report when it is the predicted one."""
+        presence = self.for_model(mt)
+        if held.parent is not None:  # still in the trie
+            presence.mark(held, served_by, now_s)
+        if reported is not None and served_by == handle.upstream:
+            presence.correct(served_by, handle.marks, handle.trusted, handle.predicted, reported)
+
+    def drop_upstream(self, name: str) -> None:
+        for presence in self._models.values():
+            presence.drop_upstream(name)
+
+    def stats(self) -> dict[str, dict[str, PresenceStats]]:
+        return {model: p.stats() for model, p in self._models.items()}

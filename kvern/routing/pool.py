@@ -1,0 +1,144 @@
+"""The upstreams kvern routes among: each one's address, load and health.
+
+Why load in tokens: what delays a request on a replica is the prefill work
+queued ahead of it (tokens not yet cached there) and the decodes running
+beside it, not how many requests it holds. A request adds its uncached prompt
+tokens from the moment it is routed until its first byte comes back, then
+counts as one running decode (``decode_load_tokens``) until it ends.
+
+Why a lock in :class:`Load`: cache-aware decisions are made on the tracking
+thread (where the trie is) and must reserve load at once, so two requests
+routed back to back see each other; the event loop releases it. Every change
+is a few integer updates under the lock.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from dataclasses import dataclass, field
+
+from kvern.config_routing import HealthConfig, UpstreamEntry
+from kvern.routing.breaker import Breaker
+from kvern.routing.presence import UpstreamCache
+from kvern.upstream import Upstream
+
+
+@dataclass(slots=True)
+class LoadSnapshot:
+    in_flight: int
+    prefill_tokens: int
+    decoding: int
+
+
+class Load:
+    """A replica's work in flight, shared by the event loop and the tracking thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0  # requests sent and not yet ended
+        self.prefill_tokens = 0  # uncached prompt tokens of requests awaiting their first byte
+        self.decoding = 0  # requests past their first byte
+        self._awaiting: dict[str, float] = {}  # request id -> when routed, until its first byte
+
+    def snapshot(self) -> LoadSnapshot:
+        with self._lock:
+            return LoadSnapshot(self.in_flight, self.prefill_tokens, self.decoding)
+
+    def tokens(self, decode_load_tokens: int) -> int:
+        """The load in prompt-token equivalents."""
+        return self.prefill_tokens + decode_load_tokens * self.decoding
+
+    def reserve(self, request_id: str, prefill_tokens: int, now_s: float) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.prefill_tokens += prefill_tokens
+            self._awaiting[request_id] = now_s
+
+    def first_byte(self, request_id: str, prefill_tokens: int) -> None:
+        with self._lock:
+            if self._awaiting.pop(request_id, None) is not None:
+                self.prefill_tokens -= prefill_tokens
+                self.decoding += 1
+
+    def end(self, request_id: str, prefill_tokens: int) -> None:
+        """The request ended (answered, failed or abandoned), at any stage."""
+        with self._lock:
+            if self._awaiting.pop(request_id, None) is not None:
+                self.prefill_tokens -= prefill_tokens
+            else:
+                self.decoding -= 1
+            self.in_flight -= 1
+
+    def oldest_awaiting(self) -> float:
+        """When the oldest request still prefilling here was routed (inf: none)."""
+        with self._lock:
+            return min(self._awaiting.values(), default=float("inf"))
+
+
+@dataclass(slots=True)
+class ReplicaCounters:
+    """Per-upstream totals for /health (analytics keeps the per-request rows)."""
+
+    requests: int = 0  # attempts sent
+    failures: int = 0  # attempts that failed before relaying anything
+    failovers: int = 0  # of those, retried on another upstream
+    checks_ok: int = 0
+    checks_failed: int = 0
+    last_check_ms: float | None = None
+    last_check_error: str | None = None
+
+
+@dataclass(slots=True)
+class Replica:
+    """One upstream with its live state."""
+
+    index: int
+    entry: UpstreamEntry
+    upstream: Upstream
+    breaker: Breaker
+    load: Load = field(default_factory=Load)
+    counters: ReplicaCounters = field(default_factory=ReplicaCounters)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def cache(self) -> UpstreamCache:
+        return UpstreamCache(self.name, self.entry.kv_capacity_tokens, self.entry.block_size)
+
+    def serves(self, model: str | None) -> bool:
+        if model is None:
+            return True
+        return any(model == p or fnmatch.fnmatchcase(model, p) for p in self.entry.models)
+
+
+class UpstreamPool:
+    """The configured upstreams, in config order."""
+
+    def __init__(self, entries: list[UpstreamEntry], health: HealthConfig) -> None:
+        self.replicas = [
+            Replica(
+                index=i,
+                entry=e,
+                upstream=Upstream(e.name, e.url, _origin(e.url)),
+                breaker=Breaker(health.failure_threshold, health.open_s),
+            )
+            for i, e in enumerate(entries)
+        ]
+        self.by_name = {r.name: r for r in self.replicas}
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def serving(self, model: str | None) -> list[Replica]:
+        return [r for r in self.replicas if r.serves(model)]
+
+    def caches(self) -> list[UpstreamCache]:
+        return [r.cache for r in self.replicas]
+
+
+def _origin(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base

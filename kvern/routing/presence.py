@@ -1,0 +1,260 @@
+"""Which upstream holds which prefix: per-node presence in one model's trie, LRU per upstream.
+
+Why on the trie: kvern already keeps every prompt of a model in a radix trie
+of token ids. Each node records, in ``node.upstreams``, the upstreams that
+hold its prefix and when each last used it. A request's longest prefix on each
+upstream is then one walk down the path it shares with earlier requests.
+
+Why LRU per upstream, within that upstream's own token budget: each replica
+evicts from its own cache when it fills (vLLM: LRU over free blocks), so
+kvern's view must decay the same way, or the router keeps sending requests to
+a replica for a prefix that replica dropped long ago (SGLang's router never
+learns this). Marks are made leaf first, then each ancestor, and every mark of
+a node marks all its ancestors at the same time, so an ancestor is never
+older than its descendants and the LRU always drops tails before the prefixes
+they hang from; presence stays closed under "ancestor of".
+
+Why learn from reported cached tokens: the configured capacity is a guess (and
+generated tokens, other routers and restarts change what a replica holds). A
+request predicted to hit ``p`` tokens that the replica reports as ``r < p`` is
+proof that the replica evicted the node at depth ``r``; with LRU on both sides,
+everything kvern saw as older than that node is gone too. Those marks are
+dropped and the budget is pulled toward what remains. A report above the
+prediction grows the budget. Only marks made by requests whose prefill had
+finished count as proof (a concurrent request may still be computing the
+prefix), see ``trusted_before`` in :meth:`ModelPresence.match`.
+
+Everything here runs on the tracking thread, which owns the trie.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from kvern.trie import RadixTrie
+from kvern.trie.node import TrieNode
+
+# The learned budget never drops below this share of the configured capacity
+# nor grows above this multiple of it.
+_MIN_BUDGET_SHARE = 1 / 16
+_MAX_BUDGET_FACTOR = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCache:
+    """What kvern is told about one upstream's prefix cache."""
+
+    name: str
+    capacity_tokens: int
+    block_size: int
+
+
+@dataclass(slots=True)
+class PresenceStats:
+    """Counters for /health and analytics, per upstream and model."""
+
+    tokens: int = 0  # tokens kvern sees the upstream holding
+    budget: float = 0.0  # its (learned) capacity in tokens
+    evicted_tokens: int = 0  # dropped by the LRU budget
+    corrected_tokens: int = 0  # dropped because a report proved them gone
+    confirmed_misses: int = 0  # reports below a trusted prediction
+    unexpected_hits: int = 0  # reports above the prediction
+
+
+@dataclass(slots=True)
+class PathStep:
+    """One node on a request's path (and, in :meth:`PresenceMatch.marks`, one upstream's mark)."""
+
+    node: TrieNode
+    end_depth: int  # tokens from the root to the end of this node (or of the match in it)
+    marked_s: float | None  # the upstream's last use of it; None when not held
+
+
+@dataclass(slots=True)
+class PresenceMatch:
+    """A prompt's longest held prefix on every upstream (before the request marks anything)."""
+
+    num_tokens: int  # the prompt's length
+    depth: dict[str, int]  # upstream -> contiguous prefix it holds (tokens)
+    path: list[PathStep] = field(default_factory=list)  # root side first
+
+    def cached(self, cache: UpstreamCache) -> int:
+        """Tokens the upstream should report cached: whole blocks, the last token recomputed."""
+        usable = min(self.depth.get(cache.name, 0), max(self.num_tokens - 1, 0))
+        return usable - usable % cache.block_size
+
+    def trusted_cached(self, cache: UpstreamCache, trusted_before: float) -> int:
+        """Like :meth:`cached`, counting only marks made before ``trusted_before``.
+
+        Call it before the request marks its own path.
+        """
+        depth = 0
+        for step in self.path:
+            marked_s = (step.node.upstreams or {}).get(cache.name)
+            if marked_s is None or marked_s >= trusted_before:
+                break
+            depth = step.end_depth
+        usable = min(depth, self.depth.get(cache.name, 0), max(self.num_tokens - 1, 0))
+        return usable - usable % cache.block_size
+
+    def marks(self, name: str) -> list[PathStep]:
+        """The path with ``name``'s marks (for a later correction)."""
+        return [
+            PathStep(s.node, s.end_depth, (s.node.upstreams or {}).get(name)) for s in self.path
+        ]
+
+
+class _UpstreamLRU:
+    """One upstream's held nodes, least recently used first, within a token budget."""
+
+    def __init__(self, cache: UpstreamCache) -> None:
+        self.cache = cache
+        self.nodes: OrderedDict[TrieNode, None] = OrderedDict()
+        self.stats = PresenceStats(budget=float(cache.capacity_tokens))
+
+    def forget(self, node: TrieNode) -> None:
+        """Drop the mark on ``node`` (it must be held)."""
+        del self.nodes[node]
+        assert node.upstreams is not None
+        node.upstreams.pop(self.cache.name, None)
+        self.stats.tokens -= len(node.key)
+
+    def fit(self) -> None:
+        """Drop least recently used marks until within budget."""
+        while self.stats.tokens > self.stats.budget and self.nodes:
+            node = next(iter(self.nodes))
+            self.stats.evicted_tokens += len(node.key)
+            self.forget(node)
+
+
+class ModelPresence:
+    """Per-upstream presence on one model's trie; the trie's listener."""
+
+    def __init__(self, trie: RadixTrie, caches: list[UpstreamCache], *, learn: bool = True) -> None:
+        self.trie = trie
+        self.caches = {c.name: c for c in caches}
+        self.learn = learn
+        self._lru = {c.name: _UpstreamLRU(c) for c in caches}
+        self._latest_s = float("-inf")
+        trie.listener = self
+
+    def stats(self) -> dict[str, PresenceStats]:
+        return {name: lru.stats for name, lru in self._lru.items()}
+
+    # -- reading ------------------------------------------------------------
+
+    def match(self, ids: list[int] | object) -> PresenceMatch:
+        """Walk the prompt's path once; per upstream, the contiguous held prefix."""
+        result = self.trie.match(ids)  # type: ignore[arg-type]
+        num_tokens = len(ids)  # type: ignore[arg-type]
+        chain: list[TrieNode] = []
+        walk: TrieNode | None = result.node
+        while walk is not None and walk is not self.trie.root:
+            chain.append(walk)
+            walk = walk.parent
+        chain.reverse()
+        path: list[PathStep] = []
+        depth: dict[str, int] = {}
+        alive = set(self._lru)
+        for node in chain:
+            end = min(node.depth, result.matched_tokens)
+            held = node.upstreams or {}
+            path.append(PathStep(node, end, None))
+            alive &= held.keys()
+            for name in alive:
+                depth[name] = end
+            if not alive and end >= result.matched_tokens:
+                break
+        return PresenceMatch(num_tokens, depth, path)
+
+    # -- writing -------------------------------------------------------------
+
+    def mark(self, node: TrieNode, name: str, now_s: float) -> None:
+        """``name`` now holds the prefix ending at ``node`` (and every ancestor)."""
+        lru = self._lru.get(name)
+        if lru is None:
+            return
+        now_s = max(now_s, self._latest_s)
+        self._latest_s = now_s
+        walk: TrieNode | None = node
+        root = self.trie.root
+        while walk is not None and walk is not root:
+            if walk.upstreams is None:
+                walk.upstreams = {}
+            if name not in walk.upstreams:
+                lru.stats.tokens += len(walk.key)
+            walk.upstreams[name] = now_s
+            lru.nodes[walk] = None
+            lru.nodes.move_to_end(walk)
+            walk = walk.parent
+        lru.fit()
+
+    def drop_upstream(self, name: str) -> None:
+        """Forget everything ``name`` held (it went down; a restart empties its cache)."""
+        lru = self._lru.get(name)
+        if lru is None:
+            return
+        for node in list(lru.nodes):
+            lru.forget(node)
+
+    def correct(
+        self, name: str, marks: list[PathStep], trusted_cached: int, predicted: int, reported: int
+    ) -> None:
+        """Learn from what ``name`` reported cached for a request routed on ``marks``.
+
+        ``trusted_cached`` counts only marks made by requests whose prefill
+        had finished; a report below it is proof of eviction.
+        """
+        lru = self._lru.get(name)
+        if lru is None:
+            return
+        stats, cache = lru.stats, lru.cache
+        if reported + cache.block_size <= trusted_cached:
+            stats.confirmed_misses += 1
+            gone_at = next((m.marked_s for m in marks if m.end_depth > reported), None)
+            if gone_at is not None:
+                before = stats.tokens
+                while lru.nodes:
+                    oldest = next(iter(lru.nodes))
+                    held = oldest.upstreams or {}
+                    if held.get(name, float("inf")) > gone_at:
+                        break
+                    lru.forget(oldest)
+                stats.corrected_tokens += before - stats.tokens
+                if self.learn:
+                    floor = cache.capacity_tokens * _MIN_BUDGET_SHARE
+                    stats.budget = max(floor, (stats.budget + stats.tokens) / 2)
+        elif reported >= predicted + cache.block_size:
+            stats.unexpected_hits += 1
+            if self.learn:
+                ceiling = cache.capacity_tokens * _MAX_BUDGET_FACTOR
+                stats.budget = min(ceiling, stats.budget + (reported - predicted))
+
+    # -- the trie's listener ---------------------------------------------------
+
+    def on_split(self, upper: TrieNode, lower: TrieNode) -> None:
+        """``upper`` copied ``lower``'s marks; register it (tokens are unchanged)."""
+        for name in upper.upstreams or {}:
+            lru = self._lru.get(name)
+            if lru is not None:
+                lru.nodes[upper] = None  # newest: an ancestor is never older
+
+    def on_remove(self, node: TrieNode) -> None:
+        """The trie evicted ``node``; it held no descendants, so drop its marks."""
+        for name in list(node.upstreams or {}):
+            lru = self._lru.get(name)
+            if lru is not None and node in lru.nodes:
+                lru.forget(node)
+
+    def check_invariants(self) -> None:
+        """Token counts match the marks, and every mark's ancestors are marked (tests)."""
+        for name, lru in self._lru.items():
+            total = 0
+            for node in lru.nodes:
+                assert node.upstreams is not None and name in node.upstreams
+                total += len(node.key)
+                parent = node.parent
+                if parent is not None and parent is not self.trie.root:
+                    assert name in (parent.upstreams or {}), "presence must be ancestor-closed"
+            assert total == lru.stats.tokens, (name, total, lru.stats.tokens)

@@ -1,0 +1,181 @@
+"""The router: which upstream a request goes to, in what order to fail over, and why.
+
+Why cache-aware decisions run on the tracking thread: the longest prefix each
+upstream holds comes from the token trie, and only the tracking thread
+touches tries. The decision is an urgent job there (tokenize incrementally,
+one walk down the trie, pick, reserve load, mark the prefix on the chosen
+upstream), typically well under a millisecond for a warm conversation. The
+event loop waits for it at most ``decision_timeout_ms``; past that, or when
+the model's tokenizer is not loaded yet, the request goes by least load, so
+routing never holds a request back for long.
+
+Other policies decide on the event loop from load alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvern.config_routing import RoutingConfig
+from kvern.errors import NoHealthyUpstream
+from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
+from kvern.routing.pool import Replica, UpstreamPool
+from kvern.routing.presence import PresenceMatch
+from kvern.tracking import Tracker
+from kvern.tracking_records import RequestContext
+
+logger = logging.getLogger(__name__)
+
+# Rough prompt tokens of a request whose prompt was not tokenized (bytes per token).
+_BYTES_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class RouteState:
+    """Where a request is, for load accounting and failover (kept on the proxy's side)."""
+
+    choice: Choice
+    replica: Replica  # the upstream being tried now
+    prefill_tokens: int  # load reserved on it until the first byte
+    attempts: int = 1
+
+
+class Router:
+    """Picks upstreams from a pool with the configured policy."""
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        config: RoutingConfig,
+        policy: str,
+        tracker: Tracker,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.policy = policy
+        self._tracker = tracker
+        self._clock = clock
+        self._rr = RoundRobin()
+        self.num_decision_timeouts = 0
+
+    # -- candidates ------------------------------------------------------------
+
+    def candidates(self, model: str | None) -> list[Candidate]:
+        """Upstreams serving ``model`` whose circuit lets a request through now."""
+        serving = self.pool.serving(model)
+        if not serving:
+            served = sorted({m for r in self.pool.replicas for m in r.entry.models})
+            raise NoHealthyUpstream(
+                f"no upstream serves model {model!r} (configured: {', '.join(served)})",
+                code="model_not_served",
+            )
+        decode = self.config.decode_load_tokens
+        cands = []
+        for r in serving:
+            if len(self.pool) == 1 or r.breaker.available(time.monotonic()):
+                snap = r.load.snapshot()
+                cands.append(
+                    Candidate(r, snap.prefill_tokens + decode * snap.decoding, snap.in_flight)
+                )
+        if not cands:
+            states = "; ".join(
+                f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "
+                f"failures ({r.breaker.last_error or 'no detail'})"
+                for r in serving
+            )
+            raise NoHealthyUpstream(f"no healthy upstream for model {model!r}: {states}")
+        return cands
+
+    # -- deciding --------------------------------------------------------------
+
+    async def route(
+        self,
+        ctx: RequestContext,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+        body_bytes: int,
+    ) -> RouteState:
+        """Choose the upstream for ``ctx`` and reserve its load; raises NoHealthyUpstream."""
+        now = self._clock()
+        estimate = max(1, body_bytes // _BYTES_PER_TOKEN)
+        if self.policy == "cache_aware" and len(self.pool) > 1:
+            state = await self._cache_aware(ctx, body, estimate)
+            if state is not None:
+                return state
+            choice = least_load(self.candidates(ctx.model), "no_prefix_info")
+        else:
+            cands = self.candidates(ctx.model)
+            if self.policy == "round_robin":
+                choice = self._rr.choose(cands)
+            elif self.policy == "session":
+                choice = session(cands, self._session_key(headers, body))
+            else:
+                choice = least_load(cands)
+        choice.replica.load.reserve(ctx.request_id, estimate, now)
+        return RouteState(choice, choice.replica, estimate)
+
+    async def _cache_aware(
+        self, ctx: RequestContext, body: dict[str, Any] | None, estimate: int
+    ) -> RouteState | None:
+        reserved: list[int] = []
+
+        def decide(match: PresenceMatch, now: float) -> Choice:
+            cands = self.candidates(ctx.model)
+            caches = {c.replica.name: c.replica.cache for c in cands}
+            for c in cands:
+                c.cached = match.cached(caches[c.replica.name])
+            choice = cache_aware(cands, match.num_tokens, self.config)
+            uncached = max(1, match.num_tokens - choice.cached)
+            choice.replica.load.reserve(ctx.request_id, uncached, now)
+            reserved.append(uncached)
+            return choice
+
+        pending = self._tracker.route(ctx, body, decide)
+        if pending is None:
+            return None
+        try:
+            choice = await asyncio.wait_for(
+                asyncio.shield(pending), self.config.decision_timeout_ms / 1000.0
+            )
+        except TimeoutError:
+            self.num_decision_timeouts += 1
+            pending.add_done_callback(lambda f: self._release_late(ctx, f, reserved))
+            return None
+        if choice is None:
+            return None
+        return RouteState(choice, choice.replica, reserved[0])
+
+    @staticmethod
+    def _release_late(ctx: RequestContext, done: asyncio.Future[Any], reserved: list[int]) -> None:
+        """A decision that came after the timeout reserved load the request never used."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        choice = done.result()
+        if choice is not None and reserved:
+            choice.replica.load.end(ctx.request_id, reserved[0])
+
+    def _session_key(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> str | None:
+        key = headers.get(self.config.session_header)
+        if key:
+            return key
+        user = body.get("user") if isinstance(body, dict) else None
+        return user if isinstance(user, str) and user else None
+
+    # -- failover ----------------------------------------------------------------
+
+    def next_attempt(self, state: RouteState, tried: set[str]) -> RouteState | None:
+        """The next upstream to try after a failure before any byte was relayed."""
+        if state.attempts >= self.config.max_attempts:
+            return None
+        now = time.monotonic()
+        for replica in state.choice.fallbacks:
+            if replica.name in tried or not replica.breaker.available(now):
+                continue
+            return RouteState(state.choice, replica, state.prefill_tokens, state.attempts + 1)
+        return None
