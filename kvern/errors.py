@@ -9,7 +9,8 @@ Exception tree::
         ├── UpstreamUnreachable     502 (connection refused, DNS, reset before a response)
         ├── UpstreamProtocolError   502 (the upstream broke the HTTP protocol)
         ├── UpstreamTimeout         504 (connect, read, write or pool timeout)
-        └── NoHealthyUpstream       503 (reserved for routing across several upstreams)
+        └── NoHealthyUpstream       503 (every upstream's circuit is open)
+    ModelNotServed                  404 (no upstream serves the requested model)
 
 Why one place: clients use the OpenAI SDK, which reads ``error.message`` and
 ``error.type`` from the body. Every failure kvern itself produces must have
@@ -86,6 +87,14 @@ class NoHealthyUpstream(KvernError):
     status_code = 503
     error_type = "upstream_error"
     code = "no_healthy_upstream"
+
+
+class ModelNotServed(KvernError):
+    """No configured upstream lists the requested model (``upstreams[].models``)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_served"
 
 
 def error_response(exc: KvernError) -> JSONResponse:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from kvern.analytics import queries
+from kvern.analytics import queries, routing_rows
 from kvern.analytics.calibration import calibration
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
@@ -54,6 +54,7 @@ async def analytics(
             store, by="upstream", window=window, model=model, now_s=now
         ),
         "calibration": await calibration(store, window=window, model=model, now_s=now),
+        "routing": await routing_rows.routing(store, window=window, model=model, now_s=now),
         "parity": await latest_parity(store, model=model),
         "store": store.stats(),
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
 from kvern.services import Services
@@ -44,16 +45,84 @@ async def probe_upstream(services: Services) -> dict[str, Any]:
     }
 
 
+def upstreams_view(services: Services) -> list[dict[str, Any]]:
+    """Each upstream's circuit, load, counters and modelled cache, as /health shows them."""
+    presence = services.tracker.presence
+    by_model = presence.stats() if presence is not None else {}
+    decode = services.config.routing.decode_load_tokens
+    out = []
+    for r in services.pool.replicas:
+        load = r.load.snapshot()
+        breaker = r.breaker
+        out.append(
+            {
+                "name": r.name,
+                "url": r.upstream.base_url,
+                "healthy": breaker.state == "closed",
+                "circuit": breaker.state,
+                "consecutive_failures": breaker.consecutive_failures,
+                "last_error": breaker.last_error,
+                "times_opened": breaker.times_opened,
+                "load": {
+                    "in_flight": load.in_flight,
+                    "prefill_tokens": load.prefill_tokens,
+                    "decoding": load.decoding,
+                    "tokens": load.prefill_tokens + decode * load.decoding,
+                },
+                "requests": r.counters.requests,
+                "failures": r.counters.failures,
+                "failovers": r.counters.failovers,
+                "checks": {
+                    "ok": r.counters.checks_ok,
+                    "failed": r.counters.checks_failed,
+                    "last_ms": r.counters.last_check_ms,
+                    "last_error": r.counters.last_check_error,
+                },
+                "models": list(r.entry.models),
+                "weight": r.entry.weight,
+                "max_concurrency": r.entry.max_concurrency,
+                "cache": {
+                    model: {
+                        "held_tokens": s.tokens,
+                        "capacity_tokens": r.entry.kv_capacity_tokens,
+                        "learned_capacity_tokens": round(s.budget),
+                        "evicted_tokens": s.evicted_tokens,
+                        "corrected_tokens": s.corrected_tokens,
+                        "confirmed_misses": s.confirmed_misses,
+                        "unexpected_hits": s.unexpected_hits,
+                    }
+                    for model, stats in by_model.items()
+                    if (s := stats.get(r.name)) is not None
+                },
+            }
+        )
+    return out
+
+
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> Response:
     services: Services = request.app.state.services
-    upstream = await probe_upstream(services)
     tracker = services.tracker.stats
-    return {
-        "status": "ok" if upstream["reachable"] else "degraded",
+    if len(services.pool) > 1:
+        upstreams = upstreams_view(services)
+        healthy = sum(1 for u in upstreams if u["healthy"])
+        status = "ok" if healthy == len(upstreams) else "degraded" if healthy else "down"
+        upstream: dict[str, Any] = {"healthy": healthy, "total": len(upstreams)}
+        routing: dict[str, Any] | None = {
+            "policy": services.router.policy,
+            "decision_timeouts": services.router.num_decision_timeouts,
+            "upstreams": upstreams,
+        }
+    else:
+        upstream = await probe_upstream(services)
+        status = "ok" if upstream["reachable"] else "degraded"
+        routing = None
+    body = {
+        "status": status,
         "version": __version__,
         "uptime_s": round(services.clock() - services.started_s, 3),
         "upstream": upstream,
+        "routing": routing,
         "tokenizers": {
             s.model: {k: v for k, v in asdict(s).items() if k != "model"}
             for s in services.registry.states()
@@ -71,3 +140,6 @@ async def health(request: Request) -> dict[str, Any]:
             else None
         ),
     }
+    # 503 only when no upstream can take a request: load balancers and
+    # readiness probes in front of kvern then stop sending to it.
+    return JSONResponse(body, status_code=503 if status == "down" else 200)

@@ -31,6 +31,7 @@ class Candidate:
     load: int  # tokens of work in flight (prefill + decodes)
     in_flight: int
     cached: int = 0  # prompt tokens it should serve from cache (block-aligned)
+    fill: float = 0.0  # share of its modelled cache budget in use (0 when unknown)
 
     @property
     def weighted_load(self) -> float:
@@ -54,7 +55,8 @@ class Choice:
 
 
 def _by_load(cands: Sequence[Candidate]) -> list[Candidate]:
-    return sorted(cands, key=lambda c: (c.full, c.weighted_load, c.in_flight, c.replica.index))
+    """Least loaded first; the sort is stable, so equal loads keep the caller's order."""
+    return sorted(cands, key=lambda c: (c.full, c.weighted_load, c.in_flight))
 
 
 def _choice(best: Candidate, cands: Sequence[Candidate], reason: str) -> Choice:
@@ -110,7 +112,7 @@ def session(cands: Sequence[Candidate], key: str | None) -> Choice:
 
 def cache_aware(cands: Sequence[Candidate], num_tokens: int, cfg: RoutingConfig) -> Choice:
     """Longest cached prefix unless overloaded; otherwise least work ahead."""
-    holder = max(cands, key=lambda c: (c.cached, -c.weighted_load, -c.replica.index))
+    holder = min(cands, key=lambda c: (-c.cached, c.weighted_load))
     floor = min(c.weighted_load for c in cands)
     if holder.cached >= cfg.min_match_tokens:
         overloaded = holder.full and not all(c.full for c in cands)
@@ -124,11 +126,9 @@ def cache_aware(cands: Sequence[Candidate], num_tokens: int, cfg: RoutingConfig)
         reason = "miss"
     open_ = [c for c in cands if not c.full] or list(cands)
 
-    def work_ahead(c: Candidate) -> tuple[float, int, int]:
-        return (
-            (c.load + num_tokens - c.cached) / c.replica.entry.weight,
-            c.in_flight,
-            c.replica.index,
-        )
+    def work_ahead(c: Candidate) -> tuple[float, float, int]:
+        # Equal work ahead (an idle pool): the emptier cache, so new prefixes
+        # spread over every replica's memory instead of crowding the first one.
+        return ((c.load + num_tokens - c.cached) / c.replica.entry.weight, c.fill, c.in_flight)
 
     return _choice(min(open_, key=work_ahead), cands, reason)

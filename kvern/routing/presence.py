@@ -78,6 +78,7 @@ class PresenceMatch:
     num_tokens: int  # the prompt's length
     depth: dict[str, int]  # upstream -> contiguous prefix it holds (tokens)
     path: list[PathStep] = field(default_factory=list)  # root side first
+    fill: dict[str, float] = field(default_factory=dict)  # upstream -> share of its budget held
 
     def cached(self, cache: UpstreamCache) -> int:
         """Tokens the upstream should report cached: whole blocks, the last token recomputed."""
@@ -166,7 +167,8 @@ class ModelPresence:
                 depth[name] = end
             if not alive and end >= result.matched_tokens:
                 break
-        return PresenceMatch(num_tokens, depth, path)
+        fill = {n: lru.stats.tokens / max(lru.stats.budget, 1.0) for n, lru in self._lru.items()}
+        return PresenceMatch(num_tokens, depth, path, fill)
 
     # -- writing -------------------------------------------------------------
 

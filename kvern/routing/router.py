@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.config_routing import RoutingConfig
-from kvern.errors import NoHealthyUpstream
+from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
 from kvern.routing.pool import Replica, UpstreamPool
 from kvern.routing.presence import PresenceMatch
@@ -62,6 +62,7 @@ class Router:
         self._tracker = tracker
         self._clock = clock
         self._rr = RoundRobin()
+        self._turn = 0
         self.num_decision_timeouts = 0
 
     # -- candidates ------------------------------------------------------------
@@ -71,11 +72,16 @@ class Router:
         serving = self.pool.serving(model)
         if not serving:
             served = sorted({m for r in self.pool.replicas for m in r.entry.models})
-            raise NoHealthyUpstream(
+            raise ModelNotServed(
                 f"no upstream serves model {model!r} (configured: {', '.join(served)})",
-                code="model_not_served",
+                param="model",
             )
         decode = self.config.decode_load_tokens
+        # Start each decision's scan one further along: ties (an idle pool)
+        # then rotate instead of always landing on the first upstream.
+        self._turn += 1
+        shift = self._turn % len(serving)
+        serving = serving[shift:] + serving[:shift]
         cands = []
         for r in serving:
             if len(self.pool) == 1 or r.breaker.available(time.monotonic()):
@@ -130,6 +136,7 @@ class Router:
             caches = {c.replica.name: c.replica.cache for c in cands}
             for c in cands:
                 c.cached = match.cached(caches[c.replica.name])
+                c.fill = match.fill.get(c.replica.name, 0.0)
             choice = cache_aware(cands, match.num_tokens, self.config)
             uncached = max(1, match.num_tokens - choice.cached)
             choice.replica.load.reserve(ctx.request_id, uncached, now)
