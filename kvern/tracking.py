@@ -21,20 +21,20 @@ import asyncio
 import logging
 import time
 from array import array
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
 from kvern.forest import TrieForest
-from kvern.jobs import JobThread
 from kvern.normalize import Normalizer
 from kvern.requests import TRACKED_ENDPOINTS, prompt_of, tenant_of
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import PresenceMatch
 from kvern.tokenization import ModelTokenizer, TokenizerRegistry
+from kvern.tracking_queue import TrackerStats, TrackingQueue
 from kvern.tracking_records import Prediction, RequestContext, to_record
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
@@ -58,16 +58,6 @@ _STALE_HOLD_S = 60.0
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class TrackerStats:
-    """Counters shown in /health and /metrics."""
-
-    num_tracked: int = 0  # requests whose prompt reached the trie
-    num_skipped_backlog: int = 0  # requests passed through untracked: tracking was behind
-    num_untracked: int = 0  # requests with nothing to track (no model, odd body)
-    errors: dict[str, int] = field(default_factory=dict)  # tracking errors by kind
-
-
 @dataclass(frozen=True, slots=True)
 class _Served:
     """Which upstream answered a request in the end (after any failover), and whether it did."""
@@ -76,7 +66,7 @@ class _Served:
     ok: bool
 
 
-class Tracker:
+class Tracker(TrackingQueue):
     """Owns the tracking thread, the per-model tries and the path to analytics."""
 
     def __init__(
@@ -91,38 +81,14 @@ class Tracker:
         max_yield_s: float = 0.05,
         presence: PresenceBook | None = None,
     ) -> None:
+        super().__init__(registry, max_pending=max_pending, max_yield_s=max_yield_s)
         self._config = config
-        self._registry = registry
         self._forest = forest
         self._record = record
         self._clock = clock
-        self._max_pending = max_pending
-        # Requests sent upstream whose first byte has not been relayed yet:
-        # tracking jobs wait (briefly) while any exist, so they never compete
-        # for the GIL in the window a user feels as time to first token.
-        # request id -> monotonic time it was sent; a hold older than
-        # _STALE_HOLD_S is ignored (a response that never started relaying).
-        self._holds: dict[str, float] = {}
-        self._max_yield_s = max_yield_s
-        self._pending = 0
-        self._executor = JobThread("kvern-tracking")
         # With several upstreams: which upstream holds which prefix (see kvern.routing).
         self.presence = presence
         self._normalizers: dict[str, Normalizer] = {}
-        # Per model whose tokenizer is loading: actions to run, in arrival order, once loaded.
-        self._waiting: dict[str, list[Callable[[ModelTokenizer], None]]] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._logged_kinds: set[str] = set()
-        self.stats = TrackerStats()
-
-    # -- helpers -----------------------------------------------------------------
-
-    def _count_error(self, kind: str, exc: BaseException) -> None:
-        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
-        if kind not in self._logged_kinds:
-            self._logged_kinds.add(kind)
-            # The type only: an exception message may quote prompt text.
-            logger.warning("tracking error (%s): %s; counted from now on", kind, type(exc).__name__)
 
     def _normalizer(self, model: str) -> Normalizer:
         norm = self._normalizers.get(model)
@@ -130,27 +96,6 @@ class Tracker:
             norm = Normalizer.from_rules(self._config.rules_for(model))
             self._normalizers[model] = norm
         return norm
-
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the tracking thread (where the tries live)."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
-
-    def in_thread_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue ``fn`` on the tracking thread without waiting; errors are counted."""
-
-        def guarded() -> None:
-            try:
-                fn(*args)
-            except Exception as exc:  # noqa: BLE001 - never fails a request
-                self._count_error("background", exc)
-
-        self._executor.submit(guarded)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # -- prediction (at arrival) ---------------------------------------------------
 
@@ -193,32 +138,6 @@ class Tracker:
             inner.add_done_callback(lambda f: job.set_result(f.result()))
 
         self._in_order(model, submit)
-
-    def _in_order(self, model: str, action: Callable[[ModelTokenizer], None]) -> None:
-        """Run ``action(tokenizer)`` now, or once the tokenizer has loaded, in arrival order."""
-        waiting = self._waiting.get(model)
-        if waiting is None:
-            tok = self._registry.loaded(model)
-            if tok is not None:
-                action(tok)
-                return
-            waiting = self._waiting[model] = []
-            self._spawn(self._load_then_release(model))
-        waiting.append(action)
-
-    async def _load_then_release(self, model: str) -> None:
-        """Load a model's tokenizer off the loop, then release its queued jobs in order."""
-        try:
-            tok = await self._registry.get(model)
-        except Exception as exc:  # noqa: BLE001 - the registry falls back; this is a bug guard
-            self._count_error("load", exc)
-            tok = ModelTokenizer(None, source=None, error=f"{type(exc).__name__}")
-        for action in self._waiting.pop(model, []):
-            action(tok)
-
-    def _job_done(self, _: Any) -> None:
-        # Runs on the tracking thread; the counter is only a soft backlog limit.
-        self._pending -= 1
 
     def route(
         self,
@@ -275,32 +194,6 @@ class Tracker:
 
         self._executor.submit(run, urgent=True)
         return asyncio.wrap_future(chosen)
-
-    def hold(self, ctx: RequestContext) -> None:
-        """``ctx`` was sent upstream and awaits its first byte (the event loop calls this)."""
-        if not ctx.awaiting_first_byte:
-            ctx.awaiting_first_byte = True
-            self._holds[ctx.request_id] = time.perf_counter()
-
-    def release(self, ctx: RequestContext) -> None:
-        """``ctx``'s first byte was relayed, or it ended; idempotent."""
-        if ctx.awaiting_first_byte:
-            ctx.awaiting_first_byte = False
-            self._holds.pop(ctx.request_id, None)
-
-    def _yield_to_requests(self) -> None:
-        """On the tracking thread: step aside while requests await their first byte.
-
-        Bounded by ``max_yield_s`` so tracking still progresses under constant load.
-        """
-        start = time.perf_counter()
-        deadline = start + self._max_yield_s
-        while not self._executor.urgent_waiting:
-            now = time.perf_counter()
-            # list() of a dict's values runs in C under the GIL: a consistent copy.
-            if now >= deadline or all(now - t > _STALE_HOLD_S for t in list(self._holds.values())):
-                return
-            time.sleep(0.0005)
 
     def _predict_guarded(
         self,
@@ -500,12 +393,3 @@ class Tracker:
         gen = p.tokenizer.encode_text(facts.completion_text)
         evaluated = (facts.completion_tokens or len(gen)) - 1
         return gen[: max(0, min(evaluated, len(gen)))] or None
-
-    async def drain(self) -> None:
-        """Wait for every tracking task in flight (graceful shutdown, tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self) -> None:
-        await self.drain()
-        self._executor.shutdown()

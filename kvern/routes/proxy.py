@@ -10,15 +10,12 @@ which closes the upstream connection and so cancels the generation.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -27,17 +24,13 @@ from kvern.errors import (
     BadRequest,
     BodyTooLarge,
     KvernError,
-    NoHealthyUpstream,
-    UpstreamError,
     error_response,
 )
 from kvern.requests import tenant_of
-from kvern.routing.router import RouteState
+from kvern.routes.sending import Attempt, ClientGone, send_with_failover
 from kvern.services import Services
 from kvern.tracking_records import RequestContext
 from kvern.upstream import forward_headers, mapped_errors, response_headers
-
-T = TypeVar("T")
 
 # Bytes of a response kept for the side reader; past this only the tail is kept
 # (usage and finish reason come last).
@@ -94,41 +87,6 @@ def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
-class ClientGone(Exception):
-    """The client disconnected before the upstream answered."""
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Return when the client disconnects (the body was already read, so only that is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _send_unless_disconnected(request: Request, send: Coroutine[Any, Any, T]) -> T:
-    """Await the upstream's response headers, cancelling the send if the client leaves first.
-
-    A long prefill can take seconds before the first byte; without this, a
-    client that gives up would leave the upstream computing for nobody.
-    """
-    send_task = asyncio.ensure_future(send)
-    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({send_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        send_task.cancel()
-        raise
-    finally:
-        watch_task.cancel()
-    if send_task in done:
-        return send_task.result()
-    send_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await send_task
-    raise ClientGone()
 
 
 class _Kept:
@@ -192,7 +150,7 @@ async def _forward(services: Services, request: Request) -> Response:
     )
     services.tracker.hold(ctx)
     try:
-        attempt = await _send_with_failover(services, request, ctx, route, headers_out, raw)
+        attempt = await send_with_failover(services, request, ctx, route, headers_out, raw)
     except ClientGone:
         services.tracker.release(ctx)
         # The client left while the upstream was still prefilling: the send was
@@ -224,146 +182,6 @@ async def _forward(services: Services, request: Request) -> Response:
     )
 
 
-class _Attempt:
-    """The upstream response being relayed, with its first chunk already read (streams)."""
-
-    def __init__(
-        self, route: RouteState, response: httpx.Response, first: bytes | None = None
-    ) -> None:
-        self.route = route
-        self.response = response
-        self.first = first
-        self.chunks: AsyncIterator[bytes] | None = None
-
-    def end(self, ctx: RequestContext) -> None:
-        """Release the load this request put on its upstream (idempotent per stage)."""
-        self.route.replica.load.end(ctx.request_id, self.route.prefill_tokens)
-
-
-def _retryable(exc: KvernError) -> bool:
-    """A failure after which nothing reached the client and the request may go elsewhere.
-
-    Not a read timeout: the upstream may still be working on it.
-    """
-    cause = exc.__cause__
-    return isinstance(exc, UpstreamError) and not isinstance(
-        cause, (httpx.ReadTimeout, httpx.WriteTimeout)
-    )
-
-
-async def _send_with_failover(
-    services: Services,
-    request: Request,
-    ctx: RequestContext,
-    route: RouteState,
-    headers: list[tuple[str, str]],
-    raw: bytes,
-) -> _Attempt:
-    """Send to the chosen upstream; on a failure before any byte, try the next one.
-
-    A streamed answer's first chunk is read here, before any header goes to
-    the client: a replica that dies during prefill has sent its headers
-    already (vLLM and Starlette send them at once) but no token, and the
-    request can still go elsewhere.
-    """
-    monitor, router = services.health, services.router
-    retry_statuses = set(services.config.routing.retry_on_status)
-    tried: set[str] = set()
-    current: RouteState | None = route
-    last_error: KvernError | None = None
-    while current is not None:
-        replica = current.replica
-        tried.add(replica.name)
-        ctx.upstream = replica.name
-        ctx.route_attempts = current.attempts
-        if current is not route:
-            replica.load.reserve(ctx.request_id, current.prefill_tokens, services.clock())
-        attempt: _Attempt | None = None
-        if not monitor.acquire(replica):
-            replica.load.end(ctx.request_id, current.prefill_tokens)
-            last_error = NoHealthyUpstream(f"upstream {replica.name}: circuit open")
-            current = router.next_attempt(current, tried)
-            continue
-        replica.counters.requests += 1
-        try:
-            attempt = await _try_once(services, request, ctx, current, headers, raw)
-        except KvernError as exc:
-            current.replica.load.end(ctx.request_id, current.prefill_tokens)
-            monitor.failed(replica, exc.message)
-            replica.counters.failures += 1
-            if not _retryable(exc):
-                raise
-            last_error = exc
-        except BaseException:
-            current.replica.load.end(ctx.request_id, current.prefill_tokens)
-            raise
-        else:
-            status = attempt.response.status_code
-            nxt = router.next_attempt(current, tried) if status in retry_statuses else None
-            if nxt is None:
-                if status < 500:
-                    monitor.succeeded(replica)
-                elif status in retry_statuses:
-                    monitor.failed(replica, f"answered {status}")
-                return attempt
-            await attempt.response.aclose()
-            attempt.end(ctx)
-            monitor.failed(replica, f"answered {status}")
-            replica.counters.failures += 1
-            last_error = None
-            replica.counters.failovers += 1
-            current = nxt
-            continue
-        nxt = router.next_attempt(current, tried)
-        if nxt is not None:
-            replica.counters.failovers += 1
-        current = nxt
-    assert last_error is not None
-    raise last_error
-
-
-async def _try_once(
-    services: Services,
-    request: Request,
-    ctx: RequestContext,
-    route: RouteState,
-    headers: list[tuple[str, str]],
-    raw: bytes,
-) -> _Attempt:
-    upstream = route.replica.upstream
-    client = services.client
-    upstream_request = client.build_request(
-        request.method,
-        upstream.url_for(request.url.path, request.url.query),
-        headers=headers,
-        content=raw,
-    )
-    with mapped_errors(upstream):
-        response = await _send_unless_disconnected(
-            request, client.send(upstream_request, stream=True)
-        )
-    attempt = _Attempt(route, response)
-    content_type = response.headers.get("content-type", "")
-    if not ("event-stream" in content_type or "ndjson" in content_type or ctx.stream):
-        return attempt
-    chunks = response.aiter_raw()
-    try:
-        with mapped_errors(upstream):
-            attempt.first = await _send_unless_disconnected(request, _first_chunk(chunks))
-    except BaseException:
-        await response.aclose()
-        raise
-    attempt.chunks = chunks
-    return attempt
-
-
-async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
-    async for chunk in chunks:
-        if chunk:
-            return chunk
-    return b""
-
-
 class _Tracking:
     """Starts tracking at the first byte, and records once at the end."""
 
@@ -393,7 +211,7 @@ class _Tracking:
 async def _relay_whole(
     services: Services,
     ctx: RequestContext,
-    attempt: _Attempt,
+    attempt: Attempt,
     headers: dict[str, str],
     content_type: str,
     track: _Tracking | None,
@@ -421,7 +239,7 @@ async def _relay_whole(
 async def _relay_stream(
     services: Services,
     ctx: RequestContext,
-    attempt: _Attempt,
+    attempt: Attempt,
     content_type: str,
     track: _Tracking | None,
 ) -> AsyncIterator[bytes]:

@@ -34,63 +34,17 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
 
 from kvern.trie import report
+from kvern.trie.edges import TrieListener, as_int_array, common_len, no_access
 from kvern.trie.invariants import check_trie
 from kvern.trie.node import TrieNode
 from kvern.trie.policies import EvictionPolicy, LRUPolicy
 from kvern.trie.records import EvictedPrefix, HotPrefix, InsertResult, MatchResult, TrieStats
 
 # The records are re-exported: ``from kvern.trie.radix import MatchResult`` keeps working.
-__all__ = [
-    "EvictedPrefix",
-    "HotPrefix",
-    "InsertResult",
-    "MatchResult",
-    "RadixTrie",
-    "TrieListener",
-    "TrieStats",
-]
-
-
-class TrieListener(Protocol):
-    """What hears of structural changes (see :class:`RadixTrie`'s ``listener``)."""
-
-    def on_split(self, upper: TrieNode, lower: TrieNode) -> None: ...
-
-    def on_remove(self, node: TrieNode) -> None: ...
-
-
-def _as_int_array(tokens: Sequence[int]) -> array[int]:
-    """The tokens as an ``array('i')``, converted once (no copy if already one)."""
-    if isinstance(tokens, array) and tokens.typecode == "i":
-        return tokens
-    return array("i", tokens)
-
-
-def _no_access(node: TrieNode, now_s: float) -> None:
-    """The access hook of uncounted inserts."""
-
-
-def _common_len(key: array[int], pos: int, edge: array[int]) -> int:
-    """Length of the common prefix of ``key[pos:]`` and ``edge``.
-
-    Called only after the whole-edge comparison failed and the first tokens
-    are known equal, so the answer is in ``[1, len(edge)]``. Binary search over
-    slice equality: O(log n) Python steps, each a C comparison.
-    """
-    hi = min(len(edge), len(key) - pos)
-    if key[pos : pos + hi] == edge[:hi]:
-        return hi
-    lo = 1  # key[pos:pos+lo] == edge[:lo]; the answer is in [lo, hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if key[pos : pos + mid] == edge[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+__all__ = ["EvictedPrefix", "HotPrefix", "InsertResult", "MatchResult", "RadixTrie"]
+__all__ += ["TrieListener", "TrieStats"]
 
 
 class RadixTrie:
@@ -143,7 +97,7 @@ class RadixTrie:
 
     def match(self, tokens: Sequence[int]) -> MatchResult:
         """Longest common prefix of ``tokens`` with anything stored. Read-only."""
-        key = _as_int_array(tokens)
+        key = as_int_array(tokens)
         num_query = len(key)
         node = self._root
         pos = 0
@@ -157,7 +111,7 @@ class RadixTrie:
                 pos += num_edge
                 node = child
                 continue
-            return MatchResult(pos + _common_len(key, pos, edge), child)
+            return MatchResult(pos + common_len(key, pos, edge), child)
         return MatchResult(pos, node)
 
     def insert(
@@ -175,7 +129,7 @@ class RadixTrie:
         touched (``last_access_s``) but no hit is counted or credited, and a new
         leaf starts at ``hit_count = 0``.
         """
-        key = _as_int_array(tokens)
+        key = as_int_array(tokens)
         num_query = len(key)
         root = self._root
         if num_query == 0:
@@ -184,7 +138,7 @@ class RadixTrie:
             now_s = self._latest_s
         else:
             self._latest_s = now_s
-        on_access = self._policy.on_access if count_hit else _no_access
+        on_access = self._policy.on_access if count_hit else no_access
         hit = 1 if count_hit else 0
         root.hit_count += hit
         root.last_access_s = now_s
@@ -212,7 +166,7 @@ class RadixTrie:
             edge = child.key
             num_edge = len(edge)
             if key[pos : pos + num_edge] != edge:
-                num_edge = _common_len(key, pos, edge)
+                num_edge = common_len(key, pos, edge)
                 child = self._split(child, num_edge)
             child.hit_count += hit
             child.last_access_s = now_s
