@@ -273,8 +273,11 @@ async def _relay_stream(
                     if track is not None:
                         track.first_byte(status)
     except KvernError as exc:
-        # Headers are already sent: the stream can only end early. Recorded, not raised.
+        # Headers are already sent: the stream can only end early. Recorded,
+        # and told to the client in the stream's own format, so an SDK raises
+        # instead of taking a cut-off answer for a whole one.
         error = exc.code
+        yield _stream_error(exc, content_type)
     except BaseException:
         error = "client_disconnected"
         raise
@@ -284,6 +287,13 @@ async def _relay_stream(
         await upstream_response.aclose()
         if track is not None:
             track.done(status, error, ttfb_ms, kept.value(), content_type)
+
+
+def _stream_error(exc: KvernError, content_type: str) -> bytes:
+    """An error event: SSE ``data: {"error": ...}`` (OpenAI SDKs raise on it), or an NDJSON line."""
+    if "ndjson" in content_type:  # Ollama's streams end with {"error": "..."}
+        return (json.dumps({"error": exc.message}) + "\n").encode()
+    return f"\n\ndata: {json.dumps(exc.body())}\n\n".encode()
 
 
 def add_proxy_routes(app: Starlette) -> None:
