@@ -219,7 +219,7 @@ async def _relay_whole(
     upstream_response = attempt.response
     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
     replica = attempt.route.replica
-    replica.load.first_byte(ctx.request_id, attempt.route.prefill_tokens)
+    replica.load.first_byte(ctx.request_id)
     try:
         with mapped_errors(replica.upstream):
             content = await upstream_response.aread()
@@ -268,7 +268,7 @@ async def _relay_stream(
                 yield chunk
                 if ttfb_ms is None:
                     services.tracker.release(ctx)
-                    replica.load.first_byte(ctx.request_id, attempt.route.prefill_tokens)
+                    replica.load.first_byte(ctx.request_id)
                     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
                     if track is not None:
                         track.first_byte(status)

@@ -79,7 +79,7 @@ class Attempt:
 
     def end(self, ctx: RequestContext) -> None:
         """Release the load this request put on its upstream (idempotent per stage)."""
-        self.route.replica.load.end(ctx.request_id, self.route.prefill_tokens)
+        self.route.replica.load.end(ctx.request_id)
 
 
 def _retryable(exc: KvernError) -> bool:
@@ -122,7 +122,7 @@ async def send_with_failover(
             replica.load.reserve(ctx.request_id, current.prefill_tokens, services.clock())
         attempt: Attempt | None = None
         if not monitor.acquire(replica):
-            replica.load.end(ctx.request_id, current.prefill_tokens)
+            replica.load.end(ctx.request_id)
             last_error = NoHealthyUpstream(f"upstream {replica.name}: circuit open")
             current = router.next_attempt(current, tried)
             continue
@@ -130,14 +130,14 @@ async def send_with_failover(
         try:
             attempt = await _try_once(services, request, ctx, current, headers, raw)
         except KvernError as exc:
-            current.replica.load.end(ctx.request_id, current.prefill_tokens)
+            current.replica.load.end(ctx.request_id)
             monitor.failed(replica, exc.message)
             replica.counters.failures += 1
             if not _retryable(exc):
                 raise
             last_error = exc
         except BaseException:
-            current.replica.load.end(ctx.request_id, current.prefill_tokens)
+            current.replica.load.end(ctx.request_id)
             raise
         else:
             status = attempt.response.status_code

@@ -32,14 +32,20 @@ class LoadSnapshot:
 
 
 class Load:
-    """A replica's work in flight, shared by the event loop and the tracking thread."""
+    """A replica's work in flight, shared by the event loop and the tracking thread.
+
+    Kept per request id, so every transition is idempotent: a request ended
+    twice (a late routing decision released after a timeout, a relay's
+    ``finally``) is counted once.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.in_flight = 0  # requests sent and not yet ended
         self.prefill_tokens = 0  # uncached prompt tokens of requests awaiting their first byte
         self.decoding = 0  # requests past their first byte
-        self._awaiting: dict[str, float] = {}  # request id -> when routed, until its first byte
+        # request id -> [prefill tokens still counted (0 once decoding), when routed]
+        self._requests: dict[str, list[float]] = {}
 
     def snapshot(self) -> LoadSnapshot:
         with self._lock:
@@ -50,30 +56,40 @@ class Load:
         return self.prefill_tokens + decode_load_tokens * self.decoding
 
     def reserve(self, request_id: str, prefill_tokens: int, now_s: float) -> None:
+        """``request_id`` was routed here with this many uncached prompt tokens."""
         with self._lock:
+            if request_id in self._requests:
+                return
+            self._requests[request_id] = [prefill_tokens, now_s]
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
-            self._awaiting[request_id] = now_s
 
-    def first_byte(self, request_id: str, prefill_tokens: int) -> None:
+    def first_byte(self, request_id: str) -> None:
+        """Its prefill is done: from now on it counts as one running decode."""
         with self._lock:
-            if self._awaiting.pop(request_id, None) is not None:
-                self.prefill_tokens -= prefill_tokens
-                self.decoding += 1
+            entry = self._requests.get(request_id)
+            if entry is None or entry[0] < 0:
+                return
+            self.prefill_tokens -= int(entry[0])
+            entry[0] = -1  # decoding
+            self.decoding += 1
 
-    def end(self, request_id: str, prefill_tokens: int) -> None:
+    def end(self, request_id: str) -> None:
         """The request ended (answered, failed or abandoned), at any stage."""
         with self._lock:
-            if self._awaiting.pop(request_id, None) is not None:
-                self.prefill_tokens -= prefill_tokens
-            else:
+            entry = self._requests.pop(request_id, None)
+            if entry is None:
+                return
+            if entry[0] < 0:
                 self.decoding -= 1
+            else:
+                self.prefill_tokens -= int(entry[0])
             self.in_flight -= 1
 
     def oldest_awaiting(self) -> float:
         """When the oldest request still prefilling here was routed (inf: none)."""
         with self._lock:
-            return min(self._awaiting.values(), default=float("inf"))
+            return min((e[1] for e in self._requests.values() if e[0] >= 0), default=float("inf"))
 
 
 @dataclass(slots=True)

@@ -164,8 +164,9 @@ class Router:
         if done.cancelled() or done.exception() is not None:
             return
         choice = done.result()
-        if choice is not None and reserved:
-            choice.replica.load.end(ctx.request_id, reserved[0])
+        # The same upstream as the fallback picked: one entry, still in use.
+        if choice is not None and reserved and choice.replica.name != ctx.upstream:
+            choice.replica.load.end(ctx.request_id)
 
     def _session_key(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> str | None:
         key = headers.get(self.config.session_header)
