@@ -16,6 +16,7 @@ Every choice comes with a short reason string kept in analytics.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,8 +98,11 @@ def session(cands: Sequence[Candidate], key: str | None) -> Choice:
         return least_load(cands, "session_none")
 
     def score(c: Candidate) -> float:
+        # Weighted rendezvous: -w / ln(h) with h uniform in (0, 1) gives each
+        # upstream a share of keys proportional to its weight.
         digest = hashlib.blake2b(f"{c.replica.name}\0{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64 * c.replica.entry.weight
+        h = (int.from_bytes(digest, "big") + 0.5) / 2**64
+        return -c.replica.entry.weight / math.log(h)
 
     ranked = sorted(cands, key=score, reverse=True)
     return Choice(

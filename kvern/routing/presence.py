@@ -236,11 +236,22 @@ class ModelPresence:
     # -- the trie's listener ---------------------------------------------------
 
     def on_split(self, upper: TrieNode, lower: TrieNode) -> None:
-        """``upper`` copied ``lower``'s marks; register it (tokens are unchanged)."""
+        """``upper`` copied ``lower``'s marks; register it (tokens are unchanged).
+
+        ``upper`` joins each LRU at the newest end, so its held ancestors move
+        there too, nearest first: the LRU must still drop tails before the
+        prefixes they hang from.
+        """
+        root = self.trie.root
         for name in upper.upstreams or {}:
             lru = self._lru.get(name)
-            if lru is not None:
-                lru.nodes[upper] = None  # newest: an ancestor is never older
+            if lru is None:
+                continue
+            lru.nodes[upper] = None
+            walk = upper.parent
+            while walk is not None and walk is not root and name in (walk.upstreams or {}):
+                lru.nodes.move_to_end(walk)
+                walk = walk.parent
 
     def on_remove(self, node: TrieNode) -> None:
         """The trie evicted ``node``; it held no descendants, so drop its marks."""
