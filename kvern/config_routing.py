@@ -87,7 +87,7 @@ class RoutingConfig(_Section):
     # cache_aware: the prefix holder is skipped when its load is more than
     # balance_abs_tokens above the least loaded replica's AND more than
     # balance_rel times it (both, so small absolute differences never spill).
-    balance_abs_tokens: int = Field(8192, ge=0)
+    balance_abs_tokens: int = Field(2048, ge=0)
     balance_rel: float = Field(1.5, ge=1.0)
     # A matched prefix shorter than this counts as a miss (spread by load).
     min_match_tokens: int = Field(64, ge=1)

@@ -29,14 +29,20 @@ class Candidate:
     """One upstream as a policy sees it at decision time."""
 
     replica: Replica
-    load: int  # tokens of work in flight (prefill + decodes)
+    load: int  # tokens of work in flight: uncached prefill + decode_load_tokens per request
     in_flight: int
+    wait: float = 0.0  # token-equivalents a new request waits before its prefill starts
     cached: int = 0  # prompt tokens it should serve from cache (block-aligned)
     fill: float = 0.0  # share of its modelled cache budget in use (0 when unknown)
+    demand: float = 0.0  # requests routed to it recently (decayed)
 
     @property
     def weighted_load(self) -> float:
         return self.load / self.replica.entry.weight
+
+    def cost(self, num_tokens: int) -> float:
+        """Estimated time to this request's first token, in prompt-token equivalents."""
+        return (self.wait + num_tokens - self.cached) / self.replica.entry.weight
 
     @property
     def full(self) -> bool:
@@ -115,24 +121,22 @@ def session(cands: Sequence[Candidate], key: str | None) -> Choice:
 
 
 def cache_aware(cands: Sequence[Candidate], num_tokens: int, cfg: RoutingConfig) -> Choice:
-    """Longest cached prefix unless overloaded; otherwise least work ahead."""
-    holder = min(cands, key=lambda c: (-c.cached, c.weighted_load))
-    floor = min(c.weighted_load for c in cands)
-    if holder.cached >= cfg.min_match_tokens:
-        overloaded = holder.full and not all(c.full for c in cands)
-        excess = holder.weighted_load - floor
-        if excess > cfg.balance_abs_tokens and holder.weighted_load > cfg.balance_rel * floor:
-            overloaded = True
-        if not overloaded:
-            return _choice(holder, cands, "prefix")
-        reason = "prefix_overloaded"
-    else:
-        reason = "miss"
-    open_ = [c for c in cands if not c.full] or list(cands)
+    """Longest cached prefix unless overloaded; otherwise the soonest first token."""
 
-    def work_ahead(c: Candidate) -> tuple[float, float, int]:
-        # Equal work ahead (an idle pool): the emptier cache, so new prefixes
-        # spread over every replica's memory instead of crowding the first one.
-        return ((c.load + num_tokens - c.cached) / c.replica.entry.weight, c.fill, c.in_flight)
+    def soonest(c: Candidate) -> tuple[float, float, float]:
+        # Equal cost (free slots everywhere): the replica with the least recent
+        # demand, so a new prefix (likely a new tenant, whose later requests
+        # will follow it) lands where traffic is lightest over time, not just
+        # now; then the emptier cache.
+        return (c.cost(num_tokens), c.demand / c.replica.entry.weight, c.fill)
 
-    return _choice(min(open_, key=work_ahead), cands, reason)
+    best = min(cands, key=soonest)
+    holder = min(cands, key=lambda c: (-c.cached, c.cost(num_tokens)))
+    if holder.cached < cfg.min_match_tokens:
+        return _choice(best, cands, "miss")
+    excess = holder.cost(num_tokens) - best.cost(num_tokens)
+    if excess > cfg.balance_abs_tokens and holder.cost(num_tokens) > cfg.balance_rel * best.cost(
+        num_tokens
+    ):
+        return _choice(best, cands, "prefix_overloaded")
+    return _choice(holder, cands, "prefix")

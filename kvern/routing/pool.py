@@ -23,6 +23,9 @@ from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
 from kvern.upstream import Upstream
 
+# Half-life of the decayed count of requests routed to a replica (s).
+DEMAND_HALF_LIFE_S = 30.0
+
 
 @dataclass(slots=True)
 class LoadSnapshot:
@@ -46,6 +49,11 @@ class Load:
         self.decoding = 0  # requests past their first byte
         # request id -> [prefill tokens still counted (0 once decoding), when routed]
         self._requests: dict[str, list[float]] = {}
+        # Requests routed here, decayed with a DEMAND_HALF_LIFE_S half-life:
+        # the demand of the prefixes this replica holds, which a snapshot of
+        # what is in flight right now does not show.
+        self._demand = 0.0
+        self._demand_at = 0.0
 
     def snapshot(self) -> LoadSnapshot:
         with self._lock:
@@ -63,6 +71,17 @@ class Load:
             self._requests[request_id] = [prefill_tokens, now_s]
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
+            self._demand = self._decayed(now_s) + 1.0
+            self._demand_at = max(now_s, self._demand_at)
+
+    def _decayed(self, now_s: float) -> float:
+        elapsed = max(0.0, now_s - self._demand_at)
+        return self._demand * 0.5 ** (elapsed / DEMAND_HALF_LIFE_S)
+
+    def demand(self, now_s: float) -> float:
+        """Requests routed here recently (decayed count)."""
+        with self._lock:
+            return self._decayed(now_s)
 
     def first_byte(self, request_id: str) -> None:
         """Its prefill is done: from now on it counts as one running decode."""

@@ -39,6 +39,10 @@ from kvern.trie.node import TrieNode
 # nor grows above this multiple of it.
 _MIN_BUDGET_SHARE = 1 / 16
 _MAX_BUDGET_FACTOR = 4.0
+# A report this many blocks below the prediction proves an eviction.
+_PROOF_BLOCKS = 4
+# How far the budget moves toward each new capacity estimate.
+_LEARN_RATE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +136,18 @@ class _UpstreamLRU:
 class ModelPresence:
     """Per-upstream presence on one model's trie; the trie's listener."""
 
-    def __init__(self, trie: RadixTrie, caches: list[UpstreamCache], *, learn: bool = True) -> None:
+    def __init__(
+        self,
+        trie: RadixTrie,
+        caches: list[UpstreamCache],
+        *,
+        learn: bool = True,
+        proof_blocks: int = _PROOF_BLOCKS,
+    ) -> None:
         self.trie = trie
         self.caches = {c.name: c for c in caches}
         self.learn = learn
+        self.proof_blocks = proof_blocks
         self._lru = {c.name: _UpstreamLRU(c) for c in caches}
         self._latest_s = float("-inf")
         trie.listener = self
@@ -206,28 +218,37 @@ class ModelPresence:
         """Learn from what ``name`` reported cached for a request routed on ``marks``.
 
         ``trusted_cached`` counts only marks made by requests whose prefill
-        had finished; a report below it is proof of eviction.
+        had finished; a report at least ``proof_blocks`` blocks below it is
+        proof of eviction. Smaller gaps are left alone: a few tokens of
+        difference come from re-tokenized answers or a backend that does not
+        keep generated tokens, not from eviction. The budget moves a quarter
+        of the way toward each new estimate, so one odd report cannot
+        collapse it.
         """
         lru = self._lru.get(name)
         if lru is None:
             return
         stats, cache = lru.stats, lru.cache
-        if reported + cache.block_size <= trusted_cached:
+        margin = self.proof_blocks * cache.block_size
+        if reported + margin <= trusted_cached:
             stats.confirmed_misses += 1
             gone_at = next((m.marked_s for m in marks if m.end_depth > reported), None)
-            if gone_at is not None:
-                before = stats.tokens
-                while lru.nodes:
-                    oldest = next(iter(lru.nodes))
-                    held = oldest.upstreams or {}
-                    if held.get(name, float("inf")) > gone_at:
-                        break
-                    lru.forget(oldest)
-                stats.corrected_tokens += before - stats.tokens
-                if self.learn:
-                    floor = cache.capacity_tokens * _MIN_BUDGET_SHARE
-                    stats.budget = max(floor, (stats.budget + stats.tokens) / 2)
-        elif reported >= predicted + cache.block_size:
+            if gone_at is None:
+                return
+            before = stats.tokens
+            while lru.nodes:
+                oldest = next(iter(lru.nodes))
+                held = oldest.upstreams or {}
+                if held.get(name, float("inf")) > gone_at:
+                    break
+                lru.forget(oldest)
+            stats.corrected_tokens += before - stats.tokens
+            if self.learn:
+                # What it holds is about what kvern saw it take in since the evicted node.
+                floor = cache.capacity_tokens * _MIN_BUDGET_SHARE
+                target = max(floor, float(stats.tokens))
+                stats.budget += _LEARN_RATE * (target - stats.budget)
+        elif reported >= predicted + margin:
             stats.unexpected_hits += 1
             if self.learn:
                 ceiling = cache.capacity_tokens * _MAX_BUDGET_FACTOR

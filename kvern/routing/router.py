@@ -45,6 +45,26 @@ class RouteState:
     attempts: int = 1
 
 
+def _candidate(replica: Replica, decode_load_tokens: int, now_s: float) -> Candidate:
+    """A replica's load and the wait a new request would see there.
+
+    Every request in flight counts ``decode_load_tokens`` (it holds a
+    decode slot, or will once it leaves the replica's queue) plus its uncached
+    prefill until its first byte. With ``max_concurrency`` slots known, a new
+    request starts at once while a slot is free; otherwise it waits for the
+    work ahead of it, shared by the slots.
+    """
+    snap = replica.load.snapshot()
+    load = snap.prefill_tokens + decode_load_tokens * snap.in_flight
+    slots = replica.entry.max_concurrency
+    if slots:
+        queued = max(0, snap.in_flight + 1 - slots)
+        wait = 0.0 if not queued else (snap.prefill_tokens + queued * decode_load_tokens) / slots
+    else:
+        wait = float(load)
+    return Candidate(replica, load, snap.in_flight, wait, demand=replica.load.demand(now_s))
+
+
 class Router:
     """Picks upstreams from a pool with the configured policy."""
 
@@ -85,10 +105,7 @@ class Router:
         cands = []
         for r in serving:
             if len(self.pool) == 1 or r.breaker.available(time.monotonic()):
-                snap = r.load.snapshot()
-                cands.append(
-                    Candidate(r, snap.prefill_tokens + decode * snap.decoding, snap.in_flight)
-                )
+                cands.append(_candidate(r, decode, self._clock()))
         if not cands:
             states = "; ".join(
                 f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "
