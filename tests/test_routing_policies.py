@@ -26,6 +26,7 @@ from kvern.routing.policies import (
     session,
 )
 from kvern.routing.pool import Load, Replica, UpstreamPool
+from kvern.routing.router import replica_candidate
 
 CFG = RoutingConfig(balance_abs_tokens=1_000, balance_rel=1.5, min_match_tokens=64)
 
@@ -48,9 +49,16 @@ def replicas(*names: str, weights: dict[str, float] | None = None, limit: int = 
 def cands(
     *specs: tuple[str, int], weights: dict[str, float] | None = None, limit: int = 0
 ) -> dict[str, Candidate]:
-    """Candidates by name from ``(name, load)`` pairs; set cached/fill/in_flight on them after."""
+    """Candidates by name from ``(name, load)`` pairs; set cached/fill/in_flight on them after.
+
+    With no slot count configured a new request waits for all the load ahead
+    of it (``wait == load``), as the router computes it.
+    """
     reps = replicas(*(n for n, _ in specs), weights=weights, limit=limit)
-    return {r.name: Candidate(r, load, 0) for r, (_, load) in zip(reps, specs, strict=True)}
+    return {
+        r.name: Candidate(r, load, 0, wait=float(load))
+        for r, (_, load) in zip(reps, specs, strict=True)
+    }
 
 
 def names(choice: Choice) -> tuple[str, list[str]]:
@@ -94,7 +102,7 @@ def test_cache_aware_spills_when_the_holder_is_over_both_thresholds() -> None:
     [
         (4_000, 5_500),  # 1500 above the floor (> 1000) but under 1.5x it
         (100, 900),  # 9x the floor but only 800 above it
-        (0, 1_000),  # exactly balance_abs_tokens above: not more than it
+        (0, 1_256),  # exactly balance_abs_tokens more to wait there: not more than it
     ],
 )
 def test_cache_aware_keeps_the_holder_over_only_one_threshold(floor: int, holder: int) -> None:
@@ -107,7 +115,8 @@ def test_cache_aware_keeps_the_holder_over_only_one_threshold(floor: int, holder
 
 
 def test_cache_aware_spills_one_token_past_the_absolute_threshold() -> None:
-    c = cands(("a", 0), ("b", 1_001))
+    # a: 0 + 300 uncached; b: 1257 + 44 uncached = 1001 more than a.
+    c = cands(("a", 0), ("b", 1_257))
     c["b"].cached = 256
 
     choice = cache_aware(list(c.values()), 300, CFG)
@@ -125,34 +134,54 @@ def test_cache_aware_thresholds_compare_loads_per_unit_of_weight() -> None:
     assert (choice.replica.name, choice.reason) == ("b", "prefix")
 
 
-def test_cache_aware_overloaded_holder_still_wins_with_the_least_work_ahead() -> None:
-    # b is over both thresholds, but a would prefill 10000 tokens: more work than b's queue.
+def test_cache_aware_keeps_a_loaded_holder_when_recomputing_elsewhere_is_slower() -> None:
+    # b waits 2000, but a would prefill 10000 tokens: b's first token comes sooner.
     c = cands(("a", 0), ("b", 2_000))
     c["b"].cached = 10_000
 
     choice = cache_aware(list(c.values()), 10_001, CFG)
 
-    assert (choice.replica.name, choice.reason) == ("b", "prefix_overloaded")
-
-
-def test_cache_aware_skips_a_full_holder() -> None:
-    c = cands(("a", 0), ("b", 0), limit=2)
-    c["b"].cached, c["b"].in_flight = 256, 2
-
-    choice = cache_aware(list(c.values()), 300, CFG)
-
-    assert names(choice) == ("a", ["b"])
-    assert choice.reason == "prefix_overloaded"
-
-
-def test_cache_aware_uses_a_full_holder_when_every_upstream_is_full() -> None:
-    c = cands(("a", 0), ("b", 0), limit=2)
-    c["a"].in_flight = c["b"].in_flight = 2
-    c["b"].cached = 256
-
-    choice = cache_aware(list(c.values()), 300, CFG)
-
     assert (choice.replica.name, choice.reason) == ("b", "prefix")
+
+
+def test_a_replica_with_a_free_slot_makes_a_new_request_wait_nothing() -> None:
+    replica = replicas("a", limit=4)[0]
+    for i in range(3):
+        replica.load.reserve(f"r{i}", 500, 0.0)
+
+    candidate = replica_candidate(replica, decode_load_tokens=100, now_s=0.0)
+
+    assert (candidate.wait, candidate.load, candidate.in_flight) == (0.0, 1_500 + 300, 3)
+
+
+def test_a_full_replica_makes_a_new_request_wait_for_the_work_ahead_shared_by_its_slots() -> None:
+    replica = replicas("a", limit=2)[0]
+    for i in range(3):
+        replica.load.reserve(f"r{i}", 400, 0.0)
+    replica.load.first_byte("r0")  # decoding now: no prefill left
+
+    candidate = replica_candidate(replica, decode_load_tokens=100, now_s=0.0)
+
+    # 800 prefill tokens pending, 3 + 1 - 2 = 2 requests queued ahead of a slot.
+    assert candidate.wait == (800 + 2 * 100) / 2
+
+
+def test_without_a_slot_count_a_new_request_waits_for_all_the_load() -> None:
+    replica = replicas("a")[0]
+    replica.load.reserve("r0", 400, 0.0)
+
+    assert replica_candidate(replica, decode_load_tokens=100, now_s=0.0).wait == 500
+
+
+def test_cache_aware_spills_a_queued_holder_to_a_replica_with_a_free_slot() -> None:
+    a, b = (replica_candidate(r, 1_000, 0.0) for r in replicas("a", "b", limit=1))
+    b.replica.load.reserve("x", 0, 0.0)  # b's only slot is busy: the request would queue
+    b = replica_candidate(b.replica, 1_000, 0.0)
+    b.cached = 256
+
+    choice = cache_aware([a, b], 300, CFG.model_copy(update={"balance_abs_tokens": 500}))
+
+    assert (choice.replica.name, choice.reason) == ("a", "prefix_overloaded")
 
 
 def test_cache_aware_treats_a_prefix_below_min_match_tokens_as_a_miss() -> None:
@@ -183,15 +212,6 @@ def test_cache_aware_miss_divides_work_ahead_by_weight() -> None:
     assert cache_aware(list(c.values()), 100, CFG).replica.name == "a"
 
 
-def test_cache_aware_miss_skips_full_upstreams() -> None:
-    c = cands(("a", 0), ("b", 500), limit=1)
-    c["a"].in_flight = 1
-
-    choice = cache_aware(list(c.values()), 100, CFG)
-
-    assert names(choice) == ("b", ["a"])
-
-
 @pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a")])
 def test_cache_aware_miss_ties_go_to_the_emptier_cache(order: tuple[str, ...]) -> None:
     c = cands(*((n, 0) for n in order))
@@ -202,9 +222,10 @@ def test_cache_aware_miss_ties_go_to_the_emptier_cache(order: tuple[str, ...]) -
     assert (choice.replica.name, choice.reason) == ("b", "miss")
 
 
-def test_cache_aware_miss_equal_work_and_fill_go_to_fewer_requests_in_flight() -> None:
+def test_cache_aware_miss_equal_cost_goes_where_recent_demand_is_lightest() -> None:
     c = cands(("a", 0), ("b", 0))
-    c["a"].in_flight = 3
+    c["a"].demand, c["b"].demand = 5.0, 1.0
+    c["a"].fill, c["b"].fill = 0.0, 0.9  # demand decides before the cache's fill
 
     assert cache_aware(list(c.values()), 100, CFG).replica.name == "b"
 
@@ -393,11 +414,15 @@ def test_every_choice_falls_back_to_all_the_others_once(
 
 @settings(max_examples=100, deadline=None)
 @given(cs=candidate_sets())
-def test_cache_aware_never_picks_a_full_upstream_while_one_is_open(cs: list[Candidate]) -> None:
-    choice = cache_aware(cs, 5_000, CFG)
-    chosen = next(c for c in cs if c.replica is choice.replica)
+def test_cache_aware_never_picks_an_upstream_much_slower_than_the_soonest(
+    cs: list[Candidate],
+) -> None:
+    num_tokens = 5_000
+    choice = cache_aware(cs, num_tokens, CFG)
+    chosen = next(c for c in cs if c.replica is choice.replica).cost(num_tokens)
+    soonest = min(c.cost(num_tokens) for c in cs)
 
-    assert not chosen.full or all(c.full for c in cs)
+    assert chosen - soonest <= CFG.balance_abs_tokens or chosen <= CFG.balance_rel * soonest
 
 
 # ------------------------------------------------------------------ the pool

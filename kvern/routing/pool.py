@@ -76,7 +76,7 @@ class Load:
 
     def _decayed(self, now_s: float) -> float:
         elapsed = max(0.0, now_s - self._demand_at)
-        return self._demand * 0.5 ** (elapsed / DEMAND_HALF_LIFE_S)
+        return float(self._demand * 0.5 ** (elapsed / DEMAND_HALF_LIFE_S))
 
     def demand(self, now_s: float) -> float:
         """Requests routed here recently (decayed count)."""

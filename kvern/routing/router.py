@@ -45,7 +45,7 @@ class RouteState:
     attempts: int = 1
 
 
-def _candidate(replica: Replica, decode_load_tokens: int, now_s: float) -> Candidate:
+def replica_candidate(replica: Replica, decode_load_tokens: int, now_s: float) -> Candidate:
     """A replica's load and the wait a new request would see there.
 
     Every request in flight counts ``decode_load_tokens`` (it holds a
@@ -105,7 +105,7 @@ class Router:
         cands = []
         for r in serving:
             if len(self.pool) == 1 or r.breaker.available(time.monotonic()):
-                cands.append(_candidate(r, decode, self._clock()))
+                cands.append(replica_candidate(r, decode, self._clock()))
         if not cands:
             states = "; ".join(
                 f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "
