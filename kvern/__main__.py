@@ -67,9 +67,15 @@ def serve(args: argparse.Namespace) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = create_app(config)
+    entries = config.upstream_entries()
+    targets = (
+        entries[0].url
+        if len(entries) == 1
+        else f"{len(entries)} upstreams ({config.routing_policy()}): "
+        + ", ".join(f"{e.name}={e.url}" for e in entries)
+    )
     print(
-        f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1"
-        f" -> {config.upstream.base_url}",
+        f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1 -> {targets}",
         file=sys.stderr,
     )
     uvicorn.run(
