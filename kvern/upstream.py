@@ -48,7 +48,12 @@ class Upstream:
 
     @classmethod
     def from_config(cls, config: UpstreamConfig, name: str | None = None) -> Upstream:
-        base = config.base_url.rstrip("/")
+        return cls.at(config.base_url, name)
+
+    @classmethod
+    def at(cls, base_url: str, name: str | None = None) -> Upstream:
+        """The upstream at ``base_url`` (its API prefix included); named host:port by default."""
+        base = base_url.rstrip("/")
         origin = base[: -len("/v1")] if base.endswith("/v1") else base
         return cls(name or urlsplit(base).netloc, base, origin)
 

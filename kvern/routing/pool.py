@@ -157,7 +157,7 @@ class UpstreamPool:
             Replica(
                 index=i,
                 entry=e,
-                upstream=Upstream(e.name, e.url, _origin(e.url)),
+                upstream=Upstream.at(e.url, e.name),
                 breaker=Breaker(health.failure_threshold, health.open_s),
             )
             for i, e in enumerate(entries)
@@ -172,8 +172,3 @@ class UpstreamPool:
 
     def caches(self) -> list[UpstreamCache]:
         return [r.cache for r in self.replicas]
-
-
-def _origin(base_url: str) -> str:
-    base = base_url.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
