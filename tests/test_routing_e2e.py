@@ -8,6 +8,7 @@ what they report cached is what kvern's routing should have earned.
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -209,6 +210,10 @@ def test_no_reachable_upstream_is_a_clear_503(
     assert body["error"]["code"] == "no_healthy_upstream"
     assert "r0" in message and "r1" in message and "circuit open" in message
     assert health.status_code == 503 and health.json()["status"] == "down"
+    rows = sqlite3.connect(tmp_path / "kvern.db").execute(
+        "SELECT upstream, status, error FROM requests ORDER BY ts_s"
+    ).fetchall()
+    assert rows[-1] == ("-", 503, "no_healthy_upstream")  # refused, and still recorded
 
 
 def test_a_model_no_upstream_serves_is_refused_by_name(

@@ -142,7 +142,13 @@ async def _forward(services: Services, request: Request) -> Response:
         upstream=services.upstream.name,
     )
     track = _Tracking(services, ctx, body) if ctx.model is not None else None
-    route = await services.router.route(ctx, body, request.headers, len(raw))
+    try:
+        route = await services.router.route(ctx, body, request.headers, len(raw))
+    except KvernError as exc:  # no upstream to send it to: still one analytics row
+        ctx.upstream = "-"
+        if track is not None:
+            track.done(exc.status_code, exc.code, None, b"", "")
+        raise
     ctx.route_reason = route.choice.reason
     ctx.route_load = route.choice.load
     headers_out = forward_headers(
