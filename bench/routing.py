@@ -537,7 +537,11 @@ def print_routing(h: Harness, url: str, name: str) -> None:
         return
     reasons = (routing.get("routing") or {}).get("reasons", {})
     timeouts = (health.get("routing") or {}).get("decision_timeouts")
-    print(f"  {name}: reasons {reasons}, decision timeouts {timeouts}", flush=True)
+    waits = (health.get("routing") or {}).get("decision_ms")
+    print(
+        f"  {name}: reasons {reasons}, decision timeouts {timeouts}, decision ms {waits}",
+        flush=True,
+    )
     for u in (health.get("routing") or {}).get("upstreams", []):
         for cache in u.get("cache", {}).values():
             print(

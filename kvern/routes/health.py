@@ -99,6 +99,18 @@ def upstreams_view(services: Services) -> list[dict[str, Any]]:
     return out
 
 
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of the recent decision waits (ms); None before the first."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 3)}
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     services: Services = request.app.state.services
@@ -111,6 +123,7 @@ async def health(request: Request) -> Response:
         routing: dict[str, Any] | None = {
             "policy": services.router.policy,
             "decision_timeouts": services.router.num_decision_timeouts,
+            "decision_ms": _percentiles(list(services.router.decision_ms)),
             "upstreams": upstreams,
         }
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,9 @@ class Router:
         self._rr = RoundRobin()
         self._turn = 0
         self.num_decision_timeouts = 0
+        # The last cache-aware decisions' waits (ms), for /health: what routing
+        # adds before a request is sent.
+        self.decision_ms: deque[float] = deque(maxlen=1024)
 
     # -- candidates ------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class Router:
             reserved.append(uncached)
             return choice
 
+        started = time.perf_counter()
         pending = self._tracker.route(ctx, body, decide)
         if pending is None:
             return None
@@ -169,8 +174,10 @@ class Router:
             )
         except TimeoutError:
             self.num_decision_timeouts += 1
+            self.decision_ms.append(self.config.decision_timeout_ms)
             pending.add_done_callback(lambda f: self._release_late(ctx, f, reserved))
             return None
+        self.decision_ms.append((time.perf_counter() - started) * 1000.0)
         if choice is None:
             return None
         return RouteState(choice, choice.replica, reserved[0])
