@@ -285,19 +285,20 @@ class TokenizerRegistry:
         if slot.value is not None:
             return self._loaded(model, slot.value)
         if slot.future is None:
-            loop = asyncio.get_running_loop()
-            slot.future = loop.create_future()
-            try:
-                value = await asyncio.to_thread(self._build, model, entry)
-            except BaseException as exc:
-                slot.future.set_exception(exc)
-                slot.future.exception()  # mark retrieved; waiters re-raise it
-                slot.future = None
-                raise
-            slot.value = value
-            slot.future.set_result(value)
-            return self._loaded(model, value)
+            # The load is a task of its own: a caller that is cancelled (a
+            # parity check stopped at shutdown) must not cancel it for the
+            # other callers waiting on the same load.
+            slot.future = asyncio.ensure_future(self._load(slot, model, entry))
         return self._loaded(model, await asyncio.shield(slot.future))
+
+    async def _load(self, slot: _Slot, model: str, entry: TokenizerEntry | None) -> ModelTokenizer:
+        try:
+            value = await asyncio.to_thread(self._build, model, entry)
+        except BaseException:
+            slot.future = None  # the next caller tries again
+            raise
+        slot.value = value
+        return value
 
     def _loaded(self, model: str, value: ModelTokenizer) -> ModelTokenizer:
         """Tell ``on_loaded``, the first time only, that ``model``'s tokenizer is ready."""

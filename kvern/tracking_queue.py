@@ -104,13 +104,19 @@ class TrackingQueue:
 
     async def _load_then_release(self, model: str) -> None:
         """Load a model's tokenizer off the loop, then release its queued jobs in order."""
+        cancelled: asyncio.CancelledError | None = None
         try:
             tok = await self._registry.get(model)
+        except asyncio.CancelledError as exc:  # shutdown: the queued jobs must still end
+            cancelled = exc
+            tok = ModelTokenizer(None, source=None, error="cancelled")
         except Exception as exc:  # noqa: BLE001 - the registry falls back; this is a bug guard
             self._count_error("load", exc)
             tok = ModelTokenizer(None, source=None, error=f"{type(exc).__name__}")
         for action in self._waiting.pop(model, []):
             action(tok)
+        if cancelled is not None:
+            raise cancelled
 
     def _job_done(self, _: Any) -> None:
         # Runs on the tracking thread; the counter is only a soft backlog limit.

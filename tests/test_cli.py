@@ -88,3 +88,28 @@ def test_sigterm_loses_no_analytics_row(
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     count = sqlite3.connect(tmp_path / "kvern.db").execute("SELECT count(*) FROM requests")
     assert count.fetchone() == (40,)
+
+
+def test_sigterm_while_the_tokenizer_still_loads_exits_and_keeps_the_row(
+    tmp_path: Path, upstream: tuple[str, FakeVLLMState], tokenizer_fixtures: dict[str, Any]
+) -> None:
+    # An exact name: the parity check starts loading the tokenizer at start-up,
+    # and the first request's tracking waits on that same load. Stopping then
+    # used to cancel the load for both, and shutdown waited forever.
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"upstream:\n  base_url: {upstream[0]}/v1\n"
+        f"tokenizers:\n  models:\n    'qwen2.5:7b': {tokenizer_fixtures['qwen2'].directory}\n",
+        encoding="utf-8",
+    )
+    with kvern_process(["-m", "kvern", "serve", "--config", str(config)], tmp_path) as (proc, url):
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    count = sqlite3.connect(tmp_path / "kvern.db").execute("SELECT count(*) FROM requests")
+    assert count.fetchone() == (1,)

@@ -53,6 +53,33 @@ async def test_concurrent_first_requests_share_one_load_off_the_event_loop(
     assert len(threads) == 1
 
 
+async def test_a_cancelled_caller_does_not_cancel_the_load_others_wait_for(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    # A parity check cancelled at shutdown was the first caller; tracking
+    # waited on the same load and, cancelled with it, never released its jobs.
+    started = threading.Event()
+    release = threading.Event()
+
+    def loader(entry: TokenizerEntry) -> Any:
+        started.set()
+        release.wait(10)
+        return load_hf_tokenizer(entry)
+
+    registry = TokenizerRegistry(
+        config_for({"m": str(tokenizer_fixtures["qwen2"].directory)}), loader=loader
+    )
+    first = asyncio.ensure_future(registry.get("m"))
+    second = asyncio.ensure_future(registry.get("m"))
+    await asyncio.to_thread(started.wait, 10)
+    first.cancel()
+    release.set()
+    tok = await second
+    assert first.cancelled()
+    assert tok.kind == "exact"
+    assert registry.loaded("m") is tok
+
+
 async def test_failed_load_falls_back_and_says_why() -> None:
     def loader(entry: TokenizerEntry) -> Any:
         raise OSError("gated repo: 401")
