@@ -120,7 +120,6 @@ async def send_with_failover(
         ctx.route_attempts = current.attempts
         if current is not route:
             replica.load.reserve(ctx.request_id, current.prefill_tokens, services.clock())
-        attempt: Attempt | None = None
         if not monitor.acquire(replica):
             replica.load.end(ctx.request_id)
             last_error = NoHealthyUpstream(f"upstream {replica.name}: circuit open")
@@ -130,19 +129,20 @@ async def send_with_failover(
         try:
             attempt = await _try_once(services, request, ctx, current, headers, raw)
         except KvernError as exc:
-            current.replica.load.end(ctx.request_id)
+            replica.load.end(ctx.request_id)
             monitor.failed(replica, exc.message)
             replica.counters.failures += 1
             if not _retryable(exc):
                 raise
             last_error = exc
+            nxt = router.next_attempt(current, tried)
         except BaseException:
-            current.replica.load.end(ctx.request_id)
+            replica.load.end(ctx.request_id)
             raise
         else:
             status = attempt.response.status_code
             nxt = router.next_attempt(current, tried) if status in retry_statuses else None
-            if nxt is None:
+            if nxt is None:  # relayed as it is: a success, or the last upstream's answer
                 if status < 500:
                     monitor.succeeded(replica)
                 elif status in retry_statuses:
@@ -152,11 +152,6 @@ async def send_with_failover(
             attempt.end(ctx)
             monitor.failed(replica, f"answered {status}")
             replica.counters.failures += 1
-            last_error = None
-            replica.counters.failovers += 1
-            current = nxt
-            continue
-        nxt = router.next_attempt(current, tried)
         if nxt is not None:
             replica.counters.failovers += 1
         current = nxt
