@@ -478,7 +478,7 @@ def test_load_end_after_the_first_byte_releases_a_decode() -> None:
 
     load.first_byte("r1")
     assert (load.in_flight, load.prefill_tokens, load.decoding) == (1, 0, 1)
-    assert load.tokens(decode_load_tokens=64) == 64
+    assert load.snapshot().tokens(decode_load_tokens=64) == 64
     load.end("r1")
 
     assert (load.in_flight, load.prefill_tokens, load.decoding) == (0, 0, 0)

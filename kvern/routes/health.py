@@ -67,7 +67,7 @@ def upstreams_view(services: Services) -> list[dict[str, Any]]:
                     "in_flight": load.in_flight,
                     "prefill_tokens": load.prefill_tokens,
                     "decoding": load.decoding,
-                    "tokens": load.prefill_tokens + decode * load.decoding,
+                    "tokens": load.tokens(decode),
                 },
                 "requests": r.counters.requests,
                 "failures": r.counters.failures,

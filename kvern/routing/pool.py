@@ -33,6 +33,14 @@ class LoadSnapshot:
     prefill_tokens: int
     decoding: int
 
+    def tokens(self, decode_load_tokens: int) -> int:
+        """The load in prompt-token equivalents: uncached prefill, plus one decode per request.
+
+        Every request in flight counts, queued ones too: each holds a decode
+        slot, or will once it leaves the replica's queue.
+        """
+        return self.prefill_tokens + decode_load_tokens * self.in_flight
+
 
 class Load:
     """A replica's work in flight, shared by the event loop and the tracking thread.
@@ -58,10 +66,6 @@ class Load:
     def snapshot(self) -> LoadSnapshot:
         with self._lock:
             return LoadSnapshot(self.in_flight, self.prefill_tokens, self.decoding)
-
-    def tokens(self, decode_load_tokens: int) -> int:
-        """The load in prompt-token equivalents."""
-        return self.prefill_tokens + decode_load_tokens * self.decoding
 
     def reserve(self, request_id: str, prefill_tokens: int, now_s: float) -> None:
         """``request_id`` was routed here with this many uncached prompt tokens."""

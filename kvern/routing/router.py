@@ -56,7 +56,7 @@ def replica_candidate(replica: Replica, decode_load_tokens: int, now_s: float) -
     work ahead of it, shared by the slots.
     """
     snap = replica.load.snapshot()
-    load = snap.prefill_tokens + decode_load_tokens * snap.in_flight
+    load = snap.tokens(decode_load_tokens)
     slots = replica.entry.max_concurrency
     if slots:
         queued = max(0, snap.in_flight + 1 - slots)
