@@ -106,10 +106,12 @@ class Router:
         self._turn += 1
         shift = self._turn % len(serving)
         serving = serving[shift:] + serving[:shift]
-        cands = []
-        for r in serving:
-            if len(self.pool) == 1 or r.breaker.available(time.monotonic()):
-                cands.append(replica_candidate(r, decode, self._clock()))
+        now, mono = self._clock(), time.monotonic()
+        cands = [
+            replica_candidate(r, decode, now)
+            for r in serving
+            if len(self.pool) == 1 or r.breaker.available(mono)
+        ]
         if not cands:
             states = "; ".join(
                 f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "
