@@ -15,8 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvern.config import EvictionConfig, TrieConfig
 from kvern.forest import ModelTrie, TrieForest
-from kvern.routing.book import PresenceBook
-from kvern.routing.presence import ModelPresence, PresenceStats, UpstreamCache
+from kvern.routing.book import PresenceBook, RouteHandle
+from kvern.routing.presence import ModelPresence, PresenceMatch, PresenceStats, UpstreamCache
 from kvern.trie import RadixTrie, TrieNode
 
 Seq = tuple[int, ...]
@@ -499,13 +499,21 @@ def make_book(*caches: UpstreamCache, trusted_before: float = float("inf")) -> P
     return PresenceBook(caches, learn=True, trusted_before=lambda name: trusted_before)
 
 
+def predict(
+    book: PresenceBook, mt: ModelTrie, ids: list[int], upstream: str, now_s: float
+) -> tuple[PresenceMatch, RouteHandle]:
+    """What the tracker does before inserting a prompt: match every upstream, then the handle."""
+    match = book.for_model(mt).match(ids)
+    return match, book.handle(match, upstream, now_s)
+
+
 def test_book_predicts_commits_and_settles_a_conversation(forest: TrieForest) -> None:
     a, b = cache("a", block_size=4), cache("b", block_size=4)
     book = make_book(a, b)
     mt = model_trie(forest)
     turn1 = list(range(1, 21))
 
-    match, handle = book.predict(mt, turn1, "a", now_s=1.0)
+    match, handle = predict(book, mt, turn1, "a", now_s=1.0)
     assert (handle.predicted, handle.trusted) == (0, 0)
     node = mt.trie.insert(turn1, 1.0).node
     book.commit(mt, node, "a", 1.0)
@@ -513,10 +521,10 @@ def test_book_predicts_commits_and_settles_a_conversation(forest: TrieForest) ->
     book.settle(mt, answer, handle, "a", reported=0, now_s=2.0)
 
     turn2 = turn1 + [21, 22, 23, 24, 25, 26]
-    match, handle = book.predict(mt, turn2, "a", now_s=3.0)
+    match, handle = predict(book, mt, turn2, "a", now_s=3.0)
     assert match.depth == {"a": 24}
     assert (handle.predicted, handle.trusted) == (24, 24)
-    _, handle_b = book.predict(mt, turn2, "b", now_s=3.0)
+    _, handle_b = predict(book, mt, turn2, "b", now_s=3.0)
     assert (handle_b.predicted, handle_b.trusted) == (0, 0)
 
 
@@ -540,7 +548,7 @@ def test_book_trusts_only_marks_older_than_the_upstreams_oldest_prefill(
     second = mt.trie.insert(list(range(1, 17)), 2.0).node
     book.commit(mt, second, "a", 2.0)
 
-    _, handle = book.predict(mt, list(range(1, 21)), "a", now_s=now_s)
+    _, handle = predict(book, mt, list(range(1, 21)), "a", now_s=now_s)
 
     assert (handle.predicted, handle.trusted) == (16, expected_trusted)
 
@@ -552,7 +560,7 @@ def test_book_settle_by_another_upstream_marks_it_without_correcting(forest: Tri
     node = mt.trie.insert(list(range(1, 17)), 1.0).node
     book.commit(mt, node, "a", 1.0)
     prompt = list(range(1, 21))
-    _, handle = book.predict(mt, prompt, "a", now_s=2.0)
+    _, handle = predict(book, mt, prompt, "a", now_s=2.0)
     node = mt.trie.insert(prompt, 2.0).node
     book.commit(mt, node, "a", 2.0)
 
@@ -567,7 +575,7 @@ def test_book_settle_of_an_evicted_node_marks_nothing(forest: TrieForest) -> Non
     book = make_book(cache("a"))
     mt = model_trie(forest)
     prompt = [1, 2, 3, 4]
-    _, handle = book.predict(mt, prompt, "a", now_s=1.0)
+    _, handle = predict(book, mt, prompt, "a", now_s=1.0)
     node = mt.trie.insert(prompt, 1.0).node
     mt.trie.evict(0, 2.0)
 
@@ -582,7 +590,7 @@ def test_book_handle_for_an_unknown_upstream_predicts_nothing(forest: TrieForest
     node = mt.trie.insert([1, 2, 3, 4], 1.0).node
     book.commit(mt, node, "a", 1.0)
 
-    _, handle = book.predict(mt, [1, 2, 3, 4, 5], "elsewhere", now_s=2.0)
+    _, handle = predict(book, mt, [1, 2, 3, 4, 5], "elsewhere", now_s=2.0)
 
     assert (handle.upstream, handle.predicted, handle.trusted, handle.marks) == (
         "elsewhere",

@@ -59,13 +59,6 @@ class PresenceBook:
             self._models[mt.model] = presence
         return presence
 
-    def predict(
-        self, mt: ModelTrie, ids: Sequence[int], upstream: str, now_s: float
-    ) -> tuple[PresenceMatch, RouteHandle]:
-        """Match ``ids`` on every upstream; the handle is for ``upstream``."""
-        match = self.for_model(mt).match(ids)
-        return match, self.handle(match, upstream, now_s)
-
     def handle(self, match: PresenceMatch, upstream: str, now_s: float) -> RouteHandle:
         """``upstream``'s prediction from ``match`` (before the request marks anything)."""
         cache = self.caches.get(upstream)
