@@ -76,6 +76,26 @@ def kvern(data: dict[str, Any]) -> Iterator[str]:
         yield url
 
 
+@contextmanager
+def routed(
+    tmp_path: Path,
+    hf_tokenizers: dict[str, Any],
+    tokenizer_fixtures: dict[str, Any],
+    *,
+    n: int = 4,
+    each: dict[str, Any] | None = None,
+    **routing: Any,
+) -> Iterator[tuple[str, list[tuple[str, ReplicaState]]]]:
+    """``n`` Qwen2 replicas and kvern routing over them; ``each`` is merged into every upstream."""
+    with replicas(hf_tokenizers["qwen2"], n=n) as reps:
+        tok_dir = str(tokenizer_fixtures["qwen2"].directory)
+        data = routed_config(tmp_path, [u for u, _ in reps], tok_dir, **routing)
+        for entry in data["upstreams"]:
+            entry.update(each or {})
+        with kvern(data) as url:
+            yield url, reps
+
+
 def client_for(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=20)
 
@@ -120,18 +140,14 @@ def analytics(url: str) -> dict[str, Any]:
 def test_cache_aware_keeps_each_session_on_one_replica_and_spreads_tenants(
     tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    tok = hf_tokenizers["qwen2"]
-    with replicas(tok) as reps:
-        urls = [u for u, _ in reps]
-        data = routed_config(tmp_path, urls, str(tokenizer_fixtures["qwen2"].directory))
-        with kvern(data) as url:
-            client_for(url).chat.completions.create(  # loads the tokenizer
-                model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=1
-            )
-            httpx.get(url + "/trie/visualize", timeout=30)
-            seen = run_sessions(url, tenants=8, turns=4)
-            report = analytics(url)
-            health = httpx.get(url + "/health").json()
+    with routed(tmp_path, hf_tokenizers, tokenizer_fixtures) as (url, _):
+        client_for(url).chat.completions.create(  # loads the tokenizer
+            model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=1
+        )
+        httpx.get(url + "/trie/visualize", timeout=30)
+        seen = run_sessions(url, tenants=8, turns=4)
+        report = analytics(url)
+        health = httpx.get(url + "/health").json()
     for tenant, turns in seen.items():
         homes = {upstream for upstream, _ in turns}
         assert len(homes) == 1, (tenant, turns)  # every turn found its prefix
@@ -153,12 +169,9 @@ def test_cache_aware_keeps_each_session_on_one_replica_and_spreads_tenants(
 def test_round_robin_scatters_sessions_and_recomputes_prefixes(
     tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    tok = hf_tokenizers["qwen2"]
-    with replicas(tok) as reps:
-        urls = [u for u, _ in reps]
-        tok_dir = str(tokenizer_fixtures["qwen2"].directory)
-        with kvern(routed_config(tmp_path, urls, tok_dir, policy="round_robin")) as url:
-            seen = run_sessions(url, tenants=3, turns=4)
+    routing = {"policy": "round_robin"}
+    with routed(tmp_path, hf_tokenizers, tokenizer_fixtures, **routing) as (url, reps):
+        seen = run_sessions(url, tenants=3, turns=4)
     for turns in seen.values():
         assert len({upstream for upstream, _ in turns}) > 1
     assert sum(s.prefill_tokens_computed for _, s in reps) > 0
@@ -167,21 +180,15 @@ def test_round_robin_scatters_sessions_and_recomputes_prefixes(
 def test_a_refusing_replica_is_failed_over_and_its_circuit_opens(
     tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    tok = hf_tokenizers["qwen2"]
-    with replicas(tok) as reps:
-        urls = [u for u, _ in reps]
+    routing = {"policy": "round_robin", "health": {"interval_s": 0}}
+    with routed(tmp_path, hf_tokenizers, tokenizer_fixtures, **routing) as (url, reps):
         reps[0][1].fail_mode = "refuse"
-        tok_dir = str(tokenizer_fixtures["qwen2"].directory)
-        data = routed_config(
-            tmp_path, urls, tok_dir, policy="round_robin", health={"interval_s": 0}
-        )
-        with kvern(data) as url:
-            client = client_for(url)
-            for i in range(12):
-                upstream, _, _ = chat_turn(client, [{"role": "user", "content": f"hi {i}"}])
-                assert upstream != "r0"
-            health = httpx.get(url + "/health").json()
-            report = analytics(url)
+        client = client_for(url)
+        for i in range(12):
+            upstream, _, _ = chat_turn(client, [{"role": "user", "content": f"hi {i}"}])
+            assert upstream != "r0"
+        health = httpx.get(url + "/health").json()
+        report = analytics(url)
     r0 = next(u for u in health["routing"]["upstreams"] if u["name"] == "r0")
     assert r0["circuit"] == "open" and r0["failures"] == 3 and "503" in r0["last_error"]
     assert health["status"] == "degraded"
@@ -210,27 +217,23 @@ def test_no_reachable_upstream_is_a_clear_503(
     assert body["error"]["code"] == "no_healthy_upstream"
     assert "r0" in message and "r1" in message and "circuit open" in message
     assert health.status_code == 503 and health.json()["status"] == "down"
-    rows = sqlite3.connect(tmp_path / "kvern.db").execute(
-        "SELECT upstream, status, error FROM requests ORDER BY ts_s"
-    ).fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "kvern.db")
+        .execute("SELECT upstream, status, error FROM requests ORDER BY ts_s")
+        .fetchall()
+    )
     assert rows[-1] == ("-", 503, "no_healthy_upstream")  # refused, and still recorded
 
 
 def test_a_model_no_upstream_serves_is_refused_by_name(
     tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    tok = hf_tokenizers["qwen2"]
-    with replicas(tok, n=2) as reps:
-        data = routed_config(
-            tmp_path, [u for u, _ in reps], str(tokenizer_fixtures["qwen2"].directory)
+    served = {"models": ["sim*"]}
+    with routed(tmp_path, hf_tokenizers, tokenizer_fixtures, n=2, each=served) as (url, _):
+        response = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "other", "messages": [{"role": "user", "content": "x"}]},
         )
-        for entry in data["upstreams"]:
-            entry["models"] = ["sim*"]
-        with kvern(data) as url:
-            response = httpx.post(
-                url + "/v1/chat/completions",
-                json={"model": "other", "messages": [{"role": "user", "content": "x"}]},
-            )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_served"
     assert "'other'" in response.json()["error"]["message"]
@@ -239,25 +242,21 @@ def test_a_model_no_upstream_serves_is_refused_by_name(
 def test_session_policy_sticks_to_the_header(
     tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    tok = hf_tokenizers["qwen2"]
-    with replicas(tok) as reps:
-        urls = [u for u, _ in reps]
-        tok_dir = str(tokenizer_fixtures["qwen2"].directory)
-        with kvern(routed_config(tmp_path, urls, tok_dir, policy="session")) as url:
-            homes: dict[str, set[str]] = {}
-            for i in range(24):
-                session = f"s{i % 6}"
-                r = httpx.post(
-                    url + "/v1/chat/completions",
-                    headers={"x-session-id": session},
-                    json={
-                        "model": MODEL,
-                        "messages": [{"role": "user", "content": f"q{i}"}],
-                        "max_tokens": 1,
-                    },
-                    timeout=20,
-                )
-                assert r.status_code == 200
-                homes.setdefault(session, set()).add(r.headers["x-kvern-upstream"])
+    with routed(tmp_path, hf_tokenizers, tokenizer_fixtures, policy="session") as (url, _):
+        homes: dict[str, set[str]] = {}
+        for i in range(24):
+            session = f"s{i % 6}"
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                headers={"x-session-id": session},
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"q{i}"}],
+                    "max_tokens": 1,
+                },
+                timeout=20,
+            )
+            assert r.status_code == 200
+            homes.setdefault(session, set()).add(r.headers["x-kvern-upstream"])
     assert all(len(h) == 1 for h in homes.values())
     assert len(set().union(*homes.values())) >= 2
