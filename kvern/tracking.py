@@ -232,29 +232,27 @@ class Tracker(TrackingQueue):
         predicted: int | None = None
         handle: Any = None
         backend_model, block_size = mt.cache_model.name, mt.cache_model.block_size
-        if self.presence is not None and insert:
-            match = self.presence.for_model(mt).match(prompt.ids)
-            if route is not None:
-                upstream = route(match, now)
-            handle = self.presence.handle(match, upstream, now)
-            predicted = handle.predicted
-            backend_model = "routed"
-            block_size = self.presence.caches[upstream].block_size
-            result = mt.trie.insert(prompt.ids, now)
-            mt.trie.lock(result.node)
-            self.presence.commit(mt, result.node, upstream, now)
-            mt.trie.maintain(mt.max_tokens, now)
-            matched, node = result.matched_tokens, result.node
-        elif insert:
-            # The cache model looks first: the trie must not yet hold this prompt.
-            start = mt.cache_model.start(mt.trie, prompt.ids, now)
-            predicted, handle = start.predicted_cached_tokens, start.handle
-            result = mt.trie.insert(prompt.ids, now)
-            mt.trie.lock(result.node)
-            mt.trie.maintain(mt.max_tokens, now)
-            matched, node = result.matched_tokens, result.node
-        else:
+        if not insert:
             matched = mt.trie.match(prompt.ids).matched_tokens
+        else:
+            # Predict first: the trie must not yet hold this prompt.
+            if self.presence is not None:
+                match = self.presence.for_model(mt).match(prompt.ids)
+                if route is not None:
+                    upstream = route(match, now)
+                handle = self.presence.handle(match, upstream, now)
+                predicted = handle.predicted
+                backend_model = "routed"
+                block_size = self.presence.caches[upstream].block_size
+            else:
+                start = mt.cache_model.start(mt.trie, prompt.ids, now)
+                predicted, handle = start.predicted_cached_tokens, start.handle
+            result = mt.trie.insert(prompt.ids, now)
+            mt.trie.lock(result.node)
+            if self.presence is not None:
+                self.presence.commit(mt, result.node, upstream, now)
+            mt.trie.maintain(mt.max_tokens, now)
+            matched, node = result.matched_tokens, result.node
         self.stats.num_tracked += 1
         return Prediction(
             prompt_tokens=len(prompt.ids),
