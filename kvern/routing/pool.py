@@ -138,14 +138,15 @@ class Replica:
     breaker: Breaker
     load: Load = field(default_factory=Load)
     counters: ReplicaCounters = field(default_factory=ReplicaCounters)
+    # What its prefix cache holds, as configured (built once: read per decision).
+    cache: UpstreamCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = UpstreamCache(self.name, self.entry.kv_capacity_tokens, self.entry.block_size)
 
     @property
     def name(self) -> str:
         return self.entry.name
-
-    @property
-    def cache(self) -> UpstreamCache:
-        return UpstreamCache(self.name, self.entry.kv_capacity_tokens, self.entry.block_size)
 
     def serves(self, model: str | None) -> bool:
         if model is None:

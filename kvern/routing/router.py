@@ -156,9 +156,8 @@ class Router:
 
         def decide(match: PresenceMatch, now: float) -> Choice:
             cands = self.candidates(ctx.model)
-            caches = {c.replica.name: c.replica.cache for c in cands}
             for c in cands:
-                c.cached = match.cached(caches[c.replica.name])
+                c.cached = match.cached(c.replica.cache)
                 c.fill = match.fill.get(c.replica.name, 0.0)
             choice = cache_aware(cands, match.num_tokens, self.config)
             uncached = max(1, match.num_tokens - choice.cached)
