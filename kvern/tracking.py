@@ -121,13 +121,8 @@ class Tracker(TrackingQueue):
         if self._pending >= self._max_pending:
             self.stats.num_skipped_backlog += 1
             return
-        self._pending += 1
         model, endpoint = ctx.model, ctx.endpoint
-        job: Future[Prediction | None] = Future()
-        job.add_done_callback(self._job_done)
-        ctx.prediction_job = job
-        ctx.prediction = asyncio.wrap_future(job)
-
+        job = self._new_prediction_job(ctx)
         upstream = ctx.upstream
 
         def submit(tok: ModelTokenizer) -> None:
@@ -138,6 +133,15 @@ class Tracker(TrackingQueue):
             inner.add_done_callback(lambda f: job.set_result(f.result()))
 
         self._in_order(model, submit)
+
+    def _new_prediction_job(self, ctx: RequestContext) -> Future[Prediction | None]:
+        """The future ``ctx``'s prediction lands in; counted in the backlog until it does."""
+        self._pending += 1
+        job: Future[Prediction | None] = Future()
+        job.add_done_callback(self._job_done)
+        ctx.prediction_job = job
+        ctx.prediction = asyncio.wrap_future(job)
+        return job
 
     def route(
         self,
@@ -164,11 +168,7 @@ class Tracker(TrackingQueue):
         tok = self._registry.loaded(model) if model not in self._waiting else None
         if tok is None:
             return None
-        self._pending += 1
-        job: Future[Prediction | None] = Future()
-        job.add_done_callback(self._job_done)
-        ctx.prediction_job = job
-        ctx.prediction = asyncio.wrap_future(job)
+        job = self._new_prediction_job(ctx)
         chosen: Future[Any] = Future()
 
         def pick(match: PresenceMatch, now: float) -> str:
