@@ -1,7 +1,11 @@
 """Forwarding: the client's bytes go upstream unchanged, the answer comes back as it arrives.
 
 The request is sent upstream before any tracking work is done; tracking is
-started beside it (:class:`~kvern.tracking.Tracker`). Streaming answers are
+started beside it (:class:`~kvern.tracking.Tracker`). The one exception is a
+cache-aware choice among several upstreams, which needs the prompt's prefix
+match first (bounded by ``routing.decision_timeout_ms``; see
+:mod:`kvern.routing.router`); sending and failover are in
+:mod:`kvern.routes.sending`. Streaming answers are
 relayed chunk by chunk with no buffering; the relay keeps a bounded copy of
 the bytes for the side reader that extracts usage and cached-token figures
 after the stream ends. A client that goes away closes the upstream response,
@@ -178,8 +182,7 @@ async def _forward(services: Services, request: Request) -> Response:
     headers["x-kvern-request-id"] = ctx.request_id
     headers["x-kvern-upstream"] = attempt.route.replica.name
     content_type = upstream_response.headers.get("content-type", "")
-    is_stream = "event-stream" in content_type or "ndjson" in content_type or ctx.stream
-    if not is_stream:
+    if not attempt.is_stream:
         return await _relay_whole(services, ctx, attempt, headers, content_type, track)
     return StreamingResponse(
         _relay_stream(services, ctx, attempt, content_type, track),
@@ -255,7 +258,8 @@ async def _relay_stream(
     ttfb_ms: float | None = None
     error: str | None = None
     status = upstream_response.status_code
-    chunks = attempt.chunks if attempt.chunks is not None else upstream_response.aiter_raw()
+    chunks = attempt.chunks
+    assert chunks is not None, "a stream's attempt holds its chunks"
     try:
         with mapped_errors(replica.upstream):
             pending = attempt.first

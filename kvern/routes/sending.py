@@ -69,13 +69,15 @@ async def _send_unless_disconnected(request: Request, send: Coroutine[Any, Any, 
 class Attempt:
     """The upstream response being relayed, with its first chunk already read (streams)."""
 
-    def __init__(
-        self, route: RouteState, response: httpx.Response, first: bytes | None = None
-    ) -> None:
+    def __init__(self, route: RouteState, response: httpx.Response) -> None:
         self.route = route
         self.response = response
-        self.first = first
-        self.chunks: AsyncIterator[bytes] | None = None
+        self.first: bytes | None = None  # a stream's first chunk, read before any header
+        self.chunks: AsyncIterator[bytes] | None = None  # the rest of a stream; None: whole
+
+    @property
+    def is_stream(self) -> bool:
+        return self.chunks is not None
 
     def end(self, ctx: RequestContext) -> None:
         """Release the load this request put on its upstream (idempotent per stage)."""
@@ -181,6 +183,7 @@ async def _try_once(
         )
     attempt = Attempt(route, response)
     content_type = response.headers.get("content-type", "")
+    # What the client asked for, or what the upstream sends (Ollama streams by default).
     if not ("event-stream" in content_type or "ndjson" in content_type or ctx.stream):
         return attempt
     chunks = response.aiter_raw()
