@@ -193,3 +193,17 @@ class BreakerMachine(RuleBasedStateMachine):
 
 BreakerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_breaker_follows_its_state_machine_in_any_sequence = BreakerMachine.TestCase
+
+
+def test_a_breaker_that_may_not_open_counts_failures_and_keeps_letting_requests_through() -> None:
+    breaker = Breaker(failure_threshold=2, open_s=10.0, opens=False)  # a lone upstream's
+
+    opened = [breaker.failure("refused", now_s=float(t)) for t in range(5)]
+
+    assert opened == [False] * 5
+    assert (breaker.state, breaker.consecutive_failures, breaker.last_error) == (
+        "closed",
+        5,
+        "refused",
+    )
+    assert breaker.available(5.0) and breaker.acquire(5.0) and breaker.acquire(5.0)

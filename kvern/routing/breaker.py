@@ -27,6 +27,9 @@ class Breaker:
 
     failure_threshold: int
     open_s: float
+    # False: failures are counted but never open the circuit. A lone upstream
+    # has nowhere else to send to; refusing would only turn its errors into 503s.
+    opens: bool = True
     state: BreakerState = "closed"
     consecutive_failures: int = 0
     opened_at_s: float = 0.0
@@ -63,6 +66,8 @@ class Breaker:
         self.last_error = reason
         self.consecutive_failures += 1
         self._trial_in_flight = False
+        if not self.opens:
+            return False
         if self.state == "half_open" or (
             self.state == "closed" and self.consecutive_failures >= self.failure_threshold
         ):

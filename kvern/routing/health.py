@@ -66,7 +66,7 @@ class HealthMonitor:
 
     def acquire(self, replica: Replica) -> bool:
         """Permission to send to ``replica`` now (a half-open circuit lets one trial through)."""
-        return len(self.pool) == 1 or replica.breaker.acquire(self._clock())
+        return replica.breaker.acquire(self._clock())
 
     # -- active ------------------------------------------------------------------
 

@@ -163,7 +163,7 @@ class UpstreamPool:
                 index=i,
                 entry=e,
                 upstream=Upstream.at(e.url, e.name),
-                breaker=Breaker(health.failure_threshold, health.open_s),
+                breaker=Breaker(health.failure_threshold, health.open_s, opens=len(entries) > 1),
             )
             for i, e in enumerate(entries)
         ]

@@ -107,11 +107,7 @@ class Router:
         shift = self._turn % len(serving)
         serving = serving[shift:] + serving[:shift]
         now, mono = self._clock(), time.monotonic()
-        cands = [
-            replica_candidate(r, decode, now)
-            for r in serving
-            if len(self.pool) == 1 or r.breaker.available(mono)
-        ]
+        cands = [replica_candidate(r, decode, now) for r in serving if r.breaker.available(mono)]
         if not cands:
             states = "; ".join(
                 f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "
