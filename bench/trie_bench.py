@@ -206,8 +206,8 @@ def run_tokenization_bench(quick: bool) -> dict[str, float]:
     """
     from transformers import AutoTokenizer
 
-    from kvern.incremental import SegmentTokenizer
-    from kvern.render import render_chat
+    from kvern.prompt.render import render_chat
+    from kvern.tokenize.incremental import SegmentTokenizer
     from tests.assets import tokenizer_fixture
 
     hf = AutoTokenizer.from_pretrained(str(tokenizer_fixture("llama3").directory))

@@ -24,8 +24,7 @@ from kvern import __version__
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.errors import BadRequest, KvernError, error_response
-from kvern.forest import TrieForest
-from kvern.parity import ParityChecker
+from kvern.parity.checker import ParityChecker
 from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
@@ -35,9 +34,10 @@ from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
 from kvern.services import Services
-from kvern.tokenization import TokenizerRegistry
-from kvern.tracking import Tracker
-from kvern.upstream import build_client
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.forest import TrieForest
+from kvern.tracking.tracker import Tracker
+from kvern.upstream.client import build_client
 
 logger = logging.getLogger(__name__)
 

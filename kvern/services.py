@@ -15,14 +15,14 @@ import httpx
 
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
-from kvern.forest import TrieForest
-from kvern.parity import ParityChecker
+from kvern.parity.checker import ParityChecker
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
-from kvern.tokenization import TokenizerRegistry
-from kvern.tracking import Tracker
-from kvern.upstream import Upstream
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.forest import TrieForest
+from kvern.tracking.tracker import Tracker
+from kvern.upstream.client import Upstream
 
 
 @dataclass(slots=True)

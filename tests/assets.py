@@ -134,7 +134,7 @@ def tokenizer_fixture(name: str) -> TokenizerFixture:
     template = models / "templates" / template_name
     target = cache_root() / "tokenizers" / f"{name}-{LLAMA_CPP_PYTHON_VERSION}-{_FIXTURE_FORMAT}"
     if not (target / ".complete").exists():
-        from kvern.gguf_tokenizer import build_tokenizer_from_gguf
+        from kvern.tokenize.gguf import build_tokenizer_from_gguf
 
         tokenizer = build_tokenizer_from_gguf(gguf)
         tokenizer.chat_template = template.read_text(encoding="utf-8")

@@ -23,17 +23,12 @@ import pytest
 from kvern.analytics.parity_rows import ParityRow, latest_parity
 from kvern.analytics.store import AnalyticsStore
 from kvern.app import create_app
-from kvern.config import (
-    KvernConfig,
-    TokenizerEntry,
-    TokenizersConfig,
-    UpstreamConfig,
-    parse_config,
-)
-from kvern.parity import ParityChecker, ParityReport, check_parity, default_samples, is_glob
+from kvern.config import KvernConfig, TokenizerEntry, TokenizersConfig, UpstreamConfig, parse_config
+from kvern.parity.checker import ParityChecker, ParityReport, check_parity, default_samples, is_glob
 from kvern.services import Services
-from kvern.tokenization import ModelTokenizer, TokenizerRegistry, load_hf_tokenizer
-from kvern.upstream import Upstream
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tokenize.registry import TokenizerRegistry, load_hf_tokenizer
+from kvern.upstream.client import Upstream
 from tests import assets
 from tests.fake_vllm import create_fake_vllm
 from tests.llama_server import llama_server, tiny_model

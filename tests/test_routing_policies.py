@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvern.config_routing import HealthConfig, RoutingConfig, UpstreamEntry
+from kvern.config import HealthConfig, RoutingConfig, UpstreamEntry
 from kvern.routing.policies import (
     Candidate,
     Choice,

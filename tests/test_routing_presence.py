@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvern.config import EvictionConfig, TrieConfig
-from kvern.forest import ModelTrie, TrieForest
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import ModelPresence, PresenceMatch, PresenceStats, UpstreamCache
+from kvern.tracking.forest import ModelTrie, TrieForest
 from kvern.trie import RadixTrie, TrieNode
+from kvern.trie.invariants import check_trie
 
 Seq = tuple[int, ...]
 
@@ -55,7 +56,7 @@ def put(
 
 
 def check(trie: RadixTrie, presence: ModelPresence) -> None:
-    trie.check_invariants()
+    check_trie(trie)
     presence.check_invariants()
 
 
@@ -687,7 +688,7 @@ class PresenceMachine(RuleBasedStateMachine):
 
     @invariant()
     def recounts(self) -> None:
-        self.trie.check_invariants()
+        check_trie(self.trie)
         self.presence.check_invariants()
 
     @invariant()

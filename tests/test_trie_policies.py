@@ -15,6 +15,7 @@ from kvern.trie import (
     TTLPolicy,
     make_policy,
 )
+from kvern.trie.invariants import check_trie
 
 # A 47-token shared system prompt and a 4-token one-off, with disjoint ids.
 SYSTEM_PROMPT = list(range(1000, 1047))
@@ -30,13 +31,13 @@ def hit(trie: RadixTrie, tokens: list[int], *times_s: float) -> None:
     """Insert ``tokens`` once at each of ``times_s``, checking invariants."""
     for now_s in times_s:
         trie.insert(tokens, now_s)
-        trie.check_invariants()
+        check_trie(trie)
 
 
 def evict_all(trie: RadixTrie, now_s: float) -> list[list[int]]:
     """Evict everything; the evicted prefixes in order."""
     evicted = trie.evict(0, now_s)
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.num_tokens == 0
     return [e.tokens for e in evicted]
 
@@ -68,7 +69,7 @@ def test_cost_aware_keeps_deep_hot_system_prompt_over_recent_one_off() -> None:
 def test_cost_aware_frees_budget_from_the_one_off_first() -> None:
     trie = seed_scenario(make_policy("cost_aware"))
     assert trie.evict(47, 1000.0) == [EvictedPrefix(ONE_OFF, 4)]
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.match(SYSTEM_PROMPT).matched_tokens == 47
 
 
@@ -248,7 +249,7 @@ def test_cost_aware_clock_retires_a_once_hot_idle_leaf_where_lfu_never_does() ->
         for at_s, tokens in enumerate(newcomers, start=1):
             hit(trie, tokens, float(at_s))
             evicted += [e.tokens for e in trie.evict(5, float(at_s))]
-            trie.check_invariants()
+            check_trie(trie)
         return evicted
 
     assert rounds(make_policy("cost_aware")) == [newcomers[0], newcomers[1], hot]
@@ -316,7 +317,7 @@ def test_ttl_policy_expires_idle_leaves_regardless_of_capacity() -> None:
     hit(trie, run(300, 3), 100.0)
     assert trie.evict(1_000_000, 160.0) == []  # plenty of room
     evicted = trie.expire(160.0)  # cutoff 60
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [EvictedPrefix(run(100, 3), 3), EvictedPrefix(run(200, 3), 3)]
     assert trie.num_tokens == 3
 
@@ -334,15 +335,15 @@ def test_lru_with_ttl_expires_and_still_evicts_by_recency() -> None:
     hit(trie, run(200, 3), 150.0)
     hit(trie, run(300, 3), 160.0)
     assert [e.tokens for e in trie.expire(170.0)] == [run(100, 3)]
-    trie.check_invariants()
+    check_trie(trie)
     assert [e.tokens for e in trie.evict(3, 170.0)] == [run(200, 3)]
-    trie.check_invariants()
+    check_trie(trie)
 
 
 def test_cost_aware_with_ttl_expires_even_the_valuable_deep_node() -> None:
     trie = seed_scenario(make_policy("cost_aware", ttl_s=300.0))
     assert trie.expire(1000.0) == [EvictedPrefix(SYSTEM_PROMPT, 47)]
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.match(ONE_OFF).matched_tokens == 4
 
 
@@ -368,7 +369,7 @@ def test_maintain_with_cost_aware_ttl_expires_then_evicts() -> None:
     hit(trie, SYSTEM_PROMPT, 150.0, 151.0)  # valuable: kept
     hit(trie, ONE_OFF, 152.0)  # cheap: evicted to make room
     removed = trie.maintain(50, 152.0, low_watermark=1.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert removed == 14
     assert trie.match(SYSTEM_PROMPT).matched_tokens == 47
     assert trie.num_tokens == 47

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvern.trie import CostAwarePolicy, EvictedPrefix, RadixTrie, TrieNode, make_policy
+from kvern.trie.invariants import check_trie
 
 Seq = tuple[int, ...]
 
@@ -184,7 +185,7 @@ class TrieMachine(RuleBasedStateMachine):
 
     @invariant()
     def counters_match_a_recount(self) -> None:
-        self.trie.check_invariants()
+        check_trie(self.trie)
 
     @invariant()
     def cost_aware_clock_rises_and_credits_stay_non_negative(self) -> None:
@@ -225,7 +226,7 @@ def test_stats_and_matches_agree_with_reference_without_eviction(
     for at_s, seq in enumerate(inserted):
         expected = reference_match(inserted[:at_s], seq)
         assert trie.insert(list(seq), float(at_s)).matched_tokens == expected
-        trie.check_invariants()
+        check_trie(trie)
     for query in [*inserted, *queries]:
         assert trie.match(query).matched_tokens == reference_match(inserted, query)
     stack = list(trie.root.children.values())

@@ -14,6 +14,8 @@ from kvern.trie import (
     TrieNode,
     make_policy,
 )
+from kvern.trie.invariants import check_trie
+from kvern.trie.report import hot_prefixes, measure
 
 
 def make_trie(*sequences: list[int], policy: LRUPolicy | None = None) -> RadixTrie:
@@ -21,7 +23,7 @@ def make_trie(*sequences: list[int], policy: LRUPolicy | None = None) -> RadixTr
     trie = RadixTrie(policy)
     for at_s, tokens in enumerate(sequences, start=1):
         trie.insert(tokens, float(at_s))
-        trie.check_invariants()
+        check_trie(trie)
     return trie
 
 
@@ -42,7 +44,7 @@ def edges(trie: RadixTrie) -> dict[tuple[int, ...], list[int]]:
 def test_insert_into_empty_trie_adds_one_leaf() -> None:
     trie = RadixTrie()
     result = trie.insert([1, 2, 3], 1.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (0, 3)
     assert result.node.key.tolist() == [1, 2, 3]
     assert result.node.depth == 3
@@ -54,7 +56,7 @@ def test_insert_into_empty_trie_adds_one_leaf() -> None:
 def test_insert_empty_sequence_is_a_noop_returning_root() -> None:
     trie = make_trie([1, 2])
     result = trie.insert([], 5.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert result.node is trie.root
     assert (result.matched_tokens, result.new_tokens) == (0, 0)
     assert trie.root.hit_count == 1
@@ -65,7 +67,7 @@ def test_reinsert_same_sequence_matches_all_and_adds_nothing() -> None:
     trie = make_trie([1, 2, 3])
     first = trie.match([1, 2, 3]).node
     result = trie.insert([1, 2, 3], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (3, 0)
     assert result.node is first
     assert first.hit_count == 2
@@ -76,7 +78,7 @@ def test_reinsert_same_sequence_matches_all_and_adds_nothing() -> None:
 def test_extension_appends_a_child_leaf() -> None:
     trie = make_trie([1, 2, 3])
     result = trie.insert([1, 2, 3, 4, 5], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (3, 2)
     assert edges(trie) == {(1, 2, 3): [1, 2, 3], (1, 2, 3, 4, 5): [4, 5]}
     assert result.node.parent is trie.match([1, 2, 3]).node
@@ -87,7 +89,7 @@ def test_partial_match_splits_node_and_keeps_counts() -> None:
     trie.insert([1, 2, 3, 4, 5], 2.0)  # the original node now has 2 hits
     original = trie.match([1, 2, 3, 4, 5]).node
     result = trie.insert([1, 2, 3, 9, 9], 3.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (3, 2)
     assert edges(trie) == {(1, 2, 3): [1, 2, 3], (1, 2, 3, 4, 5): [4, 5], (1, 2, 3, 9, 9): [9, 9]}
     upper = original.parent
@@ -105,7 +107,7 @@ def test_partial_match_splits_node_and_keeps_counts() -> None:
 def test_insert_ending_inside_an_edge_splits_and_returns_upper_node() -> None:
     trie = make_trie([1, 2, 3, 4, 5])
     result = trie.insert([1, 2], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (2, 0)
     assert result.node.key.tolist() == [1, 2]
     assert result.node.depth == 2
@@ -116,7 +118,7 @@ def test_insert_ending_inside_an_edge_splits_and_returns_upper_node() -> None:
 def test_divergence_at_first_token_adds_sibling_under_root() -> None:
     trie = make_trie([1, 2, 3])
     result = trie.insert([7, 2, 3], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (result.matched_tokens, result.new_tokens) == (0, 3)
     assert sorted(trie.root.children) == [1, 7]
     assert trie.root.hit_count == 2
@@ -129,7 +131,7 @@ def test_split_copies_lock_ref_score_and_upstreams() -> None:
     lower.score = 4.5
     trie.lock(lower)
     trie.insert([1, 2, 9], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     upper = lower.parent
     assert upper is not None and upper is not trie.root
     assert upper.lock_ref == 1
@@ -164,7 +166,7 @@ def test_match_is_read_only() -> None:
     before = edges(trie)
     hits = [n.hit_count for n in (trie.root, *trie.root.children.values())]
     result = trie.match([1, 2, 3])  # ends inside an edge: no split
-    trie.check_invariants()
+    check_trie(trie)
     assert result.matched_tokens == 3
     assert result.node.key.tolist() == [3, 4]  # the partially matched node
     assert edges(trie) == before
@@ -200,7 +202,7 @@ def test_long_edges_split_at_exact_divergence_point() -> None:
         other = base[:cut] + [-1]
         assert trie.match(other).matched_tokens == cut
     result = trie.insert(base[:1234] + [7, 7], 2.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert result.matched_tokens == 1234
     assert trie.match(base).matched_tokens == 2000
 
@@ -218,7 +220,7 @@ def test_clock_going_backwards_is_clamped_to_latest_seen() -> None:
     trie = make_trie([1, 2, 3])
     trie.insert([1, 2, 3], 10.0)
     result = trie.insert([1, 5], 4.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert result.node.first_seen_s == 10.0
     assert result.node.parent is not None and result.node.parent.last_access_s == 10.0
 
@@ -246,12 +248,12 @@ def test_lock_pins_path_up_to_and_including_root() -> None:
     trie = make_trie([1, 2], [1, 2, 3, 4])
     leaf = trie.match([1, 2, 3, 4]).node
     trie.lock(leaf)
-    trie.check_invariants()
+    check_trie(trie)
     assert leaf.lock_ref == 1
     assert leaf.parent is not None and leaf.parent.lock_ref == 1
     assert trie.root.lock_ref == 1
     trie.unlock(leaf)
-    trie.check_invariants()
+    check_trie(trie)
     assert leaf.lock_ref == leaf.parent.lock_ref == trie.root.lock_ref == 0
 
 
@@ -260,7 +262,7 @@ def test_unlock_below_zero_is_an_assertion_error() -> None:
     node = trie.match([1, 2]).node
     with pytest.raises(AssertionError, match="lock_ref=0"):
         trie.unlock(node)
-    trie.check_invariants()
+    check_trie(trie)
 
 
 def test_lock_of_evicted_node_is_refused() -> None:
@@ -276,13 +278,13 @@ def test_locked_nodes_survive_eviction() -> None:
     locked = trie.match([1, 2, 3]).node  # the oldest: LRU would evict it first
     trie.lock(locked)
     evicted = trie.evict(0, 4.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [EvictedPrefix([4, 5, 6], 3), EvictedPrefix([7, 8, 9], 3)]
     assert trie.num_tokens == 3
     assert trie.match([1, 2, 3]).matched_tokens == 3
     trie.unlock(locked)
     assert trie.evict(0, 5.0) == [EvictedPrefix([1, 2, 3], 3)]
-    trie.check_invariants()
+    check_trie(trie)
 
 
 def test_lock_on_a_node_protects_its_ancestors_when_siblings_go() -> None:
@@ -290,7 +292,7 @@ def test_lock_on_a_node_protects_its_ancestors_when_siblings_go() -> None:
     locked = trie.match([1, 2, 4]).node
     trie.lock(locked)
     evicted = trie.evict(0, 3.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [EvictedPrefix([1, 2, 3], 1)]
     assert edges(trie) == {(1, 2): [1, 2], (1, 2, 4): [4]}
 
@@ -312,16 +314,16 @@ def test_hot_prefixes_orders_by_hits_then_depth_and_prefers_longest() -> None:
     trie.insert([1, 2, 3, 7], 4.0)  # splits it: [1,2,3] has 4 hits
     trie.insert([8, 9], 5.0)
     trie.insert([8, 9, 10], 6.0)  # [8,9] 2 hits; [8,9,10] 1
-    trie.check_invariants()
-    assert trie.hot_prefixes(10) == [
+    check_trie(trie)
+    assert hot_prefixes(trie, 10) == [
         HotPrefix([1, 2, 3], 3, 4, 1.0, 4.0),
         HotPrefix([1, 2, 3, 4, 5, 6], 6, 3, 1.0, 3.0),
         HotPrefix([8, 9], 2, 2, 5.0, 6.0),
         HotPrefix([1, 2, 3, 7], 4, 1, 4.0, 4.0),
         HotPrefix([8, 9, 10], 3, 1, 6.0, 6.0),
     ]
-    assert [h.tokens for h in trie.hot_prefixes(2)] == [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
-    assert [h.tokens for h in trie.hot_prefixes(10, min_depth=4)] == [
+    assert [h.tokens for h in hot_prefixes(trie, 2)] == [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
+    assert [h.tokens for h in hot_prefixes(trie, 10, min_depth=4)] == [
         [1, 2, 3, 4, 5, 6],
         [1, 2, 3, 7],
     ]
@@ -336,32 +338,32 @@ def test_hot_prefixes_skips_node_whose_child_is_equally_hot() -> None:
     upper = trie.match([1, 2, 3]).node
     longer = trie.match([1, 2, 3, 4, 5]).node
     longer.hit_count = upper.hit_count
-    trie.check_invariants()
-    assert [(h.tokens, h.hit_count) for h in trie.hot_prefixes(10)] == [([1, 2, 3, 4, 5], 2)]
+    check_trie(trie)
+    assert [(h.tokens, h.hit_count) for h in hot_prefixes(trie, 10)] == [([1, 2, 3, 4, 5], 2)]
 
 
 def test_hot_prefixes_on_empty_trie_is_empty() -> None:
-    assert RadixTrie().hot_prefixes(5) == []
+    assert hot_prefixes(RadixTrie(), 5) == []
 
 
 def test_stats_counts_nodes_tokens_and_estimates_bytes() -> None:
-    empty = RadixTrie().stats()
+    empty = measure(RadixTrie())
     assert (empty.num_nodes, empty.num_tokens) == (0, 0)
     assert empty.estimated_bytes > 0  # the root
     trie = make_trie([1, 2, 3, 4], [1, 2, 500, 600])
-    stats = trie.stats()
+    stats = measure(trie)
     assert (stats.num_nodes, stats.num_tokens) == (3, 6)
     assert (trie.num_nodes, trie.num_tokens) == (3, 6)
     assert stats.estimated_bytes > empty.estimated_bytes + 3 * 100
-    bigger = make_trie([1, 2, 3, 4], [1, 2, 500, 600] + list(range(1000, 2000))).stats()
+    bigger = measure(make_trie([1, 2, 3, 4], [1, 2, 500, 600] + list(range(1000, 2000))))
     assert bigger.estimated_bytes >= stats.estimated_bytes + 4000  # 4 bytes a token
 
 
 def test_stats_counts_upstreams_dicts() -> None:
     trie = make_trie([1, 2])
-    before = trie.stats().estimated_bytes
+    before = measure(trie).estimated_bytes
     trie.match([1, 2]).node.upstreams = {"a": 1.0, "b": 2.0}
-    assert trie.stats().estimated_bytes > before
+    assert measure(trie).estimated_bytes > before
 
 
 # ------------------------------------------------------------------- eviction
@@ -376,7 +378,7 @@ def test_evict_does_nothing_under_budget() -> None:
 def test_evict_removes_lru_leaves_until_under_budget() -> None:
     trie = make_trie([1, 2, 3], [4, 5], [6, 7, 8, 9])
     evicted = trie.evict(5, 10.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [EvictedPrefix([1, 2, 3], 3), EvictedPrefix([4, 5], 2)]
     assert trie.num_tokens == 4 and trie.num_nodes == 1
 
@@ -385,7 +387,7 @@ def test_evict_pushes_parent_that_becomes_a_leaf() -> None:
     trie = make_trie([1, 2, 3, 4], [1, 2, 5], [9])
     trie.insert([9], 10.0)  # [9] is now the most recent
     evicted = trie.evict(1, 11.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [
         EvictedPrefix([1, 2, 3, 4], 2),
         EvictedPrefix([1, 2, 5], 1),
@@ -399,18 +401,18 @@ def test_evict_stops_when_everything_left_is_locked() -> None:
     trie.lock(trie.match([1, 2, 3]).node)
     trie.lock(trie.match([4, 5, 6]).node)
     assert trie.evict(0, 5.0) == []
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.num_tokens == 6
 
 
 def test_evict_to_zero_empties_the_trie() -> None:
     trie = make_trie([1, 2, 3], [1, 2, 4], [5])
     trie.evict(0, 10.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert (trie.num_tokens, trie.num_nodes, trie.root.children) == (0, 0, {})
     assert trie.match([1, 2, 3]).matched_tokens == 0
     result = trie.insert([1, 2, 3], 11.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert result.matched_tokens == 0
 
 
@@ -435,9 +437,9 @@ def test_expire_removes_idle_leaves_and_then_idle_parents() -> None:
     trie.insert([1, 2, 4], 1.0)
     trie.insert([7], 2.0)
     trie.insert([1, 5], 8.0)  # keeps [1] fresh; [2] below it goes once its leaves go
-    trie.check_invariants()
+    check_trie(trie)
     evicted = trie.expire(15.0)  # cutoff 5.0
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [
         EvictedPrefix([1, 2, 3], 1),
         EvictedPrefix([1, 2, 4], 1),
@@ -453,7 +455,7 @@ def test_expire_keeps_locked_paths_even_when_idle() -> None:
     trie.insert([1, 2, 4], 0.0)
     trie.lock(trie.match([1, 2, 4]).node)
     evicted = trie.expire(100.0)
-    trie.check_invariants()
+    check_trie(trie)
     assert evicted == [EvictedPrefix([1, 2, 3], 1)]
     assert trie.match([1, 2, 4]).matched_tokens == 3
 
@@ -464,7 +466,7 @@ def test_expire_keeps_leaves_accessed_exactly_at_cutoff() -> None:
     trie.insert([2], 4.0)  # clamped to 5.0 (the clock never goes back)
     assert trie.expire(15.0) == []
     assert [e.tokens for e in trie.expire(15.5)] == [[1], [2]]
-    trie.check_invariants()
+    check_trie(trie)
 
 
 # ---------------------------------------------------------------- maintenance
@@ -475,7 +477,7 @@ def test_maintain_evicts_down_to_low_watermark() -> None:
     for i in range(10):
         trie.insert([100 + i] * 10, float(i))  # ten 10-token leaves
     removed = trie.maintain(95, 10.0, low_watermark=0.5)
-    trie.check_invariants()
+    check_trie(trie)
     assert removed == 60  # down to 40 <= int(95 * 0.5)
     assert trie.num_tokens == 40
     assert trie.match([109] * 10).matched_tokens == 10  # newest kept
@@ -502,12 +504,12 @@ def test_maintain_expires_at_most_once_per_tenth_of_ttl() -> None:
     assert trie.maintain(1000, 50.0) == 0  # ran expire: nothing idle yet; next at 60
     trie.insert([2], 60.0)
     assert trie.maintain(1000, 101.0) == 1  # [1] idle since 0 < 1; next run at 111
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.maintain(1000, 151.0) == 0  # runs: [2] seen at 60 >= 51; next at 161
     assert trie.maintain(1000, 160.5) == 0  # throttled, though [2] is idle by now
     assert trie.num_tokens == 1
     assert trie.maintain(1000, 161.0) == 1  # runs: [2] seen at 60 < 61
-    trie.check_invariants()
+    check_trie(trie)
     assert trie.num_tokens == 0
 
 
@@ -515,11 +517,11 @@ def test_uncounted_insert_touches_but_counts_no_hit() -> None:
     trie = RadixTrie()
     prompt = trie.insert([1, 2, 3, 4], now_s=1.0).node
     answer = trie.insert([1, 2, 3, 4, 9, 9], now_s=2.0, count_hit=False)
-    trie.check_invariants()
+    check_trie(trie)
     assert answer.matched_tokens == 4 and answer.new_tokens == 2
     assert (prompt.hit_count, answer.node.hit_count) == (1, 0)
     assert prompt.last_access_s == 2.0
     # Splitting an existing path for another uncounted branch keeps the counts consistent.
     trie.insert([1, 2, 7], now_s=3.0, count_hit=False)
-    trie.check_invariants()
-    assert [h.hit_count for h in trie.hot_prefixes(5)] == [1]
+    check_trie(trie)
+    assert [h.hit_count for h in hot_prefixes(trie, 5)] == [1]

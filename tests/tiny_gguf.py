@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvern.gguf_tokenizer import read_gguf_metadata
+from kvern.tokenize.gguf import read_gguf_metadata
 
 _COPY_PREFIX = "tokenizer.ggml."
 

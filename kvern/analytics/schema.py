@@ -52,7 +52,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX requests_tenant_ts ON requests (tenant, ts_s);
     CREATE INDEX requests_upstream_ts ON requests (upstream, ts_s);
     """,
-    # 2: kvern's model of the backend's own cache (see kvern.backends): the
+    # 2: kvern's model of the backend's own cache (see kvern.cache_models): the
     # cached tokens it predicts the backend will report, which cache model
     # made the prediction, and the KV block size it counted in.
     """

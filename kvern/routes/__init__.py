@@ -1,0 +1,1 @@
+"""HTTP: the proxied API (``proxy``, with ``sending`` for failover) and kvern's own endpoints."""

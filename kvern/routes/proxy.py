@@ -1,7 +1,7 @@
 """Forwarding: the client's bytes go upstream unchanged, the answer comes back as it arrives.
 
 The request is sent upstream before any tracking work is done; tracking is
-started beside it (:class:`~kvern.tracking.Tracker`). The one exception is a
+started beside it (:class:`~kvern.tracking.tracker.Tracker`). The one exception is a
 cache-aware choice among several upstreams, which needs the prompt's prefix
 match first (bounded by ``routing.decision_timeout_ms``; see
 :mod:`kvern.routing.router`); sending and failover are in
@@ -30,11 +30,11 @@ from kvern.errors import (
     KvernError,
     error_response,
 )
-from kvern.requests import tenant_of
+from kvern.prompt.requests import tenant_of
 from kvern.routes.sending import Attempt, ClientGone, send_with_failover
 from kvern.services import Services
-from kvern.tracking_records import RequestContext
-from kvern.upstream import forward_headers, mapped_errors, response_headers
+from kvern.tracking.records import RequestContext
+from kvern.upstream.client import forward_headers, mapped_errors, response_headers
 
 # Bytes of a response kept for the side reader; past this only the tail is kept
 # (usage and finish reason come last).

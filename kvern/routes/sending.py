@@ -25,8 +25,8 @@ from starlette.requests import Request
 from kvern.errors import KvernError, NoHealthyUpstream, UpstreamError
 from kvern.routing.router import RouteState
 from kvern.services import Services
-from kvern.tracking_records import RequestContext
-from kvern.upstream import mapped_errors
+from kvern.tracking.records import RequestContext
+from kvern.upstream.client import mapped_errors
 
 T = TypeVar("T")
 

@@ -13,9 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from kvern.errors import BadRequest
-from kvern.forest import ModelTrie
 from kvern.services import Services
-from kvern.tokenization import ModelTokenizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tracking.forest import ModelTrie
+from kvern.trie.report import hot_prefixes, measure
 
 router = APIRouter()
 
@@ -36,13 +37,13 @@ def _iso(ts_s: float) -> str:
 
 def describe(mt: ModelTrie, tok: ModelTokenizer | None, n: int, min_depth: int) -> dict[str, Any]:
     """Hot prefixes of one model with decoded text and a human-readable display."""
-    stats = mt.trie.stats()
+    stats = measure(mt.trie)
     prefixes = []
     lines = [
         f"{mt.model}: {stats.num_nodes} nodes, {stats.num_tokens} tokens held "
         f"(~{stats.estimated_bytes / 1e6:.1f} MB), budget {mt.max_tokens} tokens",
     ]
-    for rank, hot in enumerate(mt.trie.hot_prefixes(n, min_depth), start=1):
+    for rank, hot in enumerate(hot_prefixes(mt.trie, n, min_depth), start=1):
         text = tok.decode(hot.tokens) if tok is not None else ""
         shown = truncate_middle(text)
         prefixes.append(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from kvern.forest import ModelTrie
 from kvern.routing.presence import (
     ModelPresence,
     PathStep,
@@ -24,7 +24,22 @@ from kvern.routing.presence import (
     PresenceStats,
     UpstreamCache,
 )
+from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
+
+
+class ModelTrie(Protocol):
+    """What presence needs of a model's trie (:class:`kvern.tracking.forest.ModelTrie` has it).
+
+    A protocol, not the class: the forest also carries the cache models, a
+    floor above routing, and presence only reads which model and which trie.
+    """
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def trie(self) -> RadixTrie: ...
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import httpx
 
-from kvern.config_routing import HealthConfig
+from kvern.config import HealthConfig
 from kvern.routing.pool import Replica, UpstreamPool
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvern.config_routing import RoutingConfig
+from kvern.config import RoutingConfig
 from kvern.routing.pool import Replica
 
 

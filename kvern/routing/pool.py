@@ -18,10 +18,10 @@ import fnmatch
 import threading
 from dataclasses import dataclass, field
 
-from kvern.config_routing import HealthConfig, UpstreamEntry
+from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
-from kvern.upstream import Upstream
+from kvern.upstream.client import Upstream
 
 # Half-life of the decayed count of requests routed to a replica (s).
 DEMAND_HALF_LIFE_S = 30.0

@@ -20,17 +20,43 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from kvern.config_routing import RoutingConfig
+from kvern.config import RoutingConfig
 from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
 from kvern.routing.pool import Replica, UpstreamPool
 from kvern.routing.presence import PresenceMatch
-from kvern.tracking import Tracker
-from kvern.tracking_records import RequestContext
 
 logger = logging.getLogger(__name__)
+
+
+
+class RoutedRequest(Protocol):
+    """What the router reads of a request in flight.
+
+    :class:`kvern.tracking.records.RequestContext` is one; routing never imports it.
+    """
+
+    request_id: str  # kvern's id, the key of the load it reserves
+    model: str | None  # the body's model
+    upstream: str  # where the request went, set by the caller once routed
+
+
+Decide = Callable[[PresenceMatch, float], Choice]
+
+
+class PrefixOracle(Protocol):
+    """Where cache-aware decisions run: beside the tries (:class:`kvern.tracking.tracker.Tracker`).
+
+    A protocol so that routing, a floor below tracking, never imports it.
+    ``ctx`` is the request the router was given, passed through unchanged.
+    """
+
+    def route(
+        self, ctx: Any, body: dict[str, Any] | None, decide: Decide
+    ) -> asyncio.Future[Any] | None: ...
+
 
 # Rough prompt tokens of a request whose prompt was not tokenized (bytes per token).
 _BYTES_PER_TOKEN = 4
@@ -74,7 +100,7 @@ class Router:
         pool: UpstreamPool,
         config: RoutingConfig,
         policy: str,
-        tracker: Tracker,
+        tracker: PrefixOracle,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
@@ -121,7 +147,7 @@ class Router:
 
     async def route(
         self,
-        ctx: RequestContext,
+        ctx: RoutedRequest,
         body: dict[str, Any] | None,
         headers: Mapping[str, str],
         body_bytes: int,
@@ -146,7 +172,7 @@ class Router:
         return RouteState(choice, choice.replica, estimate)
 
     async def _cache_aware(
-        self, ctx: RequestContext, body: dict[str, Any] | None, estimate: int
+        self, ctx: RoutedRequest, body: dict[str, Any] | None, estimate: int
     ) -> RouteState | None:
         reserved: list[int] = []
 
@@ -180,7 +206,7 @@ class Router:
         return RouteState(choice, choice.replica, reserved[0])
 
     @staticmethod
-    def _release_late(ctx: RequestContext, done: asyncio.Future[Any], reserved: list[int]) -> None:
+    def _release_late(ctx: RoutedRequest, done: asyncio.Future[Any], reserved: list[int]) -> None:
         """A decision that came after the timeout reserved load the request never used."""
         if done.cancelled() or done.exception() is not None:
             return

@@ -10,10 +10,7 @@ caused it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kvern.trie.radix import RadixTrie
+from kvern.trie.radix import RadixTrie
 
 
 def check_trie(trie: RadixTrie) -> None:

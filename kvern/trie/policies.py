@@ -233,7 +233,7 @@ class CostAwarePolicy:
     """Greedy-Dual-Size-Frequency with aging: lowest ``L_at_access + F x cost / size`` first.
 
     Not frozen: it holds its trie's aging clock, so every trie needs its own
-    instance (:func:`kvern.forest.policy_from_config` builds one per model).
+    instance (:func:`kvern.tracking.forest.policy_from_config` builds one per model).
     """
 
     # Time for a credited request's weight in the frequency F to halve (s).

@@ -35,16 +35,10 @@ import heapq
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
-from kvern.trie import report
 from kvern.trie.edges import TrieListener, as_int_array, common_len, no_access
-from kvern.trie.invariants import check_trie
 from kvern.trie.node import TrieNode
 from kvern.trie.policies import EvictionPolicy, LRUPolicy
-from kvern.trie.records import EvictedPrefix, HotPrefix, InsertResult, MatchResult, TrieStats
-
-# The records are re-exported: ``from kvern.trie.radix import MatchResult`` keeps working.
-__all__ = ["EvictedPrefix", "HotPrefix", "InsertResult", "MatchResult", "RadixTrie"]
-__all__ += ["TrieListener", "TrieStats"]
+from kvern.trie.records import EvictedPrefix, InsertResult, MatchResult
 
 
 class RadixTrie:
@@ -274,14 +268,6 @@ class RadixTrie:
             if node.children:
                 stack.extend(reversed(node.children.values()))
 
-    def hot_prefixes(self, n: int, min_depth: int = 0) -> list[HotPrefix]:
-        """The ``n`` most hit prefixes at least ``min_depth`` tokens long (see report.py)."""
-        return report.hot_prefixes(self, n, min_depth)
-
-    def stats(self) -> TrieStats:
-        """Counts plus a measured memory estimate (an O(n) walk; see report.py)."""
-        return report.measure(self)
-
     # --------------------------------------------------------------- eviction
 
     def _remove_leaves(
@@ -389,9 +375,3 @@ class RadixTrie:
             target = int(max_tokens * low_watermark)
             num_removed += sum(e.num_tokens for e in self.evict(target, now_s))
         return num_removed
-
-    # ------------------------------------------------------------- invariants
-
-    def check_invariants(self) -> None:
-        """Recount everything kept incrementally; raise AssertionError on a mismatch (O(n))."""
-        check_trie(self)

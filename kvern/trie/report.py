@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import heapq
 import sys
-from typing import TYPE_CHECKING
 
+from kvern.trie.radix import RadixTrie
 from kvern.trie.records import HotPrefix, TrieStats
-
-if TYPE_CHECKING:
-    from kvern.trie.radix import RadixTrie
 
 # Bytes of one int object that a dict key holds a reference to, for ids
 # outside CPython's small-int cache (-5..256).

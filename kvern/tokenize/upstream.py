@@ -18,6 +18,10 @@ from typing import Any, Literal
 
 import httpx
 
+from kvern.prompt.normalize import Normalizer
+from kvern.tokenize.fallback import ApproximateTokenizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
+
 Method = Literal["llamacpp", "vllm"]
 
 
@@ -105,78 +109,70 @@ class UpstreamTokenizer:
 UPSTREAM_SOURCE = "upstream"
 
 
-def _upstream_model_tokenizer_class() -> type:
-    """Defined lazily: kvern.tokenization imports this module's constant."""
-    from kvern.fallback import ApproximateTokenizer
-    from kvern.normalize import Normalizer
-    from kvern.tokenization import ModelTokenizer, PromptTokens
+class UpstreamModelTokenizer(ModelTokenizer):
+    """A :class:`ModelTokenizer` whose rendering and ids come from the upstream.
 
-    class UpstreamModelTokenizer(ModelTokenizer):
-        """A :class:`ModelTokenizer` whose rendering and ids come from the upstream.
+    A request the upstream cannot tokenize is tracked with the approximate
+    tokenizer and labelled ``fallback``, so tracking never stops.
+    """
 
-        A request the upstream cannot tokenize is tracked with the approximate
-        tokenizer and labelled ``fallback``, so tracking never stops.
-        """
+    def __init__(self, upstream: UpstreamTokenizer, *, source: str) -> None:
+        super().__init__(None, source=source)
+        self.kind = "exact"
+        self.upstream = upstream
+        self._spare = ApproximateTokenizer()
 
-        def __init__(self, upstream: UpstreamTokenizer, *, source: str) -> None:
-            super().__init__(None, source=source)
-            self.kind = "exact"
-            self.upstream = upstream
-            self._spare = ApproximateTokenizer()
+    @property
+    def incremental(self) -> bool:
+        return False
 
-        @property
-        def incremental(self) -> bool:
-            return False
+    def chat(
+        self,
+        messages: Sequence[Any],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        normalizer: Normalizer | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> PromptTokens:
+        norm = normalizer or Normalizer()
+        msgs = norm.messages(messages) if not norm.is_empty else list(messages)
+        try:
+            text, ids = self.upstream.chat(msgs, tools)
+            if text is not None and norm.prompt_rules:
+                text = norm.prompt(text)
+                ids = self.upstream.tokenize(text)
+        except UpstreamTokenizerError as exc:
+            fallback = super().chat(messages, tools=tools, normalizer=normalizer)
+            fallback.kind = "fallback"
+            fallback.template_error = str(exc)
+            return fallback
+        return PromptTokens(array("i", ids), "exact", True, 0, False, None, text or "")
 
-        def chat(
-            self,
-            messages: Sequence[Any],
-            *,
-            tools: list[dict[str, Any]] | None = None,
-            normalizer: Normalizer | None = None,
-            template_kwargs: dict[str, Any] | None = None,
-        ) -> PromptTokens:
-            norm = normalizer or Normalizer()
-            msgs = norm.messages(messages) if not norm.is_empty else list(messages)
-            try:
-                text, ids = self.upstream.chat(msgs, tools)
-                if text is not None and norm.prompt_rules:
-                    text = norm.prompt(text)
-                    ids = self.upstream.tokenize(text)
-            except UpstreamTokenizerError as exc:
-                fallback = super().chat(messages, tools=tools, normalizer=normalizer)
-                fallback.kind = "fallback"
-                fallback.template_error = str(exc)
-                return fallback
-            return PromptTokens(array("i", ids), "exact", True, 0, False, None, text or "")
+    def completion(self, prompt: str, *, normalizer: Normalizer | None = None) -> PromptTokens:
+        norm = normalizer or Normalizer()
+        text = norm.prompt(norm.text(prompt))
+        try:
+            ids = array("i", self.upstream.tokenize(text, add_special=True))
+        except UpstreamTokenizerError:
+            return PromptTokens(
+                self._spare.encode(text), "fallback", False, 0, False, None, text
+            )
+        return PromptTokens(ids, "exact", False, 0, False, None, text)
 
-        def completion(self, prompt: str, *, normalizer: Normalizer | None = None) -> PromptTokens:
-            norm = normalizer or Normalizer()
-            text = norm.prompt(norm.text(prompt))
-            try:
-                ids = array("i", self.upstream.tokenize(text, add_special=True))
-            except UpstreamTokenizerError:
-                return PromptTokens(
-                    self._spare.encode(text), "fallback", False, 0, False, None, text
-                )
-            return PromptTokens(ids, "exact", False, 0, False, None, text)
+    def encode_text(self, text: str) -> array[int]:
+        try:
+            return array("i", self.upstream.tokenize(text))
+        except UpstreamTokenizerError:
+            return self._spare.encode(text)
 
-        def encode_text(self, text: str) -> array[int]:
-            try:
-                return array("i", self.upstream.tokenize(text))
-            except UpstreamTokenizerError:
-                return self._spare.encode(text)
-
-        def decode(self, ids: Sequence[int]) -> str:
-            try:
-                return self.upstream.detokenize(ids)
-            except UpstreamTokenizerError:
-                return "<upstream could not decode>"
-
-    return UpstreamModelTokenizer
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return self.upstream.detokenize(ids)
+        except UpstreamTokenizerError:
+            return "<upstream could not decode>"
 
 
-def upstream_model_tokenizer(origin: str, model: str) -> Any:
+def upstream_model_tokenizer(origin: str, model: str) -> UpstreamModelTokenizer:
     """A ModelTokenizer that asks the upstream at ``origin`` for ``model``'s ids."""
-    cls = _upstream_model_tokenizer_class()
-    return cls(UpstreamTokenizer(origin, model), source=f"{UPSTREAM_SOURCE}:{origin}")
+    source = f"{UPSTREAM_SOURCE}:{origin}"
+    return UpstreamModelTokenizer(UpstreamTokenizer(origin, model), source=source)

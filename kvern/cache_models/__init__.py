@@ -6,7 +6,3 @@ kvern has seen" into "the cached tokens this backend will report", so
 predictions can be checked against the backend's figures (see
 ``/analytics`` calibration).
 """
-
-from kvern.backends.base import CacheModel, StartResult, build_cache_model
-
-__all__ = ["CacheModel", "StartResult", "build_cache_model"]

@@ -1,4 +1,4 @@
-"""The cache-model protocol and the factory choosing one from the config."""
+"""The cache-model protocol every model of a backend's cache implements, and its result."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvern.config import CacheModelConfig
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 
@@ -36,19 +35,3 @@ class CacheModel(Protocol):
     def start(self, trie: RadixTrie, prompt: array[int], now_s: float) -> StartResult: ...
 
     def finish(self, trie: RadixTrie, handle: Any, held: TrieNode | None, now_s: float) -> None: ...
-
-
-def build_cache_model(config: CacheModelConfig, default_block_size: int) -> CacheModel:
-    """The cache model the config names (one per upstream and model)."""
-    if config.kind == "llamacpp":
-        from kvern.backends.llamacpp import LlamaCppSlots
-
-        return LlamaCppSlots(
-            num_slots=config.slots,
-            slot_prompt_similarity=config.slot_prompt_similarity,
-            cache_ram=config.cache_ram,
-            cache_ram_tokens=config.cache_ram_tokens,
-        )
-    from kvern.backends.radix import SharedPrefixCache
-
-    return SharedPrefixCache(config.block_size or default_block_size)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kvern.config_routing import RoutingConfig, UpstreamEntry
+from kvern.config.routing import RoutingConfig, UpstreamEntry
 
 ENV_UPSTREAM_URL = "KVERN_UPSTREAM_URL"
 ENV_HOST = "KVERN_HOST"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvern.render import prepare_messages, render_chat, render_generic
+from kvern.prompt.render import prepare_messages, render_chat, render_generic
 from tests import assets
 from tests.conversations import WEATHER_TOOL, odd_conversations
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kvern.config import TokenizerEntry, TokenizersConfig
-from kvern.tokenization import ModelTokenizer, TokenizerRegistry, load_hf_tokenizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tokenize.registry import TokenizerRegistry, load_hf_tokenizer
 from tests import assets
 from tests.conversations import growing_chat
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from kvern.jobs import JobThread
+from kvern.tracking.jobs import JobThread
 
 WAIT_S = 5.0  # generous bound on any wait; the tests take milliseconds
 

@@ -1,50 +1,32 @@
-"""The tokenizer pipeline: request model name -> token ids kvern keys its trie with.
+"""Which tokenizer a request's model gets: request model name -> :class:`ModelTokenizer`.
 
 For every request kvern must produce the ids the backend's KV cache is keyed
 by: normalize message text, render with the model's chat template, normalize
-the rendered prompt, tokenize (incrementally where that is exact). The
-:class:`TokenizerRegistry` maps model names to tokenizers through the config's
-model map (exact names and globs, so Ollama tags such as ``llama3.2:3b``
-resolve), loads each tokenizer once, lazily and off the event loop, and falls
-back to a clearly labelled approximate tokenizer when none can be loaded, so
-tracking never stops.
+the rendered prompt, tokenize (incrementally where that is exact; see
+:mod:`kvern.tokenize.model_tokenizer`). The :class:`TokenizerRegistry` maps
+model names to tokenizers through the config's model map (exact names and
+globs, so Ollama tags such as ``llama3.2:3b`` resolve), loads each tokenizer
+once, lazily and off the event loop, and falls back to a clearly labelled
+approximate tokenizer when none can be loaded, so tracking never stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kvern.config import TokenizerEntry, TokenizersConfig
-from kvern.fallback import ApproximateTokenizer
-from kvern.incremental import SegmentTokenizer
-from kvern.normalize import Normalizer
-from kvern.render import prepare_messages, render_chat, render_generic
-from kvern.upstream_tokenizer import UPSTREAM_SOURCE, upstream_model_tokenizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tokenize.upstream import UPSTREAM_SOURCE, upstream_model_tokenizer
 
 logger = logging.getLogger(__name__)
 
-TokenizerKind = Literal["exact", "fallback"]
 # What /health reports: a tokenizer still loading has no kind yet.
 TokenizerStateKind = Literal["exact", "fallback", "loading"]
-
-
-@dataclass(slots=True)
-class PromptTokens:
-    """The token ids of one request's prompt and how they were obtained."""
-
-    ids: array[int]  # token ids ('i' array), after normalization
-    kind: TokenizerKind  # "exact": the model's tokenizer; "fallback": approximate
-    used_model_template: bool  # False: generic rendering (no template, or it raised)
-    num_ignored_parts: int  # non-text content parts left out of the rendering
-    incremental: bool  # ids came from the segment cache (verified exact)
-    template_error: str | None = None  # why the model's template was not used
-    text: str = ""  # the normalized rendered prompt
 
 
 @dataclass(slots=True)
@@ -70,7 +52,7 @@ def load_hf_tokenizer(entry: TokenizerEntry) -> Any:
     """Load a transformers tokenizer for ``entry`` (hub id, local directory or .gguf file)."""
     source = entry.source
     if source.endswith(".gguf"):
-        from kvern.gguf_tokenizer import build_tokenizer_from_gguf
+        from kvern.tokenize.gguf import build_tokenizer_from_gguf
 
         tokenizer = build_tokenizer_from_gguf(source)
     else:
@@ -83,98 +65,6 @@ def load_hf_tokenizer(entry: TokenizerEntry) -> Any:
         raise ValueError(f"{source}: not a fast (Rust) tokenizer; kvern needs tokenizer.json")
     return tokenizer
 
-
-class ModelTokenizer:
-    """One resolved tokenizer: render + normalize + tokenize for a model."""
-
-    def __init__(
-        self,
-        hf_tokenizer: Any | None,
-        *,
-        source: str | None,
-        error: str | None = None,
-        cache_tokens: int = 2_000_000,
-        verify_every: int = 100,
-    ) -> None:
-        self.hf = hf_tokenizer
-        self.source = source
-        self.error = error
-        self.kind: TokenizerKind = "exact" if hf_tokenizer is not None else "fallback"
-        self._approx = ApproximateTokenizer() if hf_tokenizer is None else None
-        self.segments: SegmentTokenizer | None = None
-        if hf_tokenizer is not None:
-            self.segments = SegmentTokenizer(
-                hf_tokenizer.backend_tokenizer,
-                cache_tokens=cache_tokens,
-                verify_every=verify_every,
-            )
-
-    @property
-    def incremental(self) -> bool:
-        return self.segments is not None and self.segments.enabled
-
-    def encode_prompt(self, text: str) -> tuple[array[int], bool]:
-        """Token ids of an already rendered prompt (chat templates include BOS themselves)."""
-        if self._approx is not None:
-            return self._approx.encode(text), False
-        assert self.segments is not None
-        return self.segments.encode(text)
-
-    def chat(
-        self,
-        messages: Sequence[Any],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        normalizer: Normalizer | None = None,
-        template_kwargs: dict[str, Any] | None = None,
-    ) -> PromptTokens:
-        """Tokens of a chat request's prompt, as the backend renders and tokenizes it."""
-        norm = normalizer or Normalizer()
-        prepared = prepare_messages(norm.messages(messages) if not norm.is_empty else messages)
-        err: str | None
-        if self.hf is None:
-            text, used, err = render_generic(prepared.messages), False, "no tokenizer"
-        else:
-            rendered = render_chat(
-                self.hf, prepared.messages, tools=tools, template_kwargs=template_kwargs
-            )
-            text, used, err = rendered.text, rendered.used_model_template, rendered.error
-        text = norm.prompt(text)
-        ids, incremental = self.encode_prompt(text)
-        return PromptTokens(
-            ids=ids,
-            kind=self.kind,
-            used_model_template=used,
-            num_ignored_parts=prepared.num_ignored_parts,
-            incremental=incremental,
-            template_error=err,
-            text=text,
-        )
-
-    def completion(self, prompt: str, *, normalizer: Normalizer | None = None) -> PromptTokens:
-        """Tokens of a /v1/completions prompt: raw text, BOS added as the backend adds it."""
-        norm = normalizer or Normalizer()
-        text = norm.prompt(norm.text(prompt))
-        if self.hf is None:
-            assert self._approx is not None
-            ids = self._approx.encode(text)
-        else:
-            ids = array("i", self.hf.backend_tokenizer.encode(text, add_special_tokens=True).ids)
-        return PromptTokens(ids, self.kind, False, 0, False, None, text)
-
-    def encode_text(self, text: str) -> array[int]:
-        """Token ids of plain text with no special tokens (generated answers)."""
-        if self._approx is not None:
-            return self._approx.encode(text)
-        assert self.hf is not None
-        return array("i", self.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids (for hot prefixes); special tokens are kept visible."""
-        if self._approx is not None:
-            return self._approx.decode(ids)
-        assert self.hf is not None  # no approximate tokenizer means a real one
-        return str(self.hf.backend_tokenizer.decode(list(ids), skip_special_tokens=False))
 
 
 HFLoader = Callable[[TokenizerEntry], Any]
@@ -242,7 +132,7 @@ class TokenizerRegistry:
         if entry.source == UPSTREAM_SOURCE:
             if self._upstream_origin is None:
                 return ModelTokenizer(None, source=entry.source, error="no upstream to ask")
-            return upstream_model_tokenizer(self._upstream_origin, model)  # type: ignore[no-any-return]
+            return upstream_model_tokenizer(self._upstream_origin, model)
         try:
             hf = self._loader(entry)
         except Exception as exc:  # noqa: BLE001 - any load failure means fallback

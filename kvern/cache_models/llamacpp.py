@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from kvern.backends.base import StartResult
+from kvern.cache_models.base import StartResult
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 

@@ -6,9 +6,10 @@ from array import array
 
 import pytest
 
-from kvern.backends.llamacpp import LlamaCppSlots, PromptPath, nodes_common_prefix
-from kvern.backends.radix import SharedPrefixCache
+from kvern.cache_models.llamacpp import LlamaCppSlots, PromptPath, nodes_common_prefix
+from kvern.cache_models.radix import SharedPrefixCache
 from kvern.trie import RadixTrie
+from kvern.trie.invariants import check_trie
 
 
 def seq(*runs: tuple[int, int]) -> array[int]:
@@ -31,7 +32,7 @@ def serve_request(model: LlamaCppSlots, trie: RadixTrie, prompt: array[int], gen
         held = trie.insert(full, 0.0).node
     model.finish(trie, start.handle, held, 0.0)
     trie.unlock(node)
-    trie.check_invariants()
+    check_trie(trie)
     return start.predicted_cached_tokens
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from array import array
 from typing import Any
 
-from kvern.backends.base import StartResult
+from kvern.cache_models.base import StartResult
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 

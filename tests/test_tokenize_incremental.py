@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from kvern.incremental import SegmentTokenizer
-from kvern.render import prepare_messages, render_chat
+from kvern.prompt.render import prepare_messages, render_chat
+from kvern.tokenize.incremental import SegmentTokenizer
 from tests.conversations import growing_chat, odd_conversations
 
 

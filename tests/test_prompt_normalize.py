@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvern.config import NormalizationRule
-from kvern.normalize import Normalizer
-from kvern.tokenization import ModelTokenizer
+from kvern.prompt.normalize import Normalizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer
 from kvern.trie import RadixTrie
 
 

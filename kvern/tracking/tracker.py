@@ -28,27 +28,18 @@ from typing import Any, TypeVar
 
 from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
-from kvern.forest import TrieForest
-from kvern.normalize import Normalizer
-from kvern.requests import TRACKED_ENDPOINTS, prompt_of, tenant_of
+from kvern.prompt.normalize import Normalizer
+from kvern.prompt.requests import TRACKED_ENDPOINTS, read_prompt
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import PresenceMatch
-from kvern.tokenization import ModelTokenizer, TokenizerRegistry
-from kvern.tracking_queue import TrackerStats, TrackingQueue
-from kvern.tracking_records import Prediction, RequestContext, to_record
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.forest import TrieForest
+from kvern.tracking.queue import TrackingQueue
+from kvern.tracking.records import Prediction, RequestContext, to_record
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
-from kvern.usage import ResponseFacts, parse_response
-
-# Re-exported: ``from kvern.tracking import RequestContext, tenant_of, Prediction`` keeps working.
-__all__ = [
-    "TRACKED_ENDPOINTS",
-    "Prediction",
-    "RequestContext",
-    "Tracker",
-    "TrackerStats",
-    "tenant_of",
-]
+from kvern.upstream.usage import ResponseFacts, parse_response
 
 logger = logging.getLogger(__name__)
 
@@ -222,10 +213,11 @@ class Tracker(TrackingQueue):
         route: Callable[[PresenceMatch, float], str] | None = None,
     ) -> Prediction | None:
         """Tokenize, predict, insert and lock; ``route`` (given a match) picks the upstream."""
-        prompt = prompt_of(tok, endpoint, body, self._normalizer(model))
-        if prompt is None:
+        asked = read_prompt(endpoint, body)
+        if asked is None:
             self.stats.num_untracked += 1
             return None
+        prompt = tok.request(asked, normalizer=self._normalizer(model))
         mt = self._forest.get(model)
         now = self._clock()
         node: TrieNode | None = None

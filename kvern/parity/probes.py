@@ -1,6 +1,6 @@
 """How kvern asks each backend to render and tokenize, and how it finds the first difference.
 
-Split from :mod:`kvern.parity` (which decides when to check and what to
+Split from :mod:`kvern.parity.checker` (which decides when to check and what to
 report): this module knows the endpoints, their answers, and how to describe a
 difference so that a person can see it at a glance -- the position, about 40
 characters of each side's text around it, and for tokens the ids and their
@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import httpx
 
-from kvern.tokenization import ModelTokenizer, PromptTokens
-from kvern.upstream import Upstream, mapped_errors
+from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
+from kvern.upstream.client import Upstream, mapped_errors
 
 ParityMethod = Literal["llamacpp", "vllm"]
 
@@ -48,7 +48,7 @@ class ProbeError(Exception):
 
 @dataclass(slots=True)
 class Outcome:
-    """What a backend's answers showed (see :class:`kvern.parity.ParityReport`)."""
+    """What a backend's answers showed (see :class:`kvern.parity.checker.ParityReport`)."""
 
     method: ParityMethod  # which backend's endpoints answered
     template_match: bool | None  # None: the backend shows no template text (vLLM)

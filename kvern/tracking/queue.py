@@ -1,8 +1,8 @@
 """The tracking thread's queue: jobs in arrival order, per-model waits, holds, errors.
 
-Why apart from :mod:`kvern.tracking`: this is the machinery that keeps
+Why apart from :mod:`kvern.tracking.tracker`: this is the machinery that keeps
 tracking out of a request's way, whatever the tracking does. Jobs run on one
-thread (:class:`~kvern.jobs.JobThread`), in the order requests reached them;
+thread (:class:`~kvern.tracking.jobs.JobThread`), in the order requests reached them;
 a model whose tokenizer is still loading queues its jobs until it is loaded;
 while requests await their first byte, ordinary jobs step aside briefly; and
 every error is counted by kind and logged once, without prompt text.
@@ -17,9 +17,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kvern.jobs import JobThread
-from kvern.tokenization import ModelTokenizer, TokenizerRegistry
-from kvern.tracking_records import RequestContext
+from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.jobs import JobThread
+from kvern.tracking.records import RequestContext
 
 logger = logging.getLogger("kvern.tracking")
 

@@ -4,7 +4,7 @@ Why a module of their own: the proxy fills in a :class:`RequestContext`, the
 tracking thread answers with a :class:`Prediction`, and :func:`to_record`
 flattens both, with what the backend reported, into the one
 :class:`~kvern.analytics.records.RequestRecord` analytics keeps. None of this
-needs the tracking thread's machinery in :mod:`kvern.tracking`.
+needs the tracking thread's machinery in :mod:`kvern.tracking.tracker`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.analytics.records import RequestRecord
-from kvern.tokenization import ModelTokenizer
+from kvern.tokenize.model_tokenizer import ModelTokenizer
 from kvern.trie.node import TrieNode
-from kvern.usage import ResponseFacts
+from kvern.upstream.usage import ResponseFacts
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kvern.gguf_tokenizer import GGUFTokenizerError, read_gguf_metadata
+from kvern.tokenize.gguf import GGUFTokenizerError, read_gguf_metadata
 from tests import assets
 
 
@@ -38,7 +38,7 @@ def test_non_gguf_file_is_rejected(tmp_path: Any) -> None:
 
 
 def test_unsupported_vocabulary_is_refused() -> None:
-    from kvern.gguf_tokenizer import build_tokenizer_from_gguf
+    from kvern.tokenize.gguf import build_tokenizer_from_gguf
 
     with pytest.raises(GGUFTokenizerError, match="only byte-level BPE"):
         build_tokenizer_from_gguf(assets.models_dir() / "ggml-vocab-llama-spm.gguf")

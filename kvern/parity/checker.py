@@ -27,7 +27,7 @@ Anything else (no such endpoints, the upstream down) is a report with status
 never disturb the proxy. :class:`ParityChecker` runs the check in the
 background, once per model name, and keeps the latest report for /health.
 The endpoints and the description of a difference live in
-:mod:`kvern.parity_probes`.
+:mod:`kvern.parity.probes`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import httpx
 from kvern.analytics.parity_rows import ParityRow
 from kvern.analytics.store import AnalyticsStore
 from kvern.errors import KvernError
-from kvern.parity_probes import (
+from kvern.parity.probes import (
     NO_ENDPOINT,
     ParityMethod,
     Probe,
@@ -54,8 +54,9 @@ from kvern.parity_probes import (
     compare_llamacpp,
     compare_vllm,
 )
-from kvern.tokenization import ModelTokenizer, PromptTokens, TokenizerRegistry
-from kvern.upstream import Upstream
+from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.upstream.client import Upstream
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvern.backends import CacheModel, build_cache_model
+from kvern.cache_models.base import CacheModel
+from kvern.cache_models.factory import build_cache_model
 from kvern.config import CacheModelConfig, EvictionConfig, TrieConfig
 from kvern.trie import RadixTrie
 from kvern.trie.policies import EvictionPolicy, make_policy

@@ -1,0 +1,48 @@
+"""``config.yaml``: its schema, validated once at start-up, and how it is loaded.
+
+Underneath every other floor: no kvern module is imported from here, and the
+caller loads the file and hands the :class:`KvernConfig` to ``create_app``.
+``schema`` holds the core sections and the loading; ``routing`` the sections
+for several upstreams. This module is the package's public API.
+"""
+
+from kvern.config.routing import HealthConfig, RoutingConfig, RoutingPolicy, UpstreamEntry
+from kvern.config.schema import (
+    AnalyticsConfig,
+    CacheModelConfig,
+    ConfigError,
+    EvictionConfig,
+    KvernConfig,
+    NormalizationRule,
+    ProxyConfig,
+    TokenizerEntry,
+    TokenizersConfig,
+    TrieConfig,
+    TrieOverride,
+    UpstreamConfig,
+    apply_env_overrides,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "AnalyticsConfig",
+    "CacheModelConfig",
+    "ConfigError",
+    "EvictionConfig",
+    "HealthConfig",
+    "KvernConfig",
+    "NormalizationRule",
+    "ProxyConfig",
+    "RoutingConfig",
+    "RoutingPolicy",
+    "TokenizerEntry",
+    "TokenizersConfig",
+    "TrieConfig",
+    "TrieOverride",
+    "UpstreamConfig",
+    "UpstreamEntry",
+    "apply_env_overrides",
+    "load_config",
+    "parse_config",
+]

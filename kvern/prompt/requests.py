@@ -1,0 +1,72 @@
+"""Read what a client asked for: its tenant, and the prompt its body carries.
+
+Why: the counterpart of :mod:`kvern.upstream.usage` (what the backend
+answered). The proxy forwards the body unchanged; kvern only reads it, to key
+the trie with the prompt the backend will see and to group analytics by
+tenant. Each endpoint states its prompt differently (chat messages, a raw
+completion prompt, Ollama's ``prompt`` + ``system``); :func:`read_prompt` says
+which form the backend builds its tokens from, and
+:meth:`kvern.tokenize.model_tokenizer.ModelTokenizer.request` tokenizes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+# Endpoints whose body carries a prompt kvern tracks.
+TRACKED_ENDPOINTS = frozenset({"chat", "completions", "ollama_chat", "ollama_generate"})
+
+
+def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | None:
+    """A stable, non-reversible tenant id: the ``user`` field, else the API key, hashed."""
+    user = body.get("user") if isinstance(body, dict) else None
+    if isinstance(user, str) and user:
+        return "user:" + hashlib.sha256(user.encode()).hexdigest()[:16]
+    if authorization:
+        key = authorization.removeprefix("Bearer ").strip()
+        if key:
+            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return None
+
+
+@dataclass(slots=True, frozen=True)
+class RequestPrompt:
+    """The prompt one body carries, in the form its endpoint's backend builds tokens from."""
+
+    messages: list[Any] | None = None  # a chat, rendered with the model's template
+    tools: list[dict[str, Any]] | None = None  # tool definitions the template renders
+    text: str | None = None  # a raw prompt, tokenized as it is (BOS added)
+
+
+def read_prompt(endpoint: str, body: dict[str, Any]) -> RequestPrompt | None:
+    """The prompt of a request body, read the way its endpoint's backend reads it.
+
+    None when the body carries no prompt kvern can track (a malformed body is
+    still forwarded; the backend answers it, kvern only skips it).
+    """
+    if endpoint in ("chat", "ollama_chat"):
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        return RequestPrompt(messages=messages, tools=tools)
+    if endpoint == "ollama_generate":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return None
+        if body.get("raw") is True:
+            return RequestPrompt(text=prompt)
+        chat: list[Any] = []
+        if isinstance(body.get("system"), str):
+            chat.append({"role": "system", "content": body["system"]})
+        chat.append({"role": "user", "content": prompt})
+        return RequestPrompt(messages=chat)
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return RequestPrompt(text=prompt)
+    return None
