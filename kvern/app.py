@@ -1,8 +1,8 @@
 """The application factory: ``create_app(config)`` builds kvern's ASGI app.
 
 Every service is created in the lifespan and closed there, in reverse order:
-parity checks still running are cancelled, tracking is drained (so the last
-requests' rows exist), then the analytics store drains its queue to disk, then
+the brain (tracking's own process) finishes what it holds and sends back the
+last requests' rows, then the analytics store drains its queue to disk, then
 the upstream client closes.
 """
 
@@ -24,19 +24,17 @@ from kvern import __version__
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.errors import BadRequest, KvernError, error_response
-from kvern.parity.checker import ParityChecker
+from kvern.parity.reports import ParityReports
 from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
 from kvern.routes import trie as trie_routes
-from kvern.routing.book import PresenceBook
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
 from kvern.services import Services
 from kvern.tokenize.registry import TokenizerRegistry
-from kvern.tracking.forest import TrieForest
-from kvern.tracking.tracker import Tracker
+from kvern.tracking.client import BrainClient
 from kvern.upstream.client import build_client
 
 logger = logging.getLogger(__name__)
@@ -49,7 +47,11 @@ def create_app(
     clock: Callable[[], float] | None = None,
     registry: TokenizerRegistry | None = None,
 ) -> FastAPI:
-    """Build the app. ``transport`` and ``clock`` are for tests (fault injection, time)."""
+    """Build the app. ``transport`` and ``clock`` are for tests (fault injection, time).
+
+    ``registry`` (a tokenizer registry of the caller's) or a ``clock`` runs
+    the brain on a thread of this process, where those objects live.
+    """
     wall = clock or time.time
 
     @asynccontextmanager
@@ -68,58 +70,20 @@ def create_app(
             await store.start()
         pool = UpstreamPool(config.upstream_entries(), config.routing.health)
         upstream = pool.replicas[0].upstream
-        several = len(pool) > 1
-        presence = (
-            PresenceBook(
-                pool.caches(),
-                learn=config.routing.learn_capacity,
-                trusted_before=lambda name: pool.by_name[name].load.oldest_awaiting(),
-            )
-            if several
-            else None
-        )
-        held_together = sum(r.entry.kv_capacity_tokens for r in pool.replicas) if several else 0
-        forest = TrieForest(
-            config.trie,
-            config.eviction,
-            config.upstream.cache_model,
-            min_max_tokens=held_together + held_together // 4,
-        )
-        tokenizers = registry or TokenizerRegistry(
-            config.tokenizers, upstream_origin=upstream.origin
-        )
-        tracker = Tracker(
+        parity: ParityReports | None = None
+        brain = BrainClient(
             config,
-            registry=tokenizers,
-            forest=forest,
             record=store.record if store is not None else None,
+            registry=registry,
             clock=wall,
-            # With several upstreams some request nearly always awaits its
-            # first byte; a long step-aside would starve tracking and routing.
-            max_yield_s=0.005 if several else 0.05,
-            presence=presence,
         )
-        client = build_client(config.upstream, transport)
-
-        def on_down(name: str) -> None:
-            if presence is not None:
-                tracker.in_thread_soon(presence.drop_upstream, name)
-
-        monitor = HealthMonitor(pool, config.routing.health, client, on_down=on_down)
-        router = Router(pool, config.routing, config.routing_policy(), tracker, clock=wall)
-        parity: ParityChecker | None = None
-        previous_on_loaded = tokenizers.on_loaded
         if config.tokenizers.parity_check:
-            # Rendering runs on the tracking thread, which owns the tokenizers' caches.
-            parity = ParityChecker(
-                client=client,
-                upstream=upstream,
-                store=store,
-                run_sync=tracker.in_thread,
-                clock=wall,
-            )
-            tokenizers.on_loaded = parity.on_loaded
-            parity.start(tokenizers, config.tokenizers.models)
+            parity = ParityReports(store, lambda: brain.call("parity_wait", timeout_s=600))
+            brain.set_parity_sink(parity.receive)
+        await brain.start()
+        client = build_client(config.upstream, transport)
+        monitor = HealthMonitor(pool, config.routing.health, client, on_down=brain.drop_upstream)
+        router = Router(pool, config.routing, config.routing_policy(), brain, clock=wall)
         app.state.services = Services(
             config=config,
             upstream=upstream,
@@ -127,9 +91,7 @@ def create_app(
             router=router,
             health=monitor,
             client=client,
-            registry=tokenizers,
-            forest=forest,
-            tracker=tracker,
+            tracker=brain,
             store=store,
             clock=wall,
             started_s=wall(),
@@ -137,16 +99,15 @@ def create_app(
         )
         monitor.start()
         previous_interval = sys.getswitchinterval()
-        sys.setswitchinterval(config.proxy.gil_switch_interval_ms / 1000.0)
+        if brain.stats.isolation == "thread":
+            # Tracking then shares this process's GIL: hand it back to the relay sooner.
+            sys.setswitchinterval(config.proxy.gil_switch_interval_ms / 1000.0)
         try:
             yield
         finally:
             sys.setswitchinterval(previous_interval)
             await monitor.close()
-            if parity is not None:
-                await parity.close()
-                tokenizers.on_loaded = previous_on_loaded
-            await tracker.close()
+            await brain.close()  # every row the brain holds comes back first
             if store is not None:
                 await store.close()
             await client.aclose()

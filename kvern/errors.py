@@ -97,6 +97,14 @@ class ModelNotServed(KvernError):
     code = "model_not_served"
 
 
+class TrackingUnavailable(KvernError):
+    """An admin read needs the brain (tracking's process), which is down or not answering."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "tracking_unavailable"
+
+
 def error_response(exc: KvernError) -> JSONResponse:
     """Render any :class:`KvernError` as the OpenAI error body with its status."""
     return JSONResponse(exc.body(), status_code=exc.status_code)

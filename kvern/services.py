@@ -15,13 +15,11 @@ import httpx
 
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
-from kvern.parity.checker import ParityChecker
+from kvern.parity.reports import ParityReports
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
-from kvern.tokenize.registry import TokenizerRegistry
-from kvern.tracking.forest import TrieForest
-from kvern.tracking.tracker import Tracker
+from kvern.tracking.client import BrainClient
 from kvern.upstream.client import Upstream
 
 
@@ -35,10 +33,8 @@ class Services:
     router: Router  # picks an upstream per request
     health: HealthMonitor  # circuit breakers and active checks
     client: httpx.AsyncClient  # one pooled keep-alive client
-    registry: TokenizerRegistry  # model name -> tokenizer
-    forest: TrieForest  # model name -> trie (tracking thread only)
-    tracker: Tracker  # tracking beside each request
+    tracker: BrainClient  # the brain: tokenizers, tries, presence (its own process)
     store: AnalyticsStore | None  # None when analytics are disabled
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
-    parity: ParityChecker | None = None  # None when tokenizers.parity_check is off
+    parity: ParityReports | None = None  # None when tokenizers.parity_check is off

@@ -8,6 +8,8 @@ tokenizer, while kvern uses the HF tokenizers derived from the same files.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 import time
@@ -386,4 +388,8 @@ async def test_parity_check_can_be_turned_off(
     async with app.router.lifespan_context(app):
         services: Services = app.state.services
         assert services.parity is None
-        assert services.registry.on_loaded is None
+        # With the check on, the exact model would be checked at start-up.
+        await services.tracker.call("parity_wait")
+        await asyncio.sleep(0.5)
+        assert services.store is not None
+        assert await latest_parity(services.store) == []

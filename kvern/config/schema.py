@@ -47,8 +47,9 @@ class ProxyConfig(_Section):
     # Request bodies larger than this are refused with a 400 before forwarding.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # How long a thread may hold the GIL before the relay's event loop gets it
-    # (CPython's default is 5 ms). Tracking runs on a thread beside the event
-    # loop; a shorter interval keeps tokenization from delaying relayed bytes.
+    # (CPython's default is 5 ms), with ``tracking.isolation: thread``, where
+    # tokenization runs beside the event loop; a shorter interval keeps it
+    # from delaying relayed bytes. (The default isolation needs none.)
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
@@ -124,6 +125,9 @@ class TokenizersConfig(_Section):
     # Share of requests on which the incremental result is checked against a
     # whole-string tokenization; a mismatch turns incremental off for the model.
     verify_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+    # A sample longer than this (rendered characters) is not checked whole;
+    # the next shorter prompt is, so one huge prompt costs one tokenization.
+    verify_max_chars: int = Field(200_000, ge=0)
     # Compare kvern's rendering and tokenization with the upstream's own (llama.cpp's
     # /apply-template + /tokenize, vLLM's /tokenize) once per model, in the background.
     parity_check: bool = True
@@ -215,6 +219,28 @@ class NormalizationRule(_Section):
         return value
 
 
+class TrackingConfig(_Section):
+    """Where tracking runs and how much work one request may cost it.
+
+    The "brain" (tokenizers, tries, cache models, presence, parity checks)
+    runs in a process of its own, so tokenizing never holds the GIL the
+    relay's event loop needs; ``isolation: thread`` runs it in the proxy's
+    own process instead (tests, or a platform without subprocesses).
+    """
+
+    isolation: Literal["process", "thread"] = "process"
+    # Requests queued to the brain; past this new requests pass untracked (counted).
+    max_pending: int = Field(2048, ge=1)
+    # What one backend context can hold: answers are re-tokenized (cache_generated)
+    # up to this many tokens, and a prompt body over 8 bytes a token of it is
+    # skipped untokenized (no backend could have cached it whole).
+    max_context_tokens: int = Field(131_072, ge=1)
+    # The brain answers a ping within this, or it is killed and restarted.
+    hang_timeout_s: float = Field(10.0, gt=0)
+    # How long /analytics and /trie/visualize wait for queued tracking to land.
+    drain_timeout_s: float = Field(10.0, ge=0)
+
+
 class AnalyticsConfig(_Section):
     """The asynchronous SQLite store of per-request records."""
 
@@ -239,6 +265,7 @@ class KvernConfig(_Section):
     # Model name or glob -> ordered rules; ``*`` applies to every model.
     normalization: dict[str, list[NormalizationRule]] = Field(default_factory=dict)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)  # type: ignore[arg-type]
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
     # Several replicas to route among; empty: ``upstream.base_url`` alone.
     # Timeouts, pool limits and the cache model still come from ``upstream``.
     upstreams: list[UpstreamEntry] = Field(default_factory=list)

@@ -251,7 +251,12 @@ class ParityChecker:
         timeout_s: float = 10.0,
         retry_delays_s: Sequence[float] = (5.0, 30.0, 120.0),
         samples: list[list[dict[str, Any]]] | None = None,
+        on_report: Callable[[ParityReport, bool], None] | None = None,
     ) -> None:
+        """``on_report(report, final)`` sees every report; with it, the checker logs none.
+
+        (The brain hands its reports to the relay, which stores and logs them.)
+        """
         self._client = client
         self._upstream = upstream
         self._store = store
@@ -260,6 +265,7 @@ class ParityChecker:
         self._timeout_s = timeout_s
         self._retry_delays_s = tuple(retry_delays_s)
         self._samples = samples
+        self._on_report = on_report
         self._seen: set[str] = set()  # models scheduled or checked
         self._reports: dict[str, ParityReport] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -335,14 +341,17 @@ class ParityChecker:
                 await self._store.write_parity(report.to_row())
             self._reports[model] = report  # after the row: in /health means in the store
             delay = next(delays, None) if report.status == "error" else None
+            if self._on_report is not None:
+                self._on_report(report, delay is None)
             if delay is None:
-                _log(report)
+                if self._on_report is None:
+                    log_report(report)
                 return
             logger.info("parity %s; retrying in %.0f s", report.describe(), delay)
             await asyncio.sleep(delay)
 
 
-def _log(report: ParityReport) -> None:
+def log_report(report: ParityReport) -> None:
     if report.status == "mismatch":
         logger.warning(
             "parity MISMATCH for %s; kvern's cache figures for this model may be wrong",

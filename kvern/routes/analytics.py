@@ -37,7 +37,9 @@ async def analytics(
     store = services.store
     if store is None:
         raise BadRequest("analytics are disabled in the configuration (analytics.enabled)")
-    await services.tracker.drain()
+    # Rows of requests already answered land first (bounded: a slow brain
+    # delays this answer by at most tracking.drain_timeout_s).
+    drained = await services.tracker.drain()
     await store.flush()
     now = services.clock()
     out: dict[str, Any] = {
@@ -57,6 +59,7 @@ async def analytics(
         "routing": await routing_rows.routing(store, window=window, model=model, now_s=now),
         "parity": await latest_parity(store, model=model),
         "store": store.stats(),
+        "tracking_drained": drained,
     }
     if bucket is not None:
         out["timeseries"] = await queries.timeseries(

@@ -8,7 +8,6 @@ tokenization against the upstream's (see :mod:`kvern.parity`); ``null`` when
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any
 
 import httpx
@@ -17,10 +16,13 @@ from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
 from kvern.services import Services
+from kvern.tracking.client import BrainUnavailable
 
 router = APIRouter()
 
 _PROBE_TIMEOUT_S = 2.0
+# /health answers even when the brain is slow: it waits this long for its figures.
+_BRAIN_TIMEOUT_S = 1.0
 
 
 async def probe_upstream(services: Services) -> dict[str, Any]:
@@ -45,10 +47,13 @@ async def probe_upstream(services: Services) -> dict[str, Any]:
     }
 
 
-def upstreams_view(services: Services) -> list[dict[str, Any]]:
-    """Each upstream's circuit, load, counters and modelled cache, as /health shows them."""
-    presence = services.tracker.presence
-    by_model = presence.stats() if presence is not None else {}
+def upstreams_view(
+    services: Services, by_model: dict[str, dict[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Each upstream's circuit, load, counters and modelled cache, as /health shows them.
+
+    ``by_model``: the brain's presence figures, model -> upstream -> counters.
+    """
     decode = services.config.routing.decode_load_tokens
     out = []
     for r in services.pool.replicas:
@@ -83,13 +88,13 @@ def upstreams_view(services: Services) -> list[dict[str, Any]]:
                 "max_concurrency": r.entry.max_concurrency,
                 "cache": {
                     model: {
-                        "held_tokens": s.tokens,
+                        "held_tokens": s["tokens"],
                         "capacity_tokens": r.entry.kv_capacity_tokens,
-                        "learned_capacity_tokens": round(s.budget),
-                        "evicted_tokens": s.evicted_tokens,
-                        "corrected_tokens": s.corrected_tokens,
-                        "confirmed_misses": s.confirmed_misses,
-                        "unexpected_hits": s.unexpected_hits,
+                        "learned_capacity_tokens": round(s["budget"]),
+                        "evicted_tokens": s["evicted_tokens"],
+                        "corrected_tokens": s["corrected_tokens"],
+                        "confirmed_misses": s["confirmed_misses"],
+                        "unexpected_hits": s["unexpected_hits"],
                     }
                     for model, stats in by_model.items()
                     if (s := stats.get(r.name)) is not None
@@ -111,12 +116,23 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 3)}
 
 
+async def brain_view(services: Services) -> dict[str, Any]:
+    """The brain's figures, or an empty view saying why there are none (never waits long)."""
+    brain = services.tracker
+    try:
+        view: dict[str, Any] = await brain.call("health", timeout_s=_BRAIN_TIMEOUT_S)
+    except BrainUnavailable as exc:
+        return {"tokenizers": {}, "tracking": {}, "presence": {}, "error": str(exc)}
+    return view
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     services: Services = request.app.state.services
-    tracker = services.tracker.stats
+    brain = services.tracker
+    view = await brain_view(services)
     if len(services.pool) > 1:
-        upstreams = upstreams_view(services)
+        upstreams = upstreams_view(services, view["presence"])
         healthy = sum(1 for u in upstreams if u["healthy"])
         status = "ok" if healthy == len(upstreams) else "degraded" if healthy else "down"
         upstream: dict[str, Any] = {"healthy": healthy, "total": len(upstreams)}
@@ -130,22 +146,38 @@ async def health(request: Request) -> Response:
         upstream = await probe_upstream(services)
         status = "ok" if upstream["reachable"] else "degraded"
         routing = None
+    if brain.stats.state != "up" and status == "ok":
+        status = "degraded"  # requests flow, untracked
+    tracking = {
+        "tracked": 0,
+        "skipped_backlog": 0,
+        "untracked": 0,
+        "skipped": {},
+        "errors": {},
+        **view["tracking"],
+    }
+    relay = brain.stats
+    tracking["skipped_backlog"] += relay.skipped_backlog
+    tracking["skipped_brain_down"] = relay.skipped_down
+    tracking["brain"] = {
+        "state": relay.state,
+        "isolation": relay.isolation,
+        "pid": relay.pid,
+        "restarts": relay.restarts,
+        "last_exit": relay.last_exit,
+        "late_answers": relay.late_answers,
+        "rows_untracked": relay.rows_untracked,
+        "in_flight": relay.in_flight,
+        "error": view.get("error"),
+    }
     body = {
         "status": status,
         "version": __version__,
         "uptime_s": round(services.clock() - services.started_s, 3),
         "upstream": upstream,
         "routing": routing,
-        "tokenizers": {
-            s.model: {k: v for k, v in asdict(s).items() if k != "model"}
-            for s in services.registry.states()
-        },
-        "tracking": {
-            "tracked": tracker.num_tracked,
-            "skipped_backlog": tracker.num_skipped_backlog,
-            "untracked": tracker.num_untracked,
-            "errors": dict(tracker.errors),
-        },
+        "tokenizers": view["tokenizers"],
+        "tracking": tracking,
         "analytics": services.store.stats() if services.store is not None else None,
         "parity": (
             {m: r.to_dict() for m, r in services.parity.reports().items()}

@@ -1,7 +1,8 @@
 """Forwarding: the client's bytes go upstream unchanged, the answer comes back as it arrives.
 
 The request is sent upstream before any tracking work is done; tracking is
-started beside it (:class:`~kvern.tracking.tracker.Tracker`). The one exception is a
+handed to the brain beside it (:class:`~kvern.tracking.client.BrainClient`),
+which never blocks the relay. The one exception is a
 cache-aware choice among several upstreams, which needs the prompt's prefix
 match first (bounded by ``routing.decision_timeout_ms``; see
 :mod:`kvern.routing.router`); sending and failover are in
@@ -39,6 +40,8 @@ from kvern.upstream.client import forward_headers, mapped_errors, response_heade
 # Bytes of a response kept for the side reader; past this only the tail is kept
 # (usage and finish reason come last).
 _KEEP_BYTES = 4 * 1024 * 1024
+# A whole (non-streamed) answer up to this size goes to the brain for its usage figures.
+_KEEP_WHOLE_BYTES = 8 * 1024 * 1024
 
 _ENDPOINTS = {
     ("POST", "/v1/chat/completions"): "chat",
@@ -145,9 +148,9 @@ async def _forward(services: Services, request: Request) -> Response:
         stream=bool(body.get("stream", endpoint.startswith("ollama"))) if body else False,
         upstream=services.upstream.name,
     )
-    track = _Tracking(services, ctx, body) if ctx.model is not None else None
+    track = _Tracking(services, ctx, raw) if ctx.model is not None else None
     try:
-        route = await services.router.route(ctx, body, request.headers, len(raw))
+        route = await services.router.route(ctx, body, request.headers, raw)
     except KvernError as exc:  # no upstream to send it to: still one analytics row
         ctx.upstream = "-"
         if track is not None:
@@ -158,24 +161,18 @@ async def _forward(services: Services, request: Request) -> Response:
     headers_out = forward_headers(
         (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
     )
-    services.tracker.hold(ctx)
     try:
         attempt = await send_with_failover(services, request, ctx, route, headers_out, raw)
     except ClientGone:
-        services.tracker.release(ctx)
         # The client left while the upstream was still prefilling: the send was
         # cancelled, which closed the upstream connection and so the generation.
         if track is not None:
             track.done(None, "client_disconnected", None, b"", "")
         return Response(status_code=499)
     except KvernError as exc:
-        services.tracker.release(ctx)
         if track is not None:
             track.done(exc.status_code, exc.code, None, b"", "")
         return error_response(exc)
-    except BaseException:
-        services.tracker.release(ctx)
-        raise
 
     upstream_response = attempt.response
     headers = response_headers(upstream_response.headers)
@@ -192,28 +189,37 @@ async def _forward(services: Services, request: Request) -> Response:
 
 
 class _Tracking:
-    """Starts tracking at the first byte, and records once at the end."""
+    """Hands the request to the brain at the first byte, and its outcome at the end."""
 
-    def __init__(self, services: Services, ctx: RequestContext, body: dict[str, Any] | None):
-        self.tracker = services.tracker
+    def __init__(self, services: Services, ctx: RequestContext, raw: bytes):
+        self.brain = services.tracker
+        self.pool = services.pool
         self.ctx = ctx
-        self.body = body
+        self.raw = raw
         self.begun = False
 
-    def first_byte(self, status: int) -> None:
+    def _begin(self, insert: bool) -> None:
         if not self.begun:
             self.begun = True
-            self.tracker.begin(self.ctx, self.body, insert=status < 400)
+            oldest = self.pool.oldest_awaiting()
+            self.brain.begin(self.ctx, self.raw, insert=insert, oldest_awaiting_s=oldest)
+
+    def first_byte(self, status: int) -> None:
+        self._begin(insert=status < 400)
 
     def done(
         self, status: int | None, error: str | None, ttfb_ms: float | None, body: bytes, ctype: str
     ) -> None:
-        if not self.begun:
-            self.begun = True
-            ok = status is not None and status < 400 and error is None
-            self.tracker.begin(self.ctx, self.body, insert=ok)
-        self.tracker.complete(
-            self.ctx, status=status, error=error, ttfb_ms=ttfb_ms, body=body, content_type=ctype
+        self._begin(insert=status is not None and status < 400 and error is None)
+        latency_ms = (time.perf_counter() - self.ctx.start_s) * 1000.0
+        self.brain.complete(
+            self.ctx,
+            status=status,
+            error=error,
+            ttfb_ms=ttfb_ms,
+            latency_ms=latency_ms,
+            body=body,
+            content_type=ctype,
         )
 
 
@@ -237,11 +243,12 @@ async def _relay_whole(
             track.done(exc.status_code, exc.code, ttfb_ms, b"", "")
         return error_response(exc)
     finally:
-        services.tracker.release(ctx)
         attempt.end(ctx)
         await upstream_response.aclose()
     if track is not None:
-        track.done(upstream_response.status_code, None, ttfb_ms, content, content_type)
+        # The brain reads usage from the whole body; past the bound it gets none.
+        kept = content if len(content) <= _KEEP_WHOLE_BYTES else b""
+        track.done(upstream_response.status_code, None, ttfb_ms, kept, content_type)
     return Response(content, status_code=upstream_response.status_code, headers=headers)
 
 
@@ -277,7 +284,6 @@ async def _relay_stream(
                     kept.add(chunk)
                 yield chunk
                 if ttfb_ms is None:
-                    services.tracker.release(ctx)
                     replica.load.first_byte(ctx.request_id)
                     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
                     if track is not None:
@@ -292,7 +298,6 @@ async def _relay_stream(
         error = "client_disconnected"
         raise
     finally:
-        services.tracker.release(ctx)
         attempt.end(ctx)
         await upstream_response.aclose()
         if track is not None:

@@ -175,5 +175,15 @@ class UpstreamPool:
     def serving(self, model: str | None) -> list[Replica]:
         return [r for r in self.replicas if r.serves(model)]
 
+    def oldest_awaiting(self) -> dict[str, float]:
+        """Per upstream, when its oldest request still prefilling was routed (several only).
+
+        The brain trusts only presence marks older than this as proof (see
+        :meth:`kvern.routing.presence.PresenceMatch.trusted_cached`).
+        """
+        if len(self.replicas) < 2:
+            return {}
+        return {r.name: r.load.oldest_awaiting() for r in self.replicas}
+
     def caches(self) -> list[UpstreamCache]:
         return [r.cache for r in self.replicas]

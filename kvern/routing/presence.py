@@ -30,6 +30,7 @@ Everything here runs on the tracking thread, which owns the trie.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvern.trie import RadixTrie
@@ -108,6 +109,19 @@ class PresenceMatch:
         return [
             PathStep(s.node, s.end_depth, (s.node.upstreams or {}).get(name)) for s in self.path
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixAnswer:
+    """What the router needs of a :class:`PresenceMatch`: plain numbers, sent between processes."""
+
+    num_tokens: int  # the prompt's length
+    cached: dict[str, int]  # upstream -> tokens it should report cached
+    fill: dict[str, float]  # upstream -> share of its budget held
+
+    @classmethod
+    def of(cls, match: PresenceMatch, caches: Iterable[UpstreamCache]) -> PrefixAnswer:
+        return cls(match.num_tokens, {c.name: match.cached(c) for c in caches}, dict(match.fill))
 
 
 class _UpstreamLRU:

@@ -1,13 +1,14 @@
 """The router: which upstream a request goes to, in what order to fail over, and why.
 
-Why cache-aware decisions run on the tracking thread: the longest prefix each
-upstream holds comes from the token trie, and only the tracking thread
-touches tries. The decision is an urgent job there (tokenize incrementally,
-one walk down the trie, pick, reserve load, mark the prefix on the chosen
-upstream), typically well under a millisecond for a warm conversation. The
-event loop waits for it at most ``decision_timeout_ms``; past that, or when
-the model's tokenizer is not loaded yet, the request goes by least load, so
-routing never holds a request back for long.
+Why cache-aware decisions ask the brain: the longest prefix each upstream
+holds comes from the token trie, which lives in the brain (its own process,
+see :mod:`kvern.tracking.brain`). The question is an urgent job there
+(tokenize incrementally, one walk down the trie), typically a millisecond for
+a warm conversation; the choice itself (policy, load, reservation) is made
+here, and the brain is then told where the request went, to mark it. The
+event loop waits for the answer at most ``decision_timeout_ms``; past that,
+or when the model's tokenizer is not loaded yet, the request goes by least
+load, so routing never holds a request back for long.
 
 Other policies decide on the event loop from load alone.
 """
@@ -26,7 +27,7 @@ from kvern.config import RoutingConfig
 from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
 from kvern.routing.pool import Replica, UpstreamPool
-from kvern.routing.presence import PresenceMatch
+from kvern.routing.presence import PrefixAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +41,20 @@ class RoutedRequest(Protocol):
 
     request_id: str  # kvern's id, the key of the load it reserves
     model: str | None  # the body's model
-    upstream: str  # where the request went, set by the caller once routed
-
-
-Decide = Callable[[PresenceMatch, float], Choice]
 
 
 class PrefixOracle(Protocol):
-    """Where cache-aware decisions run: beside the tries (:class:`kvern.tracking.tracker.Tracker`).
+    """Where cache-aware questions go: the brain (:class:`kvern.tracking.client.BrainClient`).
 
     A protocol so that routing, a floor below tracking, never imports it.
     ``ctx`` is the request the router was given, passed through unchanged.
     """
 
-    def route(
-        self, ctx: Any, body: dict[str, Any] | None, decide: Decide
-    ) -> asyncio.Future[Any] | None: ...
+    def ask(self, ctx: Any, body: bytes) -> asyncio.Future[PrefixAnswer | None] | None: ...
+
+    def commit(
+        self, ctx: Any, upstream: str | None, oldest_awaiting_s: dict[str, float]
+    ) -> None: ...
 
 
 # Rough prompt tokens of a request whose prompt was not tokenized (bytes per token).
@@ -100,13 +99,13 @@ class Router:
         pool: UpstreamPool,
         config: RoutingConfig,
         policy: str,
-        tracker: PrefixOracle,
+        oracle: PrefixOracle,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
         self.config = config
         self.policy = policy
-        self._tracker = tracker
+        self._oracle = oracle
         self._clock = clock
         self._rr = RoundRobin()
         self._turn = 0
@@ -150,70 +149,65 @@ class Router:
         ctx: RoutedRequest,
         body: dict[str, Any] | None,
         headers: Mapping[str, str],
-        body_bytes: int,
+        raw: bytes,
     ) -> RouteState:
-        """Choose the upstream for ``ctx`` and reserve its load; raises NoHealthyUpstream."""
+        """Choose the upstream for ``ctx`` and reserve its load; raises NoHealthyUpstream.
+
+        A cache-aware choice asks the brain where the prompt's prefix is held
+        and always tells it, once chosen, where the request went -- also when
+        the answer came too late and the request went by load, so presence is
+        only ever booked on the upstream that really got the request.
+        """
         now = self._clock()
-        estimate = max(1, body_bytes // _BYTES_PER_TOKEN)
+        estimate = max(1, len(raw) // _BYTES_PER_TOKEN)
         if self.policy == "cache_aware" and len(self.pool) > 1:
-            state = await self._cache_aware(ctx, body, estimate)
-            if state is not None:
+            pending = self._oracle.ask(ctx, raw)
+            chosen: str | None = None
+            try:
+                state = await self._cache_aware(ctx, pending) if pending is not None else None
+                if state is None:
+                    choice = least_load(self.candidates(ctx.model), "no_prefix_info")
+                    choice.replica.load.reserve(ctx.request_id, estimate, now)
+                    state = RouteState(choice, choice.replica, estimate)
+                chosen = state.replica.name
                 return state
-            choice = least_load(self.candidates(ctx.model), "no_prefix_info")
+            finally:
+                if pending is not None:
+                    self._oracle.commit(ctx, chosen, self.pool.oldest_awaiting())
+        cands = self.candidates(ctx.model)
+        if self.policy == "round_robin":
+            choice = self._rr.choose(cands)
+        elif self.policy == "session":
+            choice = session(cands, self._session_key(headers, body))
         else:
-            cands = self.candidates(ctx.model)
-            if self.policy == "round_robin":
-                choice = self._rr.choose(cands)
-            elif self.policy == "session":
-                choice = session(cands, self._session_key(headers, body))
-            else:
-                choice = least_load(cands)
+            choice = least_load(cands)
         choice.replica.load.reserve(ctx.request_id, estimate, now)
         return RouteState(choice, choice.replica, estimate)
 
     async def _cache_aware(
-        self, ctx: RoutedRequest, body: dict[str, Any] | None, estimate: int
+        self, ctx: RoutedRequest, pending: asyncio.Future[PrefixAnswer | None]
     ) -> RouteState | None:
-        reserved: list[int] = []
-
-        def decide(match: PresenceMatch, now: float) -> Choice:
-            cands = self.candidates(ctx.model)
-            for c in cands:
-                c.cached = match.cached(c.replica.cache)
-                c.fill = match.fill.get(c.replica.name, 0.0)
-            choice = cache_aware(cands, match.num_tokens, self.config)
-            uncached = max(1, match.num_tokens - choice.cached)
-            choice.replica.load.reserve(ctx.request_id, uncached, now)
-            reserved.append(uncached)
-            return choice
-
+        """Wait (bounded) for the brain's answer, then choose by it; None: go by load."""
         started = time.perf_counter()
-        pending = self._tracker.route(ctx, body, decide)
-        if pending is None:
-            return None
         try:
-            choice = await asyncio.wait_for(
+            answer = await asyncio.wait_for(
                 asyncio.shield(pending), self.config.decision_timeout_ms / 1000.0
             )
         except TimeoutError:
             self.num_decision_timeouts += 1
             self.decision_ms.append(self.config.decision_timeout_ms)
-            pending.add_done_callback(lambda f: self._release_late(ctx, f, reserved))
             return None
         self.decision_ms.append((time.perf_counter() - started) * 1000.0)
-        if choice is None:
+        if answer is None:
             return None
-        return RouteState(choice, choice.replica, reserved[0])
-
-    @staticmethod
-    def _release_late(ctx: RoutedRequest, done: asyncio.Future[Any], reserved: list[int]) -> None:
-        """A decision that came after the timeout reserved load the request never used."""
-        if done.cancelled() or done.exception() is not None:
-            return
-        choice = done.result()
-        # The same upstream as the fallback picked: one entry, still in use.
-        if choice is not None and reserved and choice.replica.name != ctx.upstream:
-            choice.replica.load.end(ctx.request_id)
+        cands = self.candidates(ctx.model)
+        for c in cands:
+            c.cached = answer.cached.get(c.replica.name, 0)
+            c.fill = answer.fill.get(c.replica.name, 0.0)
+        choice = cache_aware(cands, answer.num_tokens, self.config)
+        uncached = max(1, answer.num_tokens - choice.cached)
+        choice.replica.load.reserve(ctx.request_id, uncached, self._clock())
+        return RouteState(choice, choice.replica, uncached)
 
     def _session_key(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> str | None:
         key = headers.get(self.config.session_header)

@@ -62,6 +62,7 @@ class SegmentStats:
     num_segment_hits: int = 0  # segments found in the cache
     num_encoded_chars: int = 0  # characters actually sent to the tokenizer (the new text)
     num_verified: int = 0  # prompts also tokenized whole to check
+    num_verify_skipped: int = 0  # samples too long to check (the next short one is)
     num_mismatches: int = 0  # checks that disagreed (turns the cache off)
 
 
@@ -74,17 +75,23 @@ class SegmentTokenizer:
         *,
         cache_tokens: int = 2_000_000,
         verify_every: int = 100,
+        verify_max_chars: int = 200_000,
     ) -> None:
         """``backend`` is a ``tokenizers.Tokenizer`` (``hf_tokenizer.backend_tokenizer``).
 
         ``verify_every``: tokenize every N-th prompt whole too and compare
-        (0 disables; the first prompt is always checked).
+        (0 disables; the first prompt is always checked). A sample longer
+        than ``verify_max_chars`` is not tokenized whole (that would cost a
+        huge prompt's whole tokenization again); the check moves to the next
+        prompt short enough.
         """
         self._backend = backend
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_tokens = 0
         self._max_cache_tokens = cache_tokens
         self._verify_every = verify_every
+        self._verify_max_chars = verify_max_chars
+        self._verify_due = False
         self.stats = SegmentStats()
         self.disabled_reason: str | None = None
         self._splitter: re.Pattern[str] | None = None
@@ -209,7 +216,12 @@ class SegmentTokenizer:
         self.stats.num_requests += 1
         ids = self._encode_segments(text, use_cache=True)
         n = self.stats.num_requests
-        if self._verify_every and (n == 1 or n % self._verify_every == 0):
+        due = self._verify_due or n == 1 or (self._verify_every and n % self._verify_every == 0)
+        if self._verify_every and due and len(text) > self._verify_max_chars:
+            self._verify_due = True
+            self.stats.num_verify_skipped += 1
+        elif self._verify_every and due:
+            self._verify_due = False
             self.stats.num_verified += 1
             whole = self._encode_whole(text)
             if whole != ids:

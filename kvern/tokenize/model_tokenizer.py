@@ -50,6 +50,7 @@ class ModelTokenizer:
         error: str | None = None,
         cache_tokens: int = 2_000_000,
         verify_every: int = 100,
+        verify_max_chars: int = 200_000,
     ) -> None:
         self.hf = hf_tokenizer
         self.source = source
@@ -62,6 +63,7 @@ class ModelTokenizer:
                 hf_tokenizer.backend_tokenizer,
                 cache_tokens=cache_tokens,
                 verify_every=verify_every,
+                verify_max_chars=verify_max_chars,
             )
 
     @property

@@ -121,6 +121,7 @@ class TokenizerRegistry:
     def _build(self, model: str, entry: TokenizerEntry | None) -> ModelTokenizer:
         cache_tokens = self._config.incremental_cache_tokens
         verify_every = self._verify_every
+        verify_max_chars = self._config.verify_max_chars
         if entry is None:
             return ModelTokenizer(
                 None,
@@ -128,6 +129,7 @@ class TokenizerRegistry:
                 error=f"no tokenizer configured for model {model!r}",
                 cache_tokens=cache_tokens,
                 verify_every=verify_every,
+                verify_max_chars=verify_max_chars,
             )
         if entry.source == UPSTREAM_SOURCE:
             if self._upstream_origin is None:
@@ -144,9 +146,14 @@ class TokenizerRegistry:
                 error=message,
                 cache_tokens=cache_tokens,
                 verify_every=verify_every,
+                verify_max_chars=verify_max_chars,
             )
         return ModelTokenizer(
-            hf, source=entry.source, cache_tokens=cache_tokens, verify_every=verify_every
+            hf,
+            source=entry.source,
+            cache_tokens=cache_tokens,
+            verify_every=verify_every,
+            verify_max_chars=verify_max_chars,
         )
 
     def loaded(self, model: str) -> ModelTokenizer | None:

@@ -1,18 +1,18 @@
-"""The tracking thread's queue: jobs in arrival order, per-model waits, holds, errors.
+"""The tracking thread's queue: jobs in arrival order, per-model waits, backlog, errors.
 
 Why apart from :mod:`kvern.tracking.tracker`: this is the machinery that keeps
 tracking out of a request's way, whatever the tracking does. Jobs run on one
 thread (:class:`~kvern.tracking.jobs.JobThread`), in the order requests reached them;
 a model whose tokenizer is still loading queues its jobs until it is loaded;
-while requests await their first byte, ordinary jobs step aside briefly; and
-every error is counted by kind and logged once, without prompt text.
+and every error is counted by kind and logged once, without prompt text.
+Nothing here steps aside for requests: the thread runs in the brain, away from
+the relay's event loop (see :mod:`kvern.tracking.brain`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,12 +20,8 @@ from typing import Any, TypeVar
 from kvern.tokenize.model_tokenizer import ModelTokenizer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.jobs import JobThread
-from kvern.tracking.records import RequestContext
 
 logger = logging.getLogger("kvern.tracking")
-
-# A request waiting longer than this for its first byte no longer holds tracking back.
-_STALE_HOLD_S = 60.0
 
 T = TypeVar("T")
 
@@ -38,23 +34,19 @@ class TrackerStats:
     num_skipped_backlog: int = 0  # requests passed through untracked: tracking was behind
     num_untracked: int = 0  # requests with nothing to track (no model, odd body)
     errors: dict[str, int] = field(default_factory=dict)  # tracking errors by kind
+    # Work not done for a request, by reason (prompt_over_context, answer_over_context).
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
 class TrackingQueue:
-    """One tracking thread and the order, backlog and hold rules of its jobs."""
+    """One tracking thread and the order and backlog rules of its jobs."""
 
-    def __init__(
-        self, registry: TokenizerRegistry, *, max_pending: int, max_yield_s: float
-    ) -> None:
+    def __init__(self, registry: TokenizerRegistry, *, max_pending: int) -> None:
         self._registry = registry
         self._max_pending = max_pending
-        # Requests sent upstream whose first byte has not been relayed yet:
-        # tracking jobs wait (briefly) while any exist, so they never compete
-        # for the GIL in the window a user feels as time to first token.
-        # request id -> monotonic time it was sent; a hold older than
-        # _STALE_HOLD_S is ignored (a response that never started relaying).
-        self._holds: dict[str, float] = {}
-        self._max_yield_s = max_yield_s
         self._pending = 0
         self._executor = JobThread("kvern-tracking")
         # Per model whose tokenizer is loading: actions to run, in arrival order, once loaded.
@@ -119,35 +111,14 @@ class TrackingQueue:
         if cancelled is not None:
             raise cancelled
 
+    @property
+    def backlog(self) -> int:
+        """Prediction jobs queued or running (a soft count)."""
+        return self._pending
+
     def _job_done(self, _: Any) -> None:
         # Runs on the tracking thread; the counter is only a soft backlog limit.
         self._pending -= 1
-
-    def hold(self, ctx: RequestContext) -> None:
-        """``ctx`` was sent upstream and awaits its first byte (the event loop calls this)."""
-        if not ctx.awaiting_first_byte:
-            ctx.awaiting_first_byte = True
-            self._holds[ctx.request_id] = time.perf_counter()
-
-    def release(self, ctx: RequestContext) -> None:
-        """``ctx``'s first byte was relayed, or it ended; idempotent."""
-        if ctx.awaiting_first_byte:
-            ctx.awaiting_first_byte = False
-            self._holds.pop(ctx.request_id, None)
-
-    def _yield_to_requests(self) -> None:
-        """On the tracking thread: step aside while requests await their first byte.
-
-        Bounded by ``max_yield_s`` so tracking still progresses under constant load.
-        """
-        start = time.perf_counter()
-        deadline = start + self._max_yield_s
-        while not self._executor.urgent_waiting:
-            now = time.perf_counter()
-            # list() of a dict's values runs in C under the GIL: a consistent copy.
-            if now >= deadline or all(now - t > _STALE_HOLD_S for t in list(self._holds.values())):
-                return
-            time.sleep(0.0005)
 
     async def drain(self) -> None:
         """Wait for every tracking task in flight (graceful shutdown, tests)."""

@@ -9,9 +9,7 @@ needs the tracking thread's machinery in :mod:`kvern.tracking.tracker`.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +39,11 @@ class Prediction:
 
 @dataclass(slots=True)
 class RequestContext:
-    """A request in flight, from arrival to its analytics row."""
+    """A request in flight, from arrival to its analytics row.
+
+    The relay fills it in and sends a copy with every message to the brain, so
+    it holds plain values only.
+    """
 
     request_id: str  # kvern's id (also sent back as x-kvern-request-id)
     ts_s: float  # wall-clock arrival time
@@ -51,9 +53,8 @@ class RequestContext:
     tenant: str | None  # hash of the API key or the user field
     stream: bool  # the client asked for a stream
     upstream: str  # upstream name
-    prediction: asyncio.Future[Prediction | None] | None = None  # tracking result
-    prediction_job: Future[Prediction | None] | None = None  # its job on the tracking thread
-    awaiting_first_byte: bool = False  # counted in Tracker's requests-awaiting-first-byte
+    # Sent to the brain with each message about the request (so: plain values only).
+    asked: bool = False  # the router asked the brain where its prefix is held
     route_reason: str | None = None  # why the router picked the first upstream
     route_attempts: int = 1  # upstreams tried
     route_load: int | None = None  # the chosen upstream's load when chosen

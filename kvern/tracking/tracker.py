@@ -1,38 +1,40 @@
 """Tracking beside the request: tokenize, walk the trie, record -- never in the way.
 
-Why a dedicated thread: the request must go upstream at once and its bytes
-must be relayed as they come. Tokenizing a 4,000-token prompt and walking the
-trie take milliseconds of CPU; on the event loop that would delay every other
-user's stream. So all tracking work (rendering, tokenization, trie insert,
+This runs in the brain (see :mod:`kvern.tracking.brain`), away from the relay's
+event loop. All tracking work (rendering, tokenization, trie insert,
 lock/unlock, eviction, reading the trie for the endpoints) runs on ONE worker
-thread, in arrival order. One thread means the trie is never touched
-concurrently, so it needs no lock, and the order of inserts is the order
-requests arrived -- the order the backend saw them.
+thread, in the order the relay handed requests over. One thread means the trie
+is never touched concurrently, so it needs no lock, and the order of inserts
+is the order requests reached the backend. Routing questions take the thread's
+urgent lane, ahead of queued bookkeeping.
 
 Nothing here may fail or slow a request: every step is wrapped, errors are
-counted by kind and logged once without prompt text, and when the tracking
-thread falls behind by more than ``max_pending`` jobs new requests are passed
-through untracked (and counted) rather than queued without bound.
+counted by kind and logged once without prompt text, a request costs bounded
+work (a prompt body beyond what a backend context could hold is skipped, an
+answer is re-tokenized up to one context), and when the thread falls behind
+by more than ``max_pending`` jobs new requests pass through untracked (and
+counted) rather than queued without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
 from kvern.prompt.normalize import Normalizer
 from kvern.prompt.requests import TRACKED_ENDPOINTS, read_prompt
 from kvern.routing.book import PresenceBook, RouteHandle
-from kvern.routing.presence import PresenceMatch
-from kvern.tokenize.model_tokenizer import ModelTokenizer
+from kvern.routing.presence import PrefixAnswer, PresenceMatch
+from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackingQueue
@@ -43,10 +45,11 @@ from kvern.upstream.usage import ResponseFacts, parse_response
 
 logger = logging.getLogger(__name__)
 
-# A request waiting longer than this for its first byte no longer holds tracking back.
-_STALE_HOLD_S = 60.0
-
-T = TypeVar("T")
+# Bytes of request body per token of context, at most: a body larger than
+# max_context_tokens times this cannot fit any backend's context whole.
+_BODY_BYTES_PER_TOKEN = 8
+# Characters of answer text per token, at most, that are re-tokenized.
+_ANSWER_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,19 @@ class _Served:
 
     upstream: str
     ok: bool
+
+
+@dataclass(slots=True)
+class _Asked:
+    """A routing question answered, waiting for the relay to say where the request went."""
+
+    tok: ModelTokenizer
+    model: str
+    prompt: PromptTokens | None = None  # None until tokenized, or nothing to track
+
+
+def _trackable(ctx: RequestContext) -> bool:
+    return ctx.endpoint in TRACKED_ENDPOINTS and ctx.model is not None
 
 
 class Tracker(TrackingQueue):
@@ -66,13 +82,12 @@ class Tracker(TrackingQueue):
         *,
         registry: TokenizerRegistry,
         forest: TrieForest,
-        record: Callable[[RequestRecord], bool] | None,
+        record: Callable[[RequestRecord], Any] | None,
         clock: Callable[[], float] = time.time,
         max_pending: int = 512,
-        max_yield_s: float = 0.05,
         presence: PresenceBook | None = None,
     ) -> None:
-        super().__init__(registry, max_pending=max_pending, max_yield_s=max_yield_s)
+        super().__init__(registry, max_pending=max_pending)
         self._config = config
         self._forest = forest
         self._record = record
@@ -80,6 +95,13 @@ class Tracker(TrackingQueue):
         # With several upstreams: which upstream holds which prefix (see kvern.routing).
         self.presence = presence
         self._normalizers: dict[str, Normalizer] = {}
+        # request id -> its prediction job (one per request, however it began).
+        self._jobs: dict[str, Future[Prediction | None]] = {}
+        # request id -> its answered routing question, until the relay commits it.
+        self._asked: dict[str, _Asked] = {}
+        context = config.tracking.max_context_tokens
+        self._max_body_bytes = context * _BODY_BYTES_PER_TOKEN
+        self._max_answer_tokens = context
 
     def _normalizer(self, model: str) -> Normalizer:
         norm = self._normalizers.get(model)
@@ -88,33 +110,32 @@ class Tracker(TrackingQueue):
             self._normalizers[model] = norm
         return norm
 
-    # -- prediction (at arrival) ---------------------------------------------------
+    # -- prediction (routing question, commit, first byte) -------------------------
 
-    def begin(self, ctx: RequestContext, body: dict[str, Any] | None, *, insert: bool) -> None:
-        """Start tracking ``ctx``; returns at once.
+    def begin(self, ctx: RequestContext, body: bytes, *, insert: bool) -> None:
+        """Start tracking ``ctx``; returns at once. A request committed by routing is skipped.
 
-        The proxy calls this when the upstream's first byte arrives: by then the
+        The relay sends this when the upstream's first byte arrives: by then the
         backend has finished this prompt's prefill, so its KV is in the
-        backend's cache, and tracking work never competes with the request
-        before its first byte. ``insert=False`` (failed requests) matches the
-        prompt without adding it: a backend that refused a request cached nothing.
+        backend's cache. ``insert=False`` (failed requests) matches the prompt
+        without adding it: a backend that refused a request cached nothing.
 
         With the tokenizer loaded, the job goes straight onto the tracking
         thread's queue, so jobs run in the order requests reached this point
         and a request's answer is settled (see :meth:`complete`) before any
         later request is predicted.
         """
-        if ctx.prediction_job is not None:
+        if ctx.request_id in self._jobs:
             return  # already predicted when it was routed
-        if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
+        if not _trackable(ctx) or not body:
             self.stats.num_untracked += 1
             return
         if self._pending >= self._max_pending:
             self.stats.num_skipped_backlog += 1
             return
-        model, endpoint = ctx.model, ctx.endpoint
+        assert ctx.model is not None
+        model, endpoint, upstream = ctx.model, ctx.endpoint, ctx.upstream
         job = self._new_prediction_job(ctx)
-        upstream = ctx.upstream
 
         def submit(tok: ModelTokenizer) -> None:
             inner = self._executor.submit(
@@ -130,94 +151,118 @@ class Tracker(TrackingQueue):
         self._pending += 1
         job: Future[Prediction | None] = Future()
         job.add_done_callback(self._job_done)
-        ctx.prediction_job = job
-        ctx.prediction = asyncio.wrap_future(job)
+        self._jobs[ctx.request_id] = job
         return job
 
-    def route(
-        self,
-        ctx: RequestContext,
-        body: dict[str, Any] | None,
-        decide: Callable[[PresenceMatch, float], Any],
-    ) -> asyncio.Future[Any] | None:
-        """Match the prompt against every upstream's presence, let ``decide`` pick, record it.
+    def ask(self, ctx: RequestContext, body: bytes) -> Future[PrefixAnswer | None] | None:
+        """The prompt's longest prefix on every upstream, as an urgent job; None at once if unknown.
 
-        Runs as an urgent job on the tracking thread (ahead of queued
-        bookkeeping). ``decide(match, now)`` returns a choice whose
-        ``replica.name`` is the upstream; the prompt is inserted and marked
-        there at once, and the request's prediction is made (so :meth:`begin`
-        does nothing later). Returns a future of the choice -- None when the
-        prompt gave no tokens -- or None at once when routing cannot use the
-        trie now (nothing to track, the model's tokenizer still loading,
-        tracking behind); the caller then routes by load alone.
+        None when routing cannot use the trie now (nothing to track, the
+        model's tokenizer still loading, tracking behind): the relay then
+        routes by load alone and tracks at the first byte. Nothing is marked
+        or inserted here: only :meth:`commit`, told where the request really
+        went, does that -- so a decision that came too late for the relay
+        never books a prefix on an upstream that did not get the request.
         """
-        if ctx.endpoint not in TRACKED_ENDPOINTS or ctx.model is None or body is None:
+        if not _trackable(ctx) or not body or self.presence is None:
             return None
-        if self.presence is None or self._pending >= self._max_pending:
+        if self._pending >= self._max_pending:
             return None
+        assert ctx.model is not None
         model, endpoint = ctx.model, ctx.endpoint
         tok = self._registry.loaded(model) if model not in self._waiting else None
         if tok is None:
             return None
-        job = self._new_prediction_job(ctx)
-        chosen: Future[Any] = Future()
+        asked = self._asked[ctx.request_id] = _Asked(tok, model)
+        presence = self.presence
+        answer: Future[PrefixAnswer | None] = Future()
 
-        def pick(match: PresenceMatch, now: float) -> str:
-            choice = decide(match, now)
-            chosen.set_result(choice)
-            return str(choice.replica.name)
+        def run() -> None:
+            try:
+                asked.prompt = self._tokenize(tok, model, endpoint, body)
+                if asked.prompt is None:
+                    answer.set_result(None)
+                    return
+                match = presence.for_model(self._forest.get(model)).match(asked.prompt.ids)
+                answer.set_result(PrefixAnswer.of(match, presence.caches.values()))
+            except Exception as exc:  # noqa: BLE001 - the relay routes by load instead
+                self._count_error("route", exc)
+                asked.prompt = None
+                if not answer.done():
+                    answer.set_result(None)
+
+        self._executor.submit(run, urgent=True)
+        return answer
+
+    def commit(self, ctx: RequestContext, upstream: str | None) -> None:
+        """The asked request went to ``upstream`` (None: nowhere): predict, insert and mark there.
+
+        An urgent job, right behind its own question: the next request sharing
+        this new prefix then follows it to the same upstream.
+        """
+        asked = self._asked.pop(ctx.request_id, None)
+        if asked is None or upstream is None:
+            return
+        job = self._new_prediction_job(ctx)
 
         def run() -> None:
             prediction: Prediction | None = None
             try:
-                prediction = self._predict_sync(
-                    tok, model, endpoint, body, True, ctx.upstream, route=pick
-                )
-            except Exception as exc:  # noqa: BLE001 - handed to the router or counted
-                if not chosen.done():
-                    chosen.set_exception(exc)
-                else:
-                    self._count_error("route", exc)
+                if asked.prompt is not None:
+                    prediction = self._predict_tokens(
+                        asked.tok, asked.model, asked.prompt, True, upstream
+                    )
+            except Exception as exc:  # noqa: BLE001 - tracking never fails a request
+                self._count_error("commit", exc)
             finally:
                 job.set_result(prediction)
-                if not chosen.done():
-                    chosen.set_result(None)
 
         self._executor.submit(run, urgent=True)
-        return asyncio.wrap_future(chosen)
 
     def _predict_guarded(
         self,
         tok: ModelTokenizer,
         model: str,
         endpoint: str,
-        body: dict[str, Any],
+        body: bytes,
         insert: bool,
         upstream: str,
     ) -> Prediction | None:
-        self._yield_to_requests()
         try:
-            return self._predict_sync(tok, model, endpoint, body, insert, upstream)
+            prompt = self._tokenize(tok, model, endpoint, body)
+            if prompt is None:
+                return None
+            return self._predict_tokens(tok, model, prompt, insert, upstream)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
 
-    def _predict_sync(
-        self,
-        tok: ModelTokenizer,
-        model: str,
-        endpoint: str,
-        body: dict[str, Any],
-        insert: bool,
-        upstream: str,
-        route: Callable[[PresenceMatch, float], str] | None = None,
-    ) -> Prediction | None:
-        """Tokenize, predict, insert and lock; ``route`` (given a match) picks the upstream."""
-        asked = read_prompt(endpoint, body)
+    def _tokenize(
+        self, tok: ModelTokenizer, model: str, endpoint: str, body: bytes
+    ) -> PromptTokens | None:
+        """The prompt's tokens, or None (counted) when there is none or it is out of bounds."""
+        if len(body) > self._max_body_bytes:
+            self.stats.skip("prompt_over_context")
+            return None
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        asked = read_prompt(endpoint, parsed) if isinstance(parsed, dict) else None
         if asked is None:
             self.stats.num_untracked += 1
             return None
-        prompt = tok.request(asked, normalizer=self._normalizer(model))
+        return tok.request(asked, normalizer=self._normalizer(model))
+
+    def _predict_tokens(
+        self,
+        tok: ModelTokenizer,
+        model: str,
+        prompt: PromptTokens,
+        insert: bool,
+        upstream: str,
+    ) -> Prediction:
+        """Predict, insert and lock ``prompt`` as served by ``upstream``."""
         mt = self._forest.get(model)
         now = self._clock()
         node: TrieNode | None = None
@@ -228,10 +273,8 @@ class Tracker(TrackingQueue):
             matched = mt.trie.match(prompt.ids).matched_tokens
         else:
             # Predict first: the trie must not yet hold this prompt.
-            if self.presence is not None:
-                match = self.presence.for_model(mt).match(prompt.ids)
-                if route is not None:
-                    upstream = route(match, now)
+            if self.presence is not None and upstream in self.presence.caches:
+                match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
                 handle = self.presence.handle(match, upstream, now)
                 predicted = handle.predicted
                 backend_model = "routed"
@@ -241,7 +284,7 @@ class Tracker(TrackingQueue):
                 predicted, handle = start.predicted_cached_tokens, start.handle
             result = mt.trie.insert(prompt.ids, now)
             mt.trie.lock(result.node)
-            if self.presence is not None:
+            if self.presence is not None and upstream in self.presence.caches:
                 self.presence.commit(mt, result.node, upstream, now)
             mt.trie.maintain(mt.max_tokens, now)
             matched, node = result.matched_tokens, result.node
@@ -270,6 +313,7 @@ class Tracker(TrackingQueue):
         status: int | None,
         error: str | None,
         ttfb_ms: float | None,
+        latency_ms: float,
         body: bytes,
         content_type: str,
     ) -> None:
@@ -278,32 +322,31 @@ class Tracker(TrackingQueue):
         Settling (reading the answer, telling the cache model what the backend
         now holds) is queued on the tracking thread right now, so it runs
         before the prediction of any request whose first byte comes later.
+        A request that was never predicted still has its answer read, for the
+        usage figures of its row.
         """
-        latency_ms = (time.perf_counter() - ctx.start_s) * 1000.0
-        job = ctx.prediction_job
-        if job is None or ctx.model is None:
-            nothing: Future[tuple[Prediction | None, ResponseFacts]] = Future()
-            nothing.set_result((None, ResponseFacts()))
-            settled = asyncio.wrap_future(nothing)
+        job = self._jobs.pop(ctx.request_id, None)
+        done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
+        settled = asyncio.wrap_future(done)
+        served = _Served(ctx.upstream, status is not None and status < 400)
+        model = ctx.model
+
+        def submit(_: ModelTokenizer | None = None) -> None:
+            inner = self._executor.submit(
+                self._settle_guarded, model, job, body, content_type, served
+            )
+            inner.add_done_callback(lambda f: done.set_result(f.result()))
+
+        if job is None or model is None:
+            submit()
         else:
-            model = ctx.model
-            done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
-            settled = asyncio.wrap_future(done)
-            served = _Served(ctx.upstream, status is not None and status < 400)
-
-            def submit(_: ModelTokenizer) -> None:
-                inner = self._executor.submit(
-                    self._settle_guarded, model, job, body, content_type, served
-                )
-                inner.add_done_callback(lambda f: done.set_result(f.result()))
-
             self._in_order(model, submit)
         self._spawn(self._record_when(ctx, settled, status, error, ttfb_ms, latency_ms))
 
     def _settle_guarded(
         self,
         model: str | None,
-        job: Future[Prediction | None],
+        job: Future[Prediction | None] | None,
         body: bytes,
         content_type: str,
         served: _Served,
@@ -311,9 +354,8 @@ class Tracker(TrackingQueue):
         """On the tracking thread: the prediction job ran before this one (FIFO)."""
         prediction: Prediction | None = None
         facts = ResponseFacts()
-        self._yield_to_requests()
         try:
-            prediction = job.result()
+            prediction = job.result() if job is not None else None
             if body:
                 facts = parse_response(body, content_type)
             if prediction is not None and model is not None:
@@ -374,12 +416,18 @@ class Tracker(TrackingQueue):
         """The answer's tokens the backend fed back through the model (all but the last).
 
         The backend holds the ids it sampled; kvern sees their text, so the
-        answer is re-tokenized -- exact for the usual canonical output.
+        answer is re-tokenized -- exact for the usual canonical output. Bounded
+        by one backend context: beyond it no backend holds the sequence whole.
         """
         if not self._config.upstream.cache_model.cache_generated or p.tokenizer is None:
             return None
-        if not facts.completion_text:
+        text = facts.completion_text
+        if not text:
             return None
-        gen = p.tokenizer.encode_text(facts.completion_text)
+        limit = self._max_answer_tokens
+        if len(text) > limit * _ANSWER_CHARS_PER_TOKEN:
+            text = text[: limit * _ANSWER_CHARS_PER_TOKEN]
+            self.stats.skip("answer_over_context")
+        gen = p.tokenizer.encode_text(text)[:limit]
         evaluated = (facts.completion_tokens or len(gen)) - 1
         return gen[: max(0, min(evaluated, len(gen)))] or None

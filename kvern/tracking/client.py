@@ -1,0 +1,488 @@
+"""The relay's side of the brain: hand requests over, ask routing questions, read views.
+
+Why every call on the request path returns at once: the relay forwards
+bytes; the brain may be busy, slow, dead or restarting. Each request-path
+call only queues a message (bounded; a full queue means the request passes
+untracked and counted), routing questions come back as futures the router
+waits on with its own deadline, and rows the brain never sent back are
+written here, without tracking figures, so every request keeps its row.
+
+The brain is supervised: a brain whose pipe closes (it died) or that misses a
+ping for ``tracking.hang_timeout_s`` (it hangs; it is killed) is restarted
+with a growing back-off, and ``/health`` shows its state and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Literal
+
+from kvern.analytics.records import RequestRecord
+from kvern.config import KvernConfig
+from kvern.routing.presence import PrefixAnswer
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking import messages as m
+from kvern.tracking.brain import serve
+from kvern.tracking.channel import Inbox, Outbox, QueueConnection
+from kvern.tracking.records import RequestContext, to_record
+from kvern.upstream.usage import ResponseFacts
+
+logger = logging.getLogger(__name__)
+
+BrainState = Literal["starting", "up", "down", "stopped"]
+_RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
+_PING_EVERY_S = 1.0
+_BYE_TIMEOUT_S = 60.0
+
+
+class BrainUnavailable(RuntimeError):
+    """The brain is down, restarting, or did not answer in time."""
+
+
+@dataclass(slots=True)
+class BrainStats:
+    """What /health shows of the brain, counted on the relay."""
+
+    state: BrainState = "starting"
+    isolation: str = "process"
+    pid: int | None = None
+    restarts: int = 0  # brains started after the first
+    last_exit: str | None = None  # why the last brain went away
+    skipped_backlog: int = 0  # requests not handed over: the queue to the brain was full
+    skipped_down: int = 0  # requests not handed over: no brain was up
+    late_answers: int = 0  # routing answers that came after the router gave up
+    rows_untracked: int = 0  # rows written here, without the brain's figures
+    in_flight: int = 0  # requests handed over whose row has not come back
+
+
+@dataclass(slots=True)
+class _Awaiting:
+    """A request handed over whose row the brain has not sent back yet."""
+
+    ctx: RequestContext
+    completed: tuple[int | None, str | None, float | None, float] | None = None
+
+
+@dataclass(slots=True)
+class _Link:
+    """One running brain and the two ends of its channel."""
+
+    generation: int
+    outbox: Outbox
+    inbox: Inbox
+    process: subprocess.Popen[bytes] | None = None
+    thread: threading.Thread | None = None
+    calls: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    asks: dict[str, asyncio.Future[PrefixAnswer | None]] = field(default_factory=dict)
+    bye: asyncio.Event = field(default_factory=asyncio.Event)
+    hello: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class BrainClient:
+    """Talks to one brain at a time on the relay's event loop, restarting it when it fails."""
+
+    def __init__(
+        self,
+        config: KvernConfig,
+        *,
+        record: Callable[[RequestRecord], Any] | None,
+        on_parity: Callable[[Any, bool], None] | None = None,
+        registry: TokenizerRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        isolation: str | None = None,
+    ) -> None:
+        """``registry`` or a ``clock`` other than ``time.time`` need ``isolation: thread``."""
+        self._config = config
+        self._record = record
+        self._on_parity = on_parity
+        self._registry = registry
+        self._clock = clock
+        chosen = isolation or config.tracking.isolation
+        if registry is not None or clock is not time.time:
+            chosen = "thread"  # objects of this process cannot cross into another
+        self.stats = BrainStats(isolation=chosen)
+        self._generation = itertools.count(1)
+        self._call_ids = itertools.count(1)
+        self._link: _Link | None = None
+        self._awaiting: dict[str, _Awaiting] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def set_parity_sink(self, on_parity: Callable[[Any, bool], None]) -> None:
+        """Where the brain's parity reports go (set before :meth:`start`)."""
+        self._on_parity = on_parity
+
+    # -- life cycle --------------------------------------------------------------
+
+    async def start(self, ready_timeout_s: float = 30.0) -> None:
+        """Start the first brain and its supervisor, and wait (bounded) until it is ready.
+
+        Requests handed over before it is ready wait in the queue; the wait
+        only keeps the first requests' routing questions from timing out.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._open()
+        self._supervisor = asyncio.create_task(self._supervise(), name="kvern-brain-supervisor")
+        if not await self.wait_ready(ready_timeout_s):
+            logger.error("kvern's tracking process is not ready after %.0f s", ready_timeout_s)
+
+    def _open(self) -> None:
+        generation = next(self._generation)
+        self.stats.state = "starting"
+        if self.stats.isolation == "thread":
+            link = self._open_thread(generation)
+        else:
+            link = self._open_process(generation)
+        self._link = link
+
+    def _open_process(self, generation: int) -> _Link:
+        to_brain_r, to_brain_w = os.pipe()
+        from_brain_r, from_brain_w = os.pipe()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvern.tracking.brain",
+                "--in-fd",
+                str(to_brain_r),
+                "--out-fd",
+                str(from_brain_w),
+            ],
+            pass_fds=(to_brain_r, from_brain_w),
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(to_brain_r)
+        os.close(from_brain_w)
+        outbox = Outbox(
+            Connection(to_brain_w, readable=False),
+            max_messages=self._config.tracking.max_pending,
+            name="kvern-to-brain",
+        )
+        outbox.put(m.Start(self._config), force=True)
+        inbox = Inbox(
+            Connection(from_brain_r, writable=False),
+            self._deliver_from(generation),
+            on_closed=self._closed_from(generation),
+            name="kvern-from-brain",
+        )
+        self.stats.pid = process.pid
+        return _Link(generation, outbox, inbox, process=process)
+
+    def _open_thread(self, generation: int) -> _Link:
+        to_brain_r, to_brain_w = QueueConnection.pair()
+        from_brain_r, from_brain_w = QueueConnection.pair()
+        config, registry, clock = self._config, self._registry, self._clock
+
+        def run() -> None:
+            brain_out = Outbox(from_brain_w, max_messages=1 << 30, name="kvern-brain-out")
+
+            def receive(deliver: Any, closed: Callable[[], None]) -> Inbox:
+                return Inbox(to_brain_r, deliver, on_closed=closed, name="kvern-brain-in")
+
+            try:
+                asyncio.run(serve(config, brain_out, receive, registry=registry, clock=clock))
+            finally:
+                brain_out.close(timeout_s=_BYE_TIMEOUT_S)
+
+        thread = threading.Thread(target=run, name="kvern-brain", daemon=True)
+        outbox = Outbox(
+            to_brain_w, max_messages=self._config.tracking.max_pending, name="kvern-to-brain"
+        )
+        inbox = Inbox(
+            from_brain_r,
+            self._deliver_from(generation),
+            on_closed=self._closed_from(generation),
+            name="kvern-from-brain",
+        )
+        thread.start()
+        self.stats.pid = os.getpid()
+        return _Link(generation, outbox, inbox, thread=thread)
+
+    def _deliver_from(self, generation: int) -> Callable[[Any, bytes | None], None]:
+        def deliver(header: Any, blob: bytes | None) -> None:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._on_message, generation, header)
+
+        return deliver
+
+    def _closed_from(self, generation: int) -> Callable[[], None]:
+        def closed() -> None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_lost, generation, "its pipe closed")
+
+        return closed
+
+    async def _supervise(self) -> None:
+        """Ping the brain; kill one that hangs; start a new one after one is lost."""
+        backoff = iter(_RESTART_BACKOFF_S)
+        while not self._closing:
+            link = self._link
+            if link is None or self.stats.state == "down":
+                delay = next(backoff, _RESTART_BACKOFF_S[-1])
+                await asyncio.sleep(delay)
+                if self._closing:
+                    return
+                self.stats.restarts += 1
+                logger.warning(
+                    "restarting kvern's tracking process (restart %d)", self.stats.restarts
+                )
+                self._open()
+                continue
+            try:
+                await self.call("ping", timeout_s=self._config.tracking.hang_timeout_s)
+            except BrainUnavailable as exc:
+                if self._closing or link is not self._link or self.stats.state != "up":
+                    await asyncio.sleep(_PING_EVERY_S)
+                    continue
+                logger.error("kvern's tracking process does not answer (%s); killing it", exc)
+                self._kill(link)
+                self._on_lost(link.generation, f"it did not answer a ping: {exc}")
+                continue
+            backoff = iter(_RESTART_BACKOFF_S)  # a healthy brain resets the back-off
+            await asyncio.sleep(_PING_EVERY_S)
+
+    def _kill(self, link: _Link) -> None:
+        if link.process is not None and link.process.poll() is None:
+            link.process.kill()
+
+    def _on_lost(self, generation: int, why: str) -> None:
+        """On the loop: a brain went away; every request it held is written here."""
+        link = self._link
+        if link is None or link.generation != generation:
+            return
+        self._link = None
+        if link.process is not None:
+            code = link.process.poll()
+            why = f"{why} (exit code {code})" if code is not None else why
+        if not self._closing:
+            logger.error("kvern's tracking process went away: %s; requests pass untracked", why)
+        self.stats.state = "stopped" if self._closing else "down"
+        self.stats.last_exit = why
+        self.stats.pid = None
+        link.bye.set()
+        link.hello.set()
+        for fut in list(link.asks.values()):
+            if not fut.done():
+                fut.set_result(None)
+        for call in list(link.calls.values()):
+            if not call.done():
+                call.set_exception(BrainUnavailable(f"tracking process went away: {why}"))
+        for rid, waiting in list(self._awaiting.items()):
+            if waiting.completed is not None:
+                self._write_untracked(waiting.ctx, *waiting.completed)
+                del self._awaiting[rid]
+        self._awaiting.clear()  # still running: their Complete writes their row
+        self.stats.in_flight = 0
+        self._kill(link)
+        link.outbox.close(timeout_s=0)
+
+    def _on_message(self, generation: int, header: Any) -> None:
+        link = self._link
+        if link is None or link.generation != generation:
+            return
+        if isinstance(header, m.Record):
+            self._awaiting.pop(header.record.request_id, None)
+            self.stats.in_flight = len(self._awaiting)
+            if self._record is not None:
+                self._record(header.record)
+        elif isinstance(header, m.Answer):
+            fut = link.asks.pop(header.request_id, None)
+            if fut is None or fut.done():
+                self.stats.late_answers += 1
+            else:
+                fut.set_result(header.answer)
+        elif isinstance(header, m.Reply):
+            call = link.calls.pop(header.call_id, None)
+            if call is not None and not call.done():
+                if header.ok:
+                    call.set_result(header.value)
+                else:
+                    call.set_exception(BrainUnavailable(f"tracking process: {header.value}"))
+        elif isinstance(header, m.Parity):
+            if self._on_parity is not None:
+                self._on_parity(header.report, header.final)
+        elif isinstance(header, m.Hello):
+            self.stats.state = "up"
+            link.hello.set()
+        elif isinstance(header, m.Bye):
+            link.bye.set()
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the current brain said Hello (tests, tools)."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            await asyncio.wait_for(link.hello.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return self.stats.state == "up"
+
+    async def close(self) -> None:
+        """Let the brain finish what it holds (every row comes back), then stop it."""
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        link = self._link
+        if link is not None:
+            link.outbox.put(m.Shutdown(), force=True)
+            try:
+                await asyncio.wait_for(link.bye.wait(), _BYE_TIMEOUT_S)
+            except TimeoutError:
+                logger.error("kvern's tracking process did not finish in %.0f s", _BYE_TIMEOUT_S)
+            link.outbox.close(timeout_s=5)
+            if link.process is not None:
+                try:
+                    await asyncio.to_thread(link.process.wait, 10)
+                except subprocess.TimeoutExpired:
+                    link.process.kill()
+            if link.thread is not None:
+                await asyncio.to_thread(link.thread.join, 10)
+            self._on_lost(link.generation, "kvern stopped")
+        self.stats.state = "stopped"
+
+    # -- the request path (never blocks, never raises) -----------------------------
+
+    def _up(self) -> _Link | None:
+        """The brain to hand work to: up, or starting (its messages wait in the queue)."""
+        link = self._link
+        return link if link is not None and self.stats.state in ("up", "starting") else None
+
+    def ask(self, ctx: RequestContext, body: bytes) -> asyncio.Future[PrefixAnswer | None] | None:
+        """Ask where ``ctx``'s prefix is held; None when the brain cannot be asked now."""
+        link = self._up()
+        if link is None or not link.outbox.put(m.Ask(ctx), body):
+            return None
+        assert self._loop is not None
+        fut: asyncio.Future[PrefixAnswer | None] = self._loop.create_future()
+        link.asks[ctx.request_id] = fut
+        ctx.asked = True
+        self._awaiting.setdefault(ctx.request_id, _Awaiting(ctx))
+        return fut
+
+    def commit(
+        self, ctx: RequestContext, upstream: str | None, oldest_awaiting_s: dict[str, float]
+    ) -> None:
+        """Tell the brain where an asked request went (None: nowhere)."""
+        link = self._link
+        if link is None or not ctx.asked:
+            return
+        fut = link.asks.pop(ctx.request_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()  # its answer, when it comes, is a late one
+        link.outbox.put(m.Commit(ctx, upstream, oldest_awaiting_s), force=True)
+
+    def begin(
+        self, ctx: RequestContext, body: bytes, *, insert: bool, oldest_awaiting_s: dict[str, float]
+    ) -> None:
+        """The first byte (or the end, if none came): track the prompt."""
+        link = self._up()
+        if link is None:
+            if not ctx.asked:
+                self.stats.skipped_down += 1
+            return
+        if not link.outbox.put(m.Begin(ctx, insert, oldest_awaiting_s), body):
+            if not ctx.asked:
+                self.stats.skipped_backlog += 1
+            return
+        self._awaiting.setdefault(ctx.request_id, _Awaiting(ctx))
+
+    def complete(
+        self,
+        ctx: RequestContext,
+        *,
+        status: int | None,
+        error: str | None,
+        ttfb_ms: float | None,
+        latency_ms: float,
+        body: bytes,
+        content_type: str,
+    ) -> None:
+        """The answer is over: the brain settles it and sends its row, or the row is made here."""
+        link = self._link
+        waiting = self._awaiting.get(ctx.request_id)
+        header = m.Complete(ctx, status, error, ttfb_ms, latency_ms, content_type)
+        # A request the brain holds must be completed there (its trie node is
+        # locked until then): that message is never dropped. Others may be.
+        sent = link is not None and link.outbox.put(header, body, force=waiting is not None)
+        if not sent:
+            self._awaiting.pop(ctx.request_id, None)
+            self._write_untracked(ctx, status, error, ttfb_ms, latency_ms)
+            return
+        if waiting is None:
+            waiting = self._awaiting[ctx.request_id] = _Awaiting(ctx)
+        waiting.ctx = ctx
+        waiting.completed = (status, error, ttfb_ms, latency_ms)
+        self.stats.in_flight = len(self._awaiting)
+
+    def _write_untracked(
+        self,
+        ctx: RequestContext,
+        status: int | None,
+        error: str | None,
+        ttfb_ms: float | None,
+        latency_ms: float,
+    ) -> None:
+        self.stats.rows_untracked += 1
+        if self._record is None:
+            return
+        record = to_record(
+            ctx,
+            None,
+            ResponseFacts(),
+            status=status,
+            error=error,
+            ttfb_ms=ttfb_ms,
+            latency_ms=latency_ms,
+        )
+        try:
+            self._record(record)
+        except Exception:  # noqa: BLE001 - analytics never fails a request
+            logger.exception("writing an untracked row failed")
+
+    def drop_upstream(self, name: str) -> None:
+        link = self._link
+        if link is not None:
+            link.outbox.put(m.Drop(name), force=True)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """A read from the brain; raises :class:`BrainUnavailable` when it cannot answer in time."""
+        link = self._up()
+        if link is None:
+            raise BrainUnavailable(f"tracking process is {self.stats.state}")
+        assert self._loop is not None
+        call_id = next(self._call_ids)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        link.calls[call_id] = fut
+        link.outbox.put(m.Call(call_id, method, args), force=True)
+        limit = self._config.tracking.hang_timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), limit)
+        except TimeoutError:
+            raise BrainUnavailable(f"no answer to {method!r} in {limit:g} s") from None
+        finally:
+            link.calls.pop(call_id, None)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until what was handed over so far has its rows back (False: not in time)."""
+        limit = self._config.tracking.drain_timeout_s if timeout_s is None else timeout_s
+        try:
+            await self.call("drain", timeout_s=limit)
+        except BrainUnavailable:
+            return False
+        return True
