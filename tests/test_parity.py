@@ -9,7 +9,6 @@ tokenizer, while kvern uses the HF tokenizers derived from the same files.
 from __future__ import annotations
 
 import asyncio
-
 import json
 import logging
 import time

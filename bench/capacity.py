@@ -1,0 +1,680 @@
+"""How much load kvern tracks, and what it costs streams: ``python bench/capacity.py [--quick]``.
+
+Starts, each in its own process on 127.0.0.1: two upstreams that wait a
+prefill time proportional to the prompt (190 us a token, 0.3-1.5 s for these
+prompts) and then stream 16-64 chunks (15 ms apart); the thinnest Python
+pass-through (Starlette + httpx, no tracking; it sends a session to one
+upstream by hashing its id); and kvern (``python -m kvern``) routing
+cache-aware over both, with the real Llama 3 tokenizer and template and
+SQLite analytics. An open-loop Poisson load generator (its own process) sends
+multi-turn chats of 1-8k tokens (tenants share system prompts) at each
+offered rate, the same schedule three ways -- directly (a session to one
+upstream by the same hash), through the thin pass-through and through kvern --
+interleaved in rounds so machine noise hits all three alike.
+
+Per step: kvern's tracked and skipped share; added time to first byte
+(p50/p99 of each request's time to first byte less the upstream's own
+prefill wait, which depends on the prompt, over direct's) for thin and kvern;
+the largest gap between two chunks of any stream, over direct's largest
+(stall); kvern's routing
+decisions that missed their deadline, its CPU seconds per request and RSS
+(relay and brain). Then a "big text" step: 32 normal streams beside one 50 MB
+answer and one 4 MB prompt, the normal streams' worst added stall.
+
+``--kvern-path DIR`` runs kvern from another checkout (for before/after
+figures of one bench). The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODEL = "llama3.2:bench"
+PREFILL_S_PER_TOKEN = 190e-6
+PREFILL_MAX_TOKENS = 8192  # the upstream's prefill delay stops growing here
+DECODE_S_PER_CHUNK = 0.015
+BIG_ANSWER_BYTES = 50 * 1024 * 1024
+BIG_PROMPT_BYTES = 4 * 1024 * 1024
+WORDS = (
+    "cache prefix token model latency request answer system user block decode "
+    "queue replica stream router tenant prompt budget eviction reuse"
+).split()
+
+
+# -- servers (each in its own process) -------------------------------------------------
+
+
+def upstream_app(name: str) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+        tokens = chars // 4
+        await asyncio.sleep(min(tokens, PREFILL_MAX_TOKENS) * PREFILL_S_PER_TOKEN)
+        big = int((body.get("metadata") or {}).get("bench_answer_bytes") or 0)
+        n = int(body.get("max_tokens") or 32)
+        head = {"id": f"{name}-x", "object": "chat.completion.chunk", "model": body["model"]}
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode()
+
+        async def stream() -> Any:
+            yield event({"role": "assistant", "content": ""})
+            if big:
+                piece = ("lorem ipsum " * 5462)[:65536]
+                for _ in range(big // len(piece)):
+                    yield event({"content": piece})
+                    await asyncio.sleep(0)
+            else:
+                for i in range(n):
+                    await asyncio.sleep(DECODE_S_PER_CHUNK)
+                    yield event({"content": f"w{i} "})
+            yield event({}, "length")
+            usage = {
+                "prompt_tokens": tokens,
+                "completion_tokens": n,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
+
+
+def session_upstream(session: str, upstreams: list[str]) -> str:
+    return upstreams[zlib.crc32(session.encode()) % len(upstreams)]
+
+
+def thin_app(upstreams: list[str]) -> Any:
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512))
+
+    async def proxy(request: Request) -> StreamingResponse:
+        target = session_upstream(request.headers.get("x-session-id", ""), upstreams)
+        req = client.build_request(
+            "POST",
+            target + "/v1/chat/completions",
+            content=await request.body(),
+            headers={"content-type": "application/json"},
+        )
+        resp = await client.send(req, stream=True)
+
+        async def body() -> Any:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(
+            body(), status_code=resp.status_code, media_type=resp.headers.get("content-type")
+        )
+
+    return Starlette(routes=[Route("/v1/chat/completions", proxy, methods=["POST"])])
+
+
+def serve_main(kind: str, port: int, upstreams: list[str], name: str) -> None:
+    import uvicorn
+
+    app = upstream_app(name) if kind == "upstream" else thin_app(upstreams)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
+def start_server(kind: str, upstreams: list[str], name: str = "") -> tuple[Any, str]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--name", name]
+    proc = subprocess.Popen(cmd + ["--upstreams", ",".join(upstreams)])
+    wait_port(port, proc, kind)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_kvern(
+    upstreams: list[str], workdir: Path, kvern_path: Path, name: str
+) -> tuple[Any, str]:
+    """kvern in front of ``upstreams``: one (tracking only) or several (cache-aware routing)."""
+    import yaml
+
+    from tests.assets import tokenizer_fixture
+
+    port = free_port()
+    config: dict[str, Any] = {
+        "proxy": {"port": port},
+        "upstream": {"base_url": upstreams[0] + "/v1", "read_timeout_s": 300},
+        "tokenizers": {"models": {"llama3.2*": str(tokenizer_fixture("llama3").directory)}},
+        "analytics": {"db_path": str(workdir / f"{name}.db")},
+    }
+    if len(upstreams) > 1:
+        config["upstreams"] = [
+            {"name": f"u{i}", "url": u + "/v1", "kv_capacity_tokens": 400_000}
+            for i, u in enumerate(upstreams)
+        ]
+        config["routing"] = {"policy": "cache_aware"}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(kvern_path),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvern", "serve", "--config", str(path), "--log-level", "warning"],
+        cwd=str(kvern_path),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(port, proc, "kvern")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+# -- the load -----------------------------------------------------------------------
+
+
+class Conversations:
+    """Multi-turn chats of 1-8k tokens: tenants share a system prompt, sessions grow by turn."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._systems = [self._text(self._rng.randint(700, 1200)) for _ in range(8)]
+        self._idle: list[dict[str, Any]] = []  # sessions whose last turn has ended
+        self._count = 0
+
+    def _text(self, words: int) -> str:
+        return " ".join(self._rng.choice(WORDS) for _ in range(words))
+
+    def next(self) -> dict[str, Any]:
+        """The next request: an idle session's next turn, or a new session."""
+        if self._idle and self._rng.random() < 0.7:
+            session = self._idle.pop(self._rng.randrange(len(self._idle)))
+        else:
+            self._count += 1
+            tenant = self._rng.randrange(len(self._systems))
+            session = {
+                "id": f"s{self._count}",
+                "messages": [{"role": "system", "content": self._systems[tenant]}],
+                "turns": 0,
+                "max_turns": self._rng.randint(1, 8),
+            }
+        session["messages"].append(
+            {"role": "user", "content": self._text(self._rng.randint(80, 500))}
+        )
+        session["turns"] += 1
+        return session
+
+    def done(self, session: dict[str, Any], answer_chunks: int) -> None:
+        answer = "".join(f"w{i} " for i in range(answer_chunks))
+        session["messages"].append({"role": "assistant", "content": answer})
+        if session["turns"] < session["max_turns"]:
+            self._idle.append(session)
+
+
+def body_of(session: dict[str, Any], chunks: int, **extra: Any) -> bytes:
+    body = {
+        "model": MODEL,
+        "messages": session["messages"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": chunks,
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+def expected_prefill_ms(body: bytes) -> float:
+    """The upstream's own wait before its first chunk (see :func:`upstream_app`)."""
+    messages = json.loads(body).get("messages", [])
+    tokens = sum(len(m.get("content") or "") for m in messages) // 4
+    return min(tokens, PREFILL_MAX_TOKENS) * PREFILL_S_PER_TOKEN * 1000
+
+
+async def one_request(client: Any, url: str, session: str, body: bytes) -> dict[str, Any]:
+    """One streamed chat: time to first byte beyond the upstream's own prefill, largest gap."""
+    expected_ms = expected_prefill_ms(body)
+    t0 = time.perf_counter()
+    first: float | None = None
+    last: float | None = None
+    max_gap = 0.0
+    status = 0
+    error = None
+    try:
+        async with client.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json", "x-session-id": session},
+        ) as resp:
+            status = resp.status_code
+            async for _ in resp.aiter_raw():
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                elif last is not None:
+                    max_gap = max(max_gap, now - last)
+                last = now
+    except Exception as exc:  # noqa: BLE001 - counted as an error
+        error = type(exc).__name__
+    end = time.perf_counter()
+    return {
+        "ttfb_ms": ((first or end) - t0) * 1000 - expected_ms,
+        "gap_ms": max_gap * 1000,
+        "ok": error is None and status == 200,
+        "error": error or (None if status == 200 else f"HTTP {status}"),
+    }
+
+
+async def open_loop(
+    targets: list[str], rate: float, duration_s: float, seed: int, direct: bool
+) -> list[dict[str, Any]]:
+    """Poisson arrivals at ``rate`` for ``duration_s``; each request is a session's next turn."""
+    import httpx
+
+    rng = random.Random(seed * 7919 + int(rate * 10))
+    chats = Conversations(seed)
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        tasks: list[asyncio.Task[None]] = []
+
+        async def send(session: dict[str, Any], chunks: int) -> None:
+            url = session_upstream(session["id"], targets) if direct else targets[0]
+            result = await one_request(client, url, session["id"], body_of(session, chunks))
+            results.append(result)
+            chats.done(session, chunks)
+
+        start = time.perf_counter()
+        at = 0.0
+        while True:
+            at += rng.expovariate(rate)
+            if at >= duration_s:
+                break
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            chunks = rng.randint(16, 64)
+            tasks.append(asyncio.create_task(send(chats.next(), chunks)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+async def big_text(targets: list[str], direct: bool, seed: int) -> list[dict[str, Any]]:
+    """32 normal streams, and beside them one 50 MB answer and one 4 MB prompt."""
+    import httpx
+
+    chats = Conversations(seed + 1)
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        def url_for(session: str) -> str:
+            return session_upstream(session, targets) if direct else targets[0]
+
+        big_answer = chats.next()
+        big_prompt = chats.next()
+        big_prompt["messages"][-1]["content"] = "lorem ipsum dolor " * (BIG_PROMPT_BYTES // 18)
+        specials = [
+            one_request(
+                client,
+                url_for(big_answer["id"]),
+                big_answer["id"],
+                body_of(big_answer, 1, metadata={"bench_answer_bytes": BIG_ANSWER_BYTES}),
+            ),
+            one_request(
+                client, url_for(big_prompt["id"]), big_prompt["id"], body_of(big_prompt, 16)
+            ),
+        ]
+
+        async def normal(i: int) -> dict[str, Any]:
+            await asyncio.sleep(0.05 * i)
+            session = chats.next()
+            return await one_request(
+                client, url_for(session["id"]), session["id"], body_of(session, 64)
+            )
+
+        normals = [normal(i) for i in range(32)]
+        out = await asyncio.gather(*normals, *specials)
+    return [{**r, "normal": i < 32} for i, r in enumerate(out)]
+
+
+def loadgen_main(args: argparse.Namespace) -> None:
+    targets = args.targets.split(",")
+    if args.big:
+        results = asyncio.run(big_text(targets, args.direct, args.seed))
+    else:
+        results = asyncio.run(open_loop(targets, args.rate, args.duration, args.seed, args.direct))
+    json.dump(results, sys.stdout)
+
+
+def run_loadgen(
+    targets: list[str], *, direct: bool, rate: float, duration: float, seed: int, big: bool = False
+) -> list[dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--loadgen",
+        "--targets",
+        ",".join(targets),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--seed",
+        str(seed),
+    ]
+    if direct:
+        cmd.append("--direct")
+    if big:
+        cmd.append("--big")
+    out = subprocess.run(cmd, check=True, capture_output=True, timeout=duration + 900)
+    results: list[dict[str, Any]] = json.loads(out.stdout)
+    return results
+
+
+# -- kvern's own figures ----------------------------------------------------------------
+
+
+def get_json(url: str, timeout_s: float = 60) -> dict[str, Any]:
+    import httpx
+
+    response = httpx.get(url, timeout=timeout_s)
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def tracking_counts(kvern: str) -> dict[str, float]:
+    get_json(kvern + "/analytics?window=1h", timeout_s=120)  # lets queued tracking land
+    health = get_json(kvern + "/health")
+    t = health.get("tracking", {})
+    skipped = t.get("skipped_backlog", 0) + t.get("skipped_brain_down", 0)
+    skipped += sum((t.get("skipped") or {}).values())
+    routing = health.get("routing") or {}
+    return {
+        "tracked": t.get("tracked", 0),
+        "skipped": skipped,
+        "timeouts": routing.get("decision_timeouts", 0),
+    }
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                pids.append(int(entry))
+    return pids
+
+
+def cpu_s(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+# -- the table ----------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter steps (< 2 min)")
+    parser.add_argument("--steps", default=None, help="offered rates, e.g. 5,10,20,40,80")
+    parser.add_argument("--step-s", type=float, default=None, help="seconds per step and way")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per step")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--kvern-path", default=str(ROOT), help="checkout kvern runs from")
+    parser.add_argument("--no-big", action="store_true", help="skip the big-text step")
+    # internal: the processes the bench starts
+    parser.add_argument("--serve", choices=["upstream", "thin"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--upstreams", default="")
+    parser.add_argument("--loadgen", action="store_true")
+    parser.add_argument("--targets", default="")
+    parser.add_argument("--rate", type=float, default=0)
+    parser.add_argument("--duration", type=float, default=0)
+    parser.add_argument("--direct", action="store_true")
+    parser.add_argument("--big", action="store_true")
+    args = parser.parse_args()
+    if args.serve:
+        serve_main(args.serve, args.port, [u for u in args.upstreams.split(",") if u], args.name)
+        return
+    if args.loadgen:
+        loadgen_main(args)
+        return
+
+    steps = [
+        float(s) for s in (args.steps or ("5,20,40" if args.quick else "5,10,20,40,80")).split(",")
+    ]
+    step_s = args.step_s or (6.0 if args.quick else 20.0)
+    rounds = args.rounds or (1 if args.quick else 2)
+    procs: list[Any] = []
+    tmp = Path(tempfile.mkdtemp(prefix="kvern-capacity-"))
+    try:
+        ups = []
+        for i in range(2):
+            proc, url = start_server("upstream", [], f"u{i}")
+            procs.append(proc)
+            ups.append(url)
+        thin_proc, thin = start_server("thin", ups[:1])
+        procs.append(thin_proc)
+        kvern_path = Path(args.kvern_path)
+        kvern_proc, kvern = start_kvern(ups[:1], tmp, kvern_path, "kvern")
+        routed_proc, routed = start_kvern(ups, tmp, kvern_path, "routed")
+        procs += [kvern_proc, routed_proc]
+        kverns = {"kvern": (kvern_proc, kvern), "routed": (routed_proc, routed)}
+        for _, url in kverns.values():  # the tokenizer loads on the first request
+            run_loadgen([url], direct=False, rate=2, duration=3, seed=args.seed + 99)
+        time.sleep(2)
+        # direct, thin and kvern use one upstream; "routed" is kvern routing
+        # cache-aware over both (same prefill and decode times: no queueing).
+        arms = {"direct": ups[:1], "thin": [thin], "kvern": [kvern], "routed": [routed]}
+        rows = []
+        for rate in steps:
+            per: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+            before = {k: tracking_counts(url) for k, (_, url) in kverns.items()}
+            cpu0 = {k: cpu_s(process_tree(proc.pid)) for k, (proc, _) in kverns.items()}
+            for r in range(rounds):
+                for name, targets in arms.items():
+                    per[name] += run_loadgen(
+                        targets, direct=False, rate=rate, duration=step_s, seed=args.seed + r
+                    )
+            kv: dict[str, dict[str, float]] = {}
+            for k, (proc, url) in kverns.items():
+                after = tracking_counts(url)
+                tree = process_tree(proc.pid)
+                sent = len(per[k])
+                kv[k] = {
+                    "tracked": (after["tracked"] - before[k]["tracked"]) / sent,
+                    "skipped": (after["skipped"] - before[k]["skipped"]) / sent,
+                    "late": (after["timeouts"] - before[k]["timeouts"]) / sent,
+                    "cpu_ms": 1000 * (cpu_s(tree) - cpu0[k]) / sent,
+                    "rss_mb": rss_mb(tree),
+                }
+            rows.append(summarize(rate, per, kv))
+            print_row(rows[-1], header=len(rows) == 1)
+        big_row = None
+        if not args.no_big:
+            per_big = {
+                name: run_loadgen(
+                    targets, direct=False, rate=0, duration=0, seed=args.seed, big=True
+                )
+                for name, targets in arms.items()
+                if name != "routed"
+            }
+            big_row = summarize_big(per_big)
+            print(
+                f"big text: 32 normal streams beside a 50 MB answer and a 4 MB prompt -- worst "
+                f"gap direct {big_row['direct_gap']:.0f} ms, thin {big_row['thin_gap']:.0f} ms, "
+                f"kvern {big_row['kvern_gap']:.0f} ms; added by kvern {big_row['kvern_added']:.0f} "
+                f"ms; errors {big_row['errors']}"
+            )
+        at40 = next((r for r in rows if r["rate"] == 40), rows[-1])
+        stall = max(max(r["kvern_stall_added"], r["routed_stall_added"]) for r in rows)
+        tracked = min(at40["kvern"]["tracked"], at40["routed"]["tracked"])
+        print(
+            f"tracked_share_at_40rps={tracked:.4f} "
+            f"max_added_stall_ms={stall:.1f} "
+            f"added_ttfb_p50_ratio_at_40rps={at40['ttfb_ratio']:.2f} "
+            f"big_text_stall_ms={(big_row or {}).get('kvern_added', float('nan')):.1f}"
+        )
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def summarize(
+    rate: float, per: dict[str, list[dict[str, Any]]], kv: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    def ttfb(name: str, q: float) -> float:
+        return pct([r["ttfb_ms"] for r in per[name] if r["ok"]], q)
+
+    def stall(name: str) -> float:
+        return max((r["gap_ms"] for r in per[name] if r["ok"]), default=0.0)
+
+    out: dict[str, Any] = {
+        "rate": rate,
+        "requests": len(per["kvern"]),
+        "errors": {n: sum(1 for r in rs if not r["ok"]) for n, rs in per.items()},
+        **kv,
+    }
+    for name in ("thin", "kvern", "routed"):
+        out[f"{name}_p50"] = ttfb(name, 0.5) - ttfb("direct", 0.5)
+        out[f"{name}_p99"] = ttfb(name, 0.99) - ttfb("direct", 0.99)
+        out[f"{name}_stall_added"] = stall(name) - stall("direct")
+    thin = out["thin_p50"]
+    out["ttfb_ratio"] = out["kvern_p50"] / thin if thin > 0 else math.nan
+    return out
+
+
+def summarize_big(per: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    def gap(name: str) -> float:
+        return max((r["gap_ms"] for r in per[name] if r["normal"] and r["ok"]), default=0.0)
+
+    return {
+        "direct_gap": gap("direct"),
+        "thin_gap": gap("thin"),
+        "kvern_gap": gap("kvern"),
+        "kvern_added": gap("kvern") - gap("direct"),
+        "errors": {n: sum(1 for r in rs if not r["ok"]) for n, rs in per.items()},
+    }
+
+
+def print_row(row: dict[str, Any], *, header: bool) -> None:
+    """One step: kvern (one upstream) and routed (cache-aware over two) beside thin."""
+    if header:
+        print(
+            "added over direct: time to first byte p50/p99 and largest chunk gap (stall), ms; "
+            "late = routing answers past the deadline"
+        )
+        print(
+            f"{'req/s':>5} {'reqs':>5} | {'thin p50/p99':>13} {'stall':>6} | "
+            f"{'kvern tracked':>13} {'skip':>5} {'p50/p99':>13} {'z':>5} {'stall':>6} "
+            f"{'cpu ms':>6} {'MB':>4} | {'routed tracked':>14} {'p50/p99':>13} {'stall':>6} "
+            f"{'late':>6} {'cpu ms':>6} | errors d/t/k/r"
+        )
+    k, r = row["kvern"], row["routed"]
+    errors = "/".join(str(row["errors"][n]) for n in ("direct", "thin", "kvern", "routed"))
+    print(
+        f"{row['rate']:>5.0f} {row['requests']:>5d} | "
+        f"{row['thin_p50']:>6.1f}/{row['thin_p99']:<6.1f} {row['thin_stall_added']:>6.1f} | "
+        f"{k['tracked']:>13.3f} {k['skipped']:>5.3f} "
+        f"{row['kvern_p50']:>6.1f}/{row['kvern_p99']:<6.1f} {row['ttfb_ratio']:>5.2f} "
+        f"{row['kvern_stall_added']:>6.1f} {k['cpu_ms']:>6.2f} {k['rss_mb']:>4.0f} | "
+        f"{r['tracked']:>14.3f} {row['routed_p50']:>6.1f}/{row['routed_p99']:<6.1f} "
+        f"{row['routed_stall_added']:>6.1f} {r['late']:>6.3f} {r['cpu_ms']:>6.2f} | {errors}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
