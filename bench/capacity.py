@@ -293,6 +293,7 @@ async def one_request(client: Any, url: str, session: str, body: bytes) -> dict[
     first: float | None = None
     last: float | None = None
     max_gap = 0.0
+    gap_at = 0.0
     status = 0
     error = None
     try:
@@ -307,8 +308,8 @@ async def one_request(client: Any, url: str, session: str, body: bytes) -> dict[
                 now = time.perf_counter()
                 if first is None:
                     first = now
-                elif last is not None:
-                    max_gap = max(max_gap, now - last)
+                elif last is not None and now - last > max_gap:
+                    max_gap, gap_at = now - last, now
                 last = now
     except Exception as exc:  # noqa: BLE001 - counted as an error
         error = type(exc).__name__
@@ -316,6 +317,7 @@ async def one_request(client: Any, url: str, session: str, body: bytes) -> dict[
     return {
         "ttfb_ms": ((first or end) - t0) * 1000 - expected_ms,
         "gap_ms": max_gap * 1000,
+        "gap_at": gap_at,  # when the largest gap ended (perf_counter: one clock per machine)
         "ok": error is None and status == 200,
         "error": error or (None if status == 200 else f"HTTP {status}"),
     }

@@ -168,6 +168,7 @@ async def health(request: Request) -> Response:
         "late_answers": relay.late_answers,
         "rows_untracked": relay.rows_untracked,
         "in_flight": relay.in_flight,
+        "queued": brain.queued,
         "error": view.get("error"),
     }
     body = {

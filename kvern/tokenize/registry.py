@@ -38,6 +38,7 @@ class TokenizerState:
     source: str | None  # where the tokenizer came from
     incremental: bool  # segment cache on
     error: str | None = None  # why the fallback is in use, or why incremental is off
+    verify_skipped: int = 0  # sampled checks skipped: the prompt was over verify_max_chars
 
 
 def _load_template(value: str) -> str:
@@ -218,6 +219,9 @@ class TokenizerRegistry:
             reason = tok.error
             if reason is None and tok.segments is not None and not tok.segments.enabled:
                 reason = f"incremental off: {tok.segments.disabled_reason}"
+            skipped = tok.segments.stats.num_verify_skipped if tok.segments is not None else 0
             for model in sorted(slot.models):
-                out.append(TokenizerState(model, tok.kind, tok.source, tok.incremental, reason))
+                out.append(
+                    TokenizerState(model, tok.kind, tok.source, tok.incremental, reason, skipped)
+                )
         return sorted(out, key=lambda s: s.model)

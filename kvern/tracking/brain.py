@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -187,7 +188,7 @@ class Brain:
         if method == "health":
             presence = tracker.presence
             stats = await tracker.in_thread(presence.stats) if presence is not None else {}
-            return health_view(self.registry.states(), tracker.stats, stats)
+            return health_view(self.registry.states(), tracker.stats, tracker.backlog, stats)
         if method == "visualize":
             model, n, min_depth = args
             await tracker.drain()  # requests already answered are in the trie
@@ -226,8 +227,13 @@ async def serve(
     *,
     registry: TokenizerRegistry | None = None,
     clock: Callable[[], float] = time.time,
+    freeze_long_lived: bool = False,
 ) -> None:
     """Run one brain until the relay says Shutdown or goes away.
+
+    ``freeze_long_lived`` (a process of its own only): after start-up and after
+    each tokenizer load, what exists is moved out of the garbage collector's
+    sight, so full collections stay short and routing answers prompt.
 
     ``receive(deliver, on_closed)`` starts reading the relay's messages; it
     calls ``deliver`` from its own thread.
@@ -246,11 +252,19 @@ async def serve(
         loop.call_soon_threadsafe(stop.set)
 
     receive(deliver, closed)
+    if freeze_long_lived:
+        brain.tracker.after_load = _freeze
+        _freeze()
     brain.start()
     outbox.put(m.Hello(os.getpid()), force=True)
     await stop.wait()
     await brain.close()
     outbox.put(m.Bye(), force=True)
+
+
+def _freeze() -> None:
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     def receive(deliver: Callable[[Any, bytes | None], None], closed: Callable[[], None]) -> Inbox:
         return Inbox(incoming, deliver, on_closed=closed, name="kvern-brain-in")
 
-    asyncio.run(serve(start.config, outbox, receive))
+    asyncio.run(serve(start.config, outbox, receive, freeze_long_lived=True))
     outbox.close(timeout_s=30)
     return 0
 

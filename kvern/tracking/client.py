@@ -17,14 +17,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvern.analytics.records import RequestRecord
@@ -32,8 +28,7 @@ from kvern.config import KvernConfig
 from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
-from kvern.tracking.brain import serve
-from kvern.tracking.channel import Inbox, Outbox, QueueConnection
+from kvern.tracking.link import BrainLink, open_process, open_thread
 from kvern.tracking.records import RequestContext, to_record
 from kvern.upstream.usage import ResponseFacts
 
@@ -73,21 +68,6 @@ class _Awaiting:
     completed: tuple[int | None, str | None, float | None, float] | None = None
 
 
-@dataclass(slots=True)
-class _Link:
-    """One running brain and the two ends of its channel."""
-
-    generation: int
-    outbox: Outbox
-    inbox: Inbox
-    process: subprocess.Popen[bytes] | None = None
-    thread: threading.Thread | None = None
-    calls: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
-    asks: dict[str, asyncio.Future[PrefixAnswer | None]] = field(default_factory=dict)
-    bye: asyncio.Event = field(default_factory=asyncio.Event)
-    hello: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class BrainClient:
     """Talks to one brain at a time on the relay's event loop, restarting it when it fails."""
 
@@ -113,11 +93,17 @@ class BrainClient:
         self.stats = BrainStats(isolation=chosen)
         self._generation = itertools.count(1)
         self._call_ids = itertools.count(1)
-        self._link: _Link | None = None
+        self._link: BrainLink | None = None
         self._awaiting: dict[str, _Awaiting] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be written to the brain."""
+        link = self._link
+        return link.outbox.depth if link is not None else 0
 
     def set_parity_sink(self, on_parity: Callable[[Any, bool], None]) -> None:
         """Where the brain's parity reports go (set before :meth:`start`)."""
@@ -140,79 +126,25 @@ class BrainClient:
     def _open(self) -> None:
         generation = next(self._generation)
         self.stats.state = "starting"
+        deliver, closed = self._deliver_from(generation), self._closed_from(generation)
+        max_pending = self._config.tracking.max_pending
         if self.stats.isolation == "thread":
-            link = self._open_thread(generation)
+            link = open_thread(
+                generation, self._config, deliver, closed, max_pending, self._registry, self._clock
+            )
         else:
-            link = self._open_process(generation)
+            link = open_process(generation, self._config, deliver, closed, max_pending)
+        self.stats.pid = link.pid
         self._link = link
-
-    def _open_process(self, generation: int) -> _Link:
-        to_brain_r, to_brain_w = os.pipe()
-        from_brain_r, from_brain_w = os.pipe()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvern.tracking.brain",
-                "--in-fd",
-                str(to_brain_r),
-                "--out-fd",
-                str(from_brain_w),
-            ],
-            pass_fds=(to_brain_r, from_brain_w),
-            stdin=subprocess.DEVNULL,
-        )
-        os.close(to_brain_r)
-        os.close(from_brain_w)
-        outbox = Outbox(
-            Connection(to_brain_w, readable=False),
-            max_messages=self._config.tracking.max_pending,
-            name="kvern-to-brain",
-        )
-        outbox.put(m.Start(self._config), force=True)
-        inbox = Inbox(
-            Connection(from_brain_r, writable=False),
-            self._deliver_from(generation),
-            on_closed=self._closed_from(generation),
-            name="kvern-from-brain",
-        )
-        self.stats.pid = process.pid
-        return _Link(generation, outbox, inbox, process=process)
-
-    def _open_thread(self, generation: int) -> _Link:
-        to_brain_r, to_brain_w = QueueConnection.pair()
-        from_brain_r, from_brain_w = QueueConnection.pair()
-        config, registry, clock = self._config, self._registry, self._clock
-
-        def run() -> None:
-            brain_out = Outbox(from_brain_w, max_messages=1 << 30, name="kvern-brain-out")
-
-            def receive(deliver: Any, closed: Callable[[], None]) -> Inbox:
-                return Inbox(to_brain_r, deliver, on_closed=closed, name="kvern-brain-in")
-
-            try:
-                asyncio.run(serve(config, brain_out, receive, registry=registry, clock=clock))
-            finally:
-                brain_out.close(timeout_s=_BYE_TIMEOUT_S)
-
-        thread = threading.Thread(target=run, name="kvern-brain", daemon=True)
-        outbox = Outbox(
-            to_brain_w, max_messages=self._config.tracking.max_pending, name="kvern-to-brain"
-        )
-        inbox = Inbox(
-            from_brain_r,
-            self._deliver_from(generation),
-            on_closed=self._closed_from(generation),
-            name="kvern-from-brain",
-        )
-        thread.start()
-        self.stats.pid = os.getpid()
-        return _Link(generation, outbox, inbox, thread=thread)
 
     def _deliver_from(self, generation: int) -> Callable[[Any, bytes | None], None]:
         def deliver(header: Any, blob: bytes | None) -> None:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._on_message, generation, header)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._on_message, generation, header)
+                except RuntimeError:  # the loop closed meanwhile: nothing waits any more
+                    pass
 
         return deliver
 
@@ -220,7 +152,10 @@ class BrainClient:
         def closed() -> None:
             loop = self._loop
             if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._on_lost, generation, "its pipe closed")
+                try:
+                    loop.call_soon_threadsafe(self._on_lost, generation, "its pipe closed")
+                except RuntimeError:
+                    pass
 
         return closed
 
@@ -247,15 +182,11 @@ class BrainClient:
                     await asyncio.sleep(_PING_EVERY_S)
                     continue
                 logger.error("kvern's tracking process does not answer (%s); killing it", exc)
-                self._kill(link)
+                link.kill()
                 self._on_lost(link.generation, f"it did not answer a ping: {exc}")
                 continue
             backoff = iter(_RESTART_BACKOFF_S)  # a healthy brain resets the back-off
             await asyncio.sleep(_PING_EVERY_S)
-
-    def _kill(self, link: _Link) -> None:
-        if link.process is not None and link.process.poll() is None:
-            link.process.kill()
 
     def _on_lost(self, generation: int, why: str) -> None:
         """On the loop: a brain went away; every request it held is written here."""
@@ -285,7 +216,7 @@ class BrainClient:
                 del self._awaiting[rid]
         self._awaiting.clear()  # still running: their Complete writes their row
         self.stats.in_flight = 0
-        self._kill(link)
+        link.kill()
         link.outbox.close(timeout_s=0)
 
     def _on_message(self, generation: int, header: Any) -> None:
@@ -356,7 +287,7 @@ class BrainClient:
 
     # -- the request path (never blocks, never raises) -----------------------------
 
-    def _up(self) -> _Link | None:
+    def _up(self) -> BrainLink | None:
         """The brain to hand work to: up, or starting (its messages wait in the queue)."""
         link = self._link
         return link if link is not None and self.stats.state in ("up", "starting") else None

@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import time
-from array import array
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,15 +31,14 @@ from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig
 from kvern.prompt.normalize import Normalizer
 from kvern.prompt.requests import TRACKED_ENDPOINTS, read_prompt
-from kvern.routing.book import PresenceBook, RouteHandle
-from kvern.routing.presence import PrefixAnswer, PresenceMatch
+from kvern.routing.book import PresenceBook
+from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.bookkeeping import Bookkeeper, Served
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackingQueue
 from kvern.tracking.records import Prediction, RequestContext, to_record
-from kvern.trie import RadixTrie
-from kvern.trie.node import TrieNode
 from kvern.upstream.usage import ResponseFacts, parse_response
 
 logger = logging.getLogger(__name__)
@@ -48,16 +46,6 @@ logger = logging.getLogger(__name__)
 # Bytes of request body per token of context, at most: a body larger than
 # max_context_tokens times this cannot fit any backend's context whole.
 _BODY_BYTES_PER_TOKEN = 8
-# Characters of answer text per token, at most, that are re-tokenized.
-_ANSWER_CHARS_PER_TOKEN = 8
-
-
-@dataclass(frozen=True, slots=True)
-class _Served:
-    """Which upstream answered a request in the end (after any failover), and whether it did."""
-
-    upstream: str
-    ok: bool
 
 
 @dataclass(slots=True)
@@ -99,9 +87,8 @@ class Tracker(TrackingQueue):
         self._jobs: dict[str, Future[Prediction | None]] = {}
         # request id -> its answered routing question, until the relay commits it.
         self._asked: dict[str, _Asked] = {}
-        context = config.tracking.max_context_tokens
-        self._max_body_bytes = context * _BODY_BYTES_PER_TOKEN
-        self._max_answer_tokens = context
+        self._max_body_bytes = config.tracking.max_context_tokens * _BODY_BYTES_PER_TOKEN
+        self._books = Bookkeeper(config, forest, presence, self.stats, clock)
 
     def _normalizer(self, model: str) -> Normalizer:
         norm = self._normalizers.get(model)
@@ -209,7 +196,7 @@ class Tracker(TrackingQueue):
             prediction: Prediction | None = None
             try:
                 if asked.prompt is not None:
-                    prediction = self._predict_tokens(
+                    prediction = self._books.predict(
                         asked.tok, asked.model, asked.prompt, True, upstream
                     )
             except Exception as exc:  # noqa: BLE001 - tracking never fails a request
@@ -232,7 +219,7 @@ class Tracker(TrackingQueue):
             prompt = self._tokenize(tok, model, endpoint, body)
             if prompt is None:
                 return None
-            return self._predict_tokens(tok, model, prompt, insert, upstream)
+            return self._books.predict(tok, model, prompt, insert, upstream)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
@@ -253,56 +240,6 @@ class Tracker(TrackingQueue):
             self.stats.num_untracked += 1
             return None
         return tok.request(asked, normalizer=self._normalizer(model))
-
-    def _predict_tokens(
-        self,
-        tok: ModelTokenizer,
-        model: str,
-        prompt: PromptTokens,
-        insert: bool,
-        upstream: str,
-    ) -> Prediction:
-        """Predict, insert and lock ``prompt`` as served by ``upstream``."""
-        mt = self._forest.get(model)
-        now = self._clock()
-        node: TrieNode | None = None
-        predicted: int | None = None
-        handle: Any = None
-        backend_model, block_size = mt.cache_model.name, mt.cache_model.block_size
-        if not insert:
-            matched = mt.trie.match(prompt.ids).matched_tokens
-        else:
-            # Predict first: the trie must not yet hold this prompt.
-            if self.presence is not None and upstream in self.presence.caches:
-                match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
-                handle = self.presence.handle(match, upstream, now)
-                predicted = handle.predicted
-                backend_model = "routed"
-                block_size = self.presence.caches[upstream].block_size
-            else:
-                start = mt.cache_model.start(mt.trie, prompt.ids, now)
-                predicted, handle = start.predicted_cached_tokens, start.handle
-            result = mt.trie.insert(prompt.ids, now)
-            mt.trie.lock(result.node)
-            if self.presence is not None and upstream in self.presence.caches:
-                self.presence.commit(mt, result.node, upstream, now)
-            mt.trie.maintain(mt.max_tokens, now)
-            matched, node = result.matched_tokens, result.node
-        self.stats.num_tracked += 1
-        return Prediction(
-            prompt_tokens=len(prompt.ids),
-            matched_tokens=matched,
-            matched_tokens_aligned=RadixTrie.aligned(matched, mt.block_size),
-            hit=matched >= self._config.trie.min_prefix_tokens,
-            tokenizer_kind=prompt.kind,
-            node=node,
-            predicted_cached_tokens=predicted,
-            backend_model=backend_model,
-            block_size=block_size,
-            ids=prompt.ids if insert else None,
-            tokenizer=tok,
-            handle=handle,
-        )
 
     # -- completion (after the response) -------------------------------------------
 
@@ -328,7 +265,7 @@ class Tracker(TrackingQueue):
         job = self._jobs.pop(ctx.request_id, None)
         done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
         settled = asyncio.wrap_future(done)
-        served = _Served(ctx.upstream, status is not None and status < 400)
+        served = Served(ctx.upstream, status is not None and status < 400)
         model = ctx.model
 
         def submit(_: ModelTokenizer | None = None) -> None:
@@ -349,7 +286,7 @@ class Tracker(TrackingQueue):
         job: Future[Prediction | None] | None,
         body: bytes,
         content_type: str,
-        served: _Served,
+        served: Served,
     ) -> tuple[Prediction | None, ResponseFacts]:
         """On the tracking thread: the prediction job ran before this one (FIFO)."""
         prediction: Prediction | None = None
@@ -359,7 +296,7 @@ class Tracker(TrackingQueue):
             if body:
                 facts = parse_response(body, content_type)
             if prediction is not None and model is not None:
-                self._settle(model, prediction, facts, served)
+                self._books.settle(model, prediction, facts, served)
         except Exception as exc:  # noqa: BLE001
             self._count_error("finish", exc)
         return prediction, facts
@@ -391,43 +328,3 @@ class Tracker(TrackingQueue):
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
 
-    def _settle(self, model: str, p: Prediction, facts: ResponseFacts, served: _Served) -> None:
-        """After the answer: the backend now holds prompt + answer; tell the cache model."""
-        mt = self._forest.peek(model)
-        if mt is None or p.node is None:
-            return  # nothing was inserted (a failed request): nothing to settle
-        held = p.node
-        now = self._clock()
-        gen = self._generated_ids(p, facts) if served.ok else None
-        if gen is not None and p.ids is not None:
-            full = array("i", p.ids)
-            full.extend(gen)
-            held = mt.trie.insert(full, now, count_hit=False).node
-        if isinstance(p.handle, RouteHandle) and self.presence is not None:
-            if served.ok:
-                reported = facts.reported_cached_tokens
-                self.presence.settle(mt, held, p.handle, served.upstream, reported, now)
-        else:
-            mt.cache_model.finish(mt.trie, p.handle, held, now)
-        mt.trie.unlock(p.node)
-        p.ids = None  # drop the prompt's ids now
-
-    def _generated_ids(self, p: Prediction, facts: ResponseFacts) -> array[int] | None:
-        """The answer's tokens the backend fed back through the model (all but the last).
-
-        The backend holds the ids it sampled; kvern sees their text, so the
-        answer is re-tokenized -- exact for the usual canonical output. Bounded
-        by one backend context: beyond it no backend holds the sequence whole.
-        """
-        if not self._config.upstream.cache_model.cache_generated or p.tokenizer is None:
-            return None
-        text = facts.completion_text
-        if not text:
-            return None
-        limit = self._max_answer_tokens
-        if len(text) > limit * _ANSWER_CHARS_PER_TOKEN:
-            text = text[: limit * _ANSWER_CHARS_PER_TOKEN]
-            self.stats.skip("answer_over_context")
-        gen = p.tokenizer.encode_text(text)[:limit]
-        evaluated = (facts.completion_tokens or len(gen)) - 1
-        return gen[: max(0, min(evaluated, len(gen)))] or None

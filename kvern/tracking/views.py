@@ -68,7 +68,7 @@ def describe(mt: ModelTrie, tok: ModelTokenizer | None, n: int, min_depth: int) 
 
 
 def health_view(
-    tokenizer_states: list[Any], stats: Any, presence: dict[str, dict[str, Any]]
+    tokenizer_states: list[Any], stats: Any, backlog: int, presence: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """The brain's part of /health: tokenizers, tracking counters, modelled caches."""
     return {
@@ -79,6 +79,7 @@ def health_view(
             "tracked": stats.num_tracked,
             "skipped_backlog": stats.num_skipped_backlog,
             "untracked": stats.num_untracked,
+            "backlog": backlog,
             "skipped": dict(stats.skipped),
             "errors": dict(stats.errors),
         },
