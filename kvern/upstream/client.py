@@ -18,6 +18,7 @@ import httpx
 
 from kvern.config import UpstreamConfig
 from kvern.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from kvern.upstream.pools import ShardedPools
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those httpx/uvicorn set themselves.
 HOP_BY_HOP = frozenset(
@@ -93,7 +94,11 @@ def response_headers(headers: Mapping[str, str] | httpx.Headers) -> dict[str, st
 def build_client(
     config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None
 ) -> httpx.AsyncClient:
-    """One pooled, keep-alive client for the process (timeouts and limits from config)."""
+    """One pooled, keep-alive client for the process (timeouts and limits from config).
+
+    Its connections are split over small pools (:mod:`kvern.upstream.pools`)
+    unless a test hands in its own ``transport``.
+    """
     timeout = httpx.Timeout(
         connect=config.connect_timeout_s,
         read=config.read_timeout_s,
@@ -105,7 +110,10 @@ def build_client(
         max_keepalive_connections=config.max_keepalive_connections,
     )
     return httpx.AsyncClient(
-        timeout=timeout, limits=limits, transport=transport, follow_redirects=False, trust_env=False
+        timeout=timeout,
+        transport=transport or ShardedPools(limits),
+        follow_redirects=False,
+        trust_env=False,
     )
 
 
