@@ -34,7 +34,7 @@ from kvern.errors import (
 from kvern.prompt.requests import tenant_of
 from kvern.routes.sending import Attempt, ClientGone, send_with_failover
 from kvern.services import Services
-from kvern.tracking.records import RequestContext
+from kvern.tracking.records import Outcome, RequestContext
 from kvern.upstream.client import forward_headers, mapped_errors, response_headers
 
 # Bytes of a response kept for the side reader; past this only the tail is kept
@@ -212,15 +212,8 @@ class _Tracking:
     ) -> None:
         self._begin(insert=status is not None and status < 400 and error is None)
         latency_ms = (time.perf_counter() - self.ctx.start_s) * 1000.0
-        self.brain.complete(
-            self.ctx,
-            status=status,
-            error=error,
-            ttfb_ms=ttfb_ms,
-            latency_ms=latency_ms,
-            body=body,
-            content_type=ctype,
-        )
+        outcome = Outcome(status, error, ttfb_ms, latency_ms)
+        self.brain.complete(self.ctx, outcome, body=body, content_type=ctype)
 
 
 async def _relay_whole(

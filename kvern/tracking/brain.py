@@ -148,15 +148,8 @@ class Brain:
             self._oldest_awaiting_s.update(header.oldest_awaiting_s)
             tracker.begin(header.ctx, blob, insert=header.insert)
         elif isinstance(header, m.Complete):
-            tracker.complete(
-                header.ctx,
-                status=header.status,
-                error=header.error,
-                ttfb_ms=header.ttfb_ms,
-                latency_ms=header.latency_ms,
-                body=blob,
-                content_type=header.content_type,
-            )
+            ctype = header.content_type
+            tracker.complete(header.ctx, header.outcome, body=blob, content_type=ctype)
         elif isinstance(header, m.Drop):
             if tracker.presence is not None:
                 tracker.in_thread_soon(tracker.presence.drop_upstream, header.upstream)

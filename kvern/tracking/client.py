@@ -29,7 +29,7 @@ from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.link import BrainLink, open_process, open_thread
-from kvern.tracking.records import RequestContext, to_record
+from kvern.tracking.records import Outcome, RequestContext, to_record
 from kvern.upstream.usage import ResponseFacts
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _Awaiting:
     """A request handed over whose row the brain has not sent back yet."""
 
     ctx: RequestContext
-    completed: tuple[int | None, str | None, float | None, float] | None = None
+    completed: Outcome | None = None  # set once its Complete was sent
 
 
 class BrainClient:
@@ -98,6 +98,7 @@ class BrainClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self._exits: set[asyncio.Future[None]] = set()  # dead brains being reaped
 
     @property
     def queued(self) -> int:
@@ -194,9 +195,6 @@ class BrainClient:
         if link is None or link.generation != generation:
             return
         self._link = None
-        if link.process is not None:
-            code = link.process.poll()
-            why = f"{why} (exit code {code})" if code is not None else why
         if not self._closing:
             logger.error("kvern's tracking process went away: %s; requests pass untracked", why)
         self.stats.state = "stopped" if self._closing else "down"
@@ -212,12 +210,25 @@ class BrainClient:
                 call.set_exception(BrainUnavailable(f"tracking process went away: {why}"))
         for rid, waiting in list(self._awaiting.items()):
             if waiting.completed is not None:
-                self._write_untracked(waiting.ctx, *waiting.completed)
+                self._write_untracked(waiting.ctx, waiting.completed)
                 del self._awaiting[rid]
         self._awaiting.clear()  # still running: their Complete writes their row
         self.stats.in_flight = 0
         link.kill()
         link.outbox.close(timeout_s=0)
+        if link.process is not None:
+            reaping = asyncio.ensure_future(self._note_exit(link.process, why))
+            self._exits.add(reaping)
+            reaping.add_done_callback(self._exits.discard)
+
+    async def _note_exit(self, process: subprocess.Popen[bytes], why: str) -> None:
+        """Add the dead brain's exit code to ``last_exit`` once it is reaped."""
+        try:
+            code = await asyncio.to_thread(process.wait, 10)
+        except subprocess.TimeoutExpired:
+            return
+        if self.stats.last_exit == why:
+            self.stats.last_exit = f"{why} (exit code {code})"
 
     def _on_message(self, generation: int, header: Any) -> None:
         link = self._link
@@ -283,6 +294,7 @@ class BrainClient:
             if link.thread is not None:
                 await asyncio.to_thread(link.thread.join, 10)
             self._on_lost(link.generation, "kvern stopped")
+        await asyncio.gather(*list(self._exits), return_exceptions=True)
         self.stats.state = "stopped"
 
     # -- the request path (never blocks, never raises) -----------------------------
@@ -332,53 +344,30 @@ class BrainClient:
         self._awaiting.setdefault(ctx.request_id, _Awaiting(ctx))
 
     def complete(
-        self,
-        ctx: RequestContext,
-        *,
-        status: int | None,
-        error: str | None,
-        ttfb_ms: float | None,
-        latency_ms: float,
-        body: bytes,
-        content_type: str,
+        self, ctx: RequestContext, outcome: Outcome, *, body: bytes, content_type: str
     ) -> None:
         """The answer is over: the brain settles it and sends its row, or the row is made here."""
         link = self._link
         waiting = self._awaiting.get(ctx.request_id)
-        header = m.Complete(ctx, status, error, ttfb_ms, latency_ms, content_type)
+        header = m.Complete(ctx, outcome, content_type)
         # A request the brain holds must be completed there (its trie node is
         # locked until then): that message is never dropped. Others may be.
         sent = link is not None and link.outbox.put(header, body, force=waiting is not None)
         if not sent:
             self._awaiting.pop(ctx.request_id, None)
-            self._write_untracked(ctx, status, error, ttfb_ms, latency_ms)
+            self._write_untracked(ctx, outcome)
             return
         if waiting is None:
             waiting = self._awaiting[ctx.request_id] = _Awaiting(ctx)
         waiting.ctx = ctx
-        waiting.completed = (status, error, ttfb_ms, latency_ms)
+        waiting.completed = outcome
         self.stats.in_flight = len(self._awaiting)
 
-    def _write_untracked(
-        self,
-        ctx: RequestContext,
-        status: int | None,
-        error: str | None,
-        ttfb_ms: float | None,
-        latency_ms: float,
-    ) -> None:
+    def _write_untracked(self, ctx: RequestContext, outcome: Outcome) -> None:
         self.stats.rows_untracked += 1
         if self._record is None:
             return
-        record = to_record(
-            ctx,
-            None,
-            ResponseFacts(),
-            status=status,
-            error=error,
-            ttfb_ms=ttfb_ms,
-            latency_ms=latency_ms,
-        )
+        record = to_record(ctx, None, ResponseFacts(), outcome)
         try:
             self._record(record)
         except Exception:  # noqa: BLE001 - analytics never fails a request

@@ -30,7 +30,7 @@ from typing import Any
 
 from kvern.analytics.records import RequestRecord
 from kvern.routing.presence import PrefixAnswer
-from kvern.tracking.records import RequestContext
+from kvern.tracking.records import Outcome, RequestContext
 
 
 @dataclass(slots=True)
@@ -62,10 +62,7 @@ class Begin:
 @dataclass(slots=True)
 class Complete:
     ctx: RequestContext
-    status: int | None
-    error: str | None
-    ttfb_ms: float | None
-    latency_ms: float
+    outcome: Outcome
     content_type: str
 
 

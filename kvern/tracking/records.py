@@ -60,15 +60,18 @@ class RequestContext:
     route_load: int | None = None  # the chosen upstream's load when chosen
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a request ended, as the relay saw it."""
+
+    status: int | None  # the upstream's status, or kvern's own error status; None: no answer
+    error: str | None  # kvern's error code (client_disconnected, upstream_timeout, ...)
+    ttfb_ms: float | None  # arrival to the first relayed byte
+    latency_ms: float  # arrival to the end of the answer
+
+
 def to_record(
-    ctx: RequestContext,
-    p: Prediction | None,
-    facts: ResponseFacts,
-    *,
-    status: int | None,
-    error: str | None,
-    ttfb_ms: float | None,
-    latency_ms: float,
+    ctx: RequestContext, p: Prediction | None, facts: ResponseFacts, outcome: Outcome
 ) -> RequestRecord:
     """The analytics row of a finished (or failed) request; ``p`` is None if none was made."""
     reported, source = facts.reported_cached_tokens, facts.reported_cached_source
@@ -84,15 +87,15 @@ def to_record(
         endpoint=ctx.endpoint,
         upstream=ctx.upstream,
         stream=ctx.stream,
-        status=status,
-        error=error,
+        status=outcome.status,
+        error=outcome.error,
         prompt_tokens=p.prompt_tokens if p else None,
         matched_tokens=p.matched_tokens if p else None,
         matched_tokens_aligned=p.matched_tokens_aligned if p else None,
         hit=p.hit if p else None,
         tokenizer_kind=p.tokenizer_kind if p else None,
-        ttfb_ms=ttfb_ms,
-        latency_ms=latency_ms,
+        ttfb_ms=outcome.ttfb_ms,
+        latency_ms=outcome.latency_ms,
         completion_tokens=facts.completion_tokens,
         upstream_prompt_tokens=facts.upstream_prompt_tokens
         if facts.upstream_prompt_tokens is not None

@@ -38,7 +38,7 @@ from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.bookkeeping import Bookkeeper, Served
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackingQueue
-from kvern.tracking.records import Prediction, RequestContext, to_record
+from kvern.tracking.records import Outcome, Prediction, RequestContext, to_record
 from kvern.upstream.usage import ResponseFacts, parse_response
 
 logger = logging.getLogger(__name__)
@@ -244,15 +244,7 @@ class Tracker(TrackingQueue):
     # -- completion (after the response) -------------------------------------------
 
     def complete(
-        self,
-        ctx: RequestContext,
-        *,
-        status: int | None,
-        error: str | None,
-        ttfb_ms: float | None,
-        latency_ms: float,
-        body: bytes,
-        content_type: str,
+        self, ctx: RequestContext, outcome: Outcome, *, body: bytes, content_type: str
     ) -> None:
         """Record ``ctx`` once its response is over (or failed); returns at once.
 
@@ -265,6 +257,7 @@ class Tracker(TrackingQueue):
         job = self._jobs.pop(ctx.request_id, None)
         done: Future[tuple[Prediction | None, ResponseFacts]] = Future()
         settled = asyncio.wrap_future(done)
+        status = outcome.status
         served = Served(ctx.upstream, status is not None and status < 400)
         model = ctx.model
 
@@ -278,7 +271,7 @@ class Tracker(TrackingQueue):
             submit()
         else:
             self._in_order(model, submit)
-        self._spawn(self._record_when(ctx, settled, status, error, ttfb_ms, latency_ms))
+        self._spawn(self._record_when(ctx, settled, outcome))
 
     def _settle_guarded(
         self,
@@ -305,26 +298,13 @@ class Tracker(TrackingQueue):
         self,
         ctx: RequestContext,
         settled: asyncio.Future[tuple[Prediction | None, ResponseFacts]],
-        status: int | None,
-        error: str | None,
-        ttfb_ms: float | None,
-        latency_ms: float,
+        outcome: Outcome,
     ) -> None:
         prediction, facts = await settled
         if self._record is None:
             return
         try:
-            self._record(
-                to_record(
-                    ctx,
-                    prediction,
-                    facts,
-                    status=status,
-                    error=error,
-                    ttfb_ms=ttfb_ms,
-                    latency_ms=latency_ms,
-                )
-            )
+            self._record(to_record(ctx, prediction, facts, outcome))
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
 
