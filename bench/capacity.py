@@ -2,24 +2,24 @@
 
 Starts, each in its own process on 127.0.0.1: two upstreams that wait a
 prefill time proportional to the prompt (190 us a token, 0.3-1.5 s for these
-prompts) and then stream 16-64 chunks (15 ms apart); the thinnest Python
-pass-through (Starlette + httpx, no tracking; it sends a session to one
-upstream by hashing its id); and kvern (``python -m kvern``) routing
-cache-aware over both, with the real Llama 3 tokenizer and template and
-SQLite analytics. An open-loop Poisson load generator (its own process) sends
-multi-turn chats of 1-8k tokens (tenants share system prompts) at each
-offered rate, the same schedule three ways -- directly (a session to one
-upstream by the same hash), through the thin pass-through and through kvern --
-interleaved in rounds so machine noise hits all three alike.
+prompts) and then stream 16-64 chunks (15 ms apart); the thin pass-through of
+``bench/proxy_overhead.py`` (Starlette + httpx, no tracking); kvern
+(``python -m kvern``) in front of the first upstream; and kvern routing
+cache-aware over both ("routed"), each with the real Llama 3 tokenizer and
+template and SQLite analytics. An open-loop Poisson load generator (its own
+process) sends multi-turn chats of 1-8k tokens (tenants share system
+prompts) at each offered rate, the same schedule four ways -- directly to
+the first upstream, through the thin pass-through, through kvern and through
+routed kvern -- interleaved in rounds so machine noise hits all alike.
 
 Per step: kvern's tracked and skipped share; added time to first byte
 (p50/p99 of each request's time to first byte less the upstream's own
 prefill wait, which depends on the prompt, over direct's) for thin and kvern;
 the largest gap between two chunks of any stream, over direct's largest
-(stall); kvern's routing
-decisions that missed their deadline, its CPU seconds per request and RSS
-(relay and brain). Then a "big text" step: 32 normal streams beside one 50 MB
-answer and one 4 MB prompt, the normal streams' worst added stall.
+(stall); routing decisions that missed their deadline; kvern's CPU
+milliseconds per request and RSS (relay and brain). Then a "big text" step:
+32 normal streams beside one 50 MB answer and one 4 MB prompt, the normal
+streams' worst added stall.
 
 ``--kvern-path DIR`` runs kvern from another checkout (for before/after
 figures of one bench). The last line is machine-readable.
@@ -38,13 +38,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.proxy_overhead import thin_app  # noqa: E402 - after the path set-up
 
 MODEL = "llama3.2:bench"
 PREFILL_S_PER_TOKEN = 190e-6
@@ -113,47 +114,10 @@ def upstream_app(name: str) -> Any:
     )
 
 
-def session_upstream(session: str, upstreams: list[str]) -> str:
-    return upstreams[zlib.crc32(session.encode()) % len(upstreams)]
-
-
-def thin_app(upstreams: list[str]) -> Any:
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
-    client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512))
-
-    async def proxy(request: Request) -> StreamingResponse:
-        target = session_upstream(request.headers.get("x-session-id", ""), upstreams)
-        req = client.build_request(
-            "POST",
-            target + "/v1/chat/completions",
-            content=await request.body(),
-            headers={"content-type": "application/json"},
-        )
-        resp = await client.send(req, stream=True)
-
-        async def body() -> Any:
-            try:
-                async for chunk in resp.aiter_raw():
-                    yield chunk
-            finally:
-                await resp.aclose()
-
-        return StreamingResponse(
-            body(), status_code=resp.status_code, media_type=resp.headers.get("content-type")
-        )
-
-    return Starlette(routes=[Route("/v1/chat/completions", proxy, methods=["POST"])])
-
-
 def serve_main(kind: str, port: int, upstreams: list[str], name: str) -> None:
     import uvicorn
 
-    app = upstream_app(name) if kind == "upstream" else thin_app(upstreams)
+    app = upstream_app(name) if kind == "upstream" else thin_app(upstreams[0])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -323,9 +287,7 @@ async def one_request(client: Any, url: str, session: str, body: bytes) -> dict[
     }
 
 
-async def open_loop(
-    targets: list[str], rate: float, duration_s: float, seed: int, direct: bool
-) -> list[dict[str, Any]]:
+async def open_loop(url: str, rate: float, duration_s: float, seed: int) -> list[dict[str, Any]]:
     """Poisson arrivals at ``rate`` for ``duration_s``; each request is a session's next turn."""
     import httpx
 
@@ -337,7 +299,6 @@ async def open_loop(
         tasks: list[asyncio.Task[None]] = []
 
         async def send(session: dict[str, Any], chunks: int) -> None:
-            url = session_upstream(session["id"], targets) if direct else targets[0]
             result = await one_request(client, url, session["id"], body_of(session, chunks))
             results.append(result)
             chats.done(session, chunks)
@@ -357,38 +318,30 @@ async def open_loop(
     return results
 
 
-async def big_text(targets: list[str], direct: bool, seed: int) -> list[dict[str, Any]]:
+async def big_text(url: str, seed: int) -> list[dict[str, Any]]:
     """32 normal streams, and beside them one 50 MB answer and one 4 MB prompt."""
     import httpx
 
     chats = Conversations(seed + 1)
     limits = httpx.Limits(max_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-
-        def url_for(session: str) -> str:
-            return session_upstream(session, targets) if direct else targets[0]
-
         big_answer = chats.next()
         big_prompt = chats.next()
         big_prompt["messages"][-1]["content"] = "lorem ipsum dolor " * (BIG_PROMPT_BYTES // 18)
         specials = [
             one_request(
                 client,
-                url_for(big_answer["id"]),
+                url,
                 big_answer["id"],
                 body_of(big_answer, 1, metadata={"bench_answer_bytes": BIG_ANSWER_BYTES}),
             ),
-            one_request(
-                client, url_for(big_prompt["id"]), big_prompt["id"], body_of(big_prompt, 16)
-            ),
+            one_request(client, url, big_prompt["id"], body_of(big_prompt, 16)),
         ]
 
         async def normal(i: int) -> dict[str, Any]:
             await asyncio.sleep(0.05 * i)
             session = chats.next()
-            return await one_request(
-                client, url_for(session["id"]), session["id"], body_of(session, 64)
-            )
+            return await one_request(client, url, session["id"], body_of(session, 64))
 
         normals = [normal(i) for i in range(32)]
         out = await asyncio.gather(*normals, *specials)
@@ -396,23 +349,23 @@ async def big_text(targets: list[str], direct: bool, seed: int) -> list[dict[str
 
 
 def loadgen_main(args: argparse.Namespace) -> None:
-    targets = args.targets.split(",")
     if args.big:
-        results = asyncio.run(big_text(targets, args.direct, args.seed))
+        results = asyncio.run(big_text(args.target, args.seed))
     else:
-        results = asyncio.run(open_loop(targets, args.rate, args.duration, args.seed, args.direct))
+        results = asyncio.run(open_loop(args.target, args.rate, args.duration, args.seed))
     json.dump(results, sys.stdout)
 
 
 def run_loadgen(
-    targets: list[str], *, direct: bool, rate: float, duration: float, seed: int, big: bool = False
+    url: str, *, rate: float, duration: float, seed: int, big: bool = False
 ) -> list[dict[str, Any]]:
+    """Run the load generator in its own process against ``url``; its per-request results."""
     cmd = [
         sys.executable,
         __file__,
         "--loadgen",
-        "--targets",
-        ",".join(targets),
+        "--target",
+        url,
         "--rate",
         str(rate),
         "--duration",
@@ -420,8 +373,6 @@ def run_loadgen(
         "--seed",
         str(seed),
     ]
-    if direct:
-        cmd.append("--direct")
     if big:
         cmd.append("--big")
     out = subprocess.run(cmd, check=True, capture_output=True, timeout=duration + 900)
@@ -516,10 +467,9 @@ def main() -> None:
     parser.add_argument("--name", default="")
     parser.add_argument("--upstreams", default="")
     parser.add_argument("--loadgen", action="store_true")
-    parser.add_argument("--targets", default="")
+    parser.add_argument("--target", default="")
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--duration", type=float, default=0)
-    parser.add_argument("--direct", action="store_true")
     parser.add_argument("--big", action="store_true")
     args = parser.parse_args()
     if args.serve:
@@ -550,21 +500,19 @@ def main() -> None:
         procs += [kvern_proc, routed_proc]
         kverns = {"kvern": (kvern_proc, kvern), "routed": (routed_proc, routed)}
         for _, url in kverns.values():  # the tokenizer loads on the first request
-            run_loadgen([url], direct=False, rate=2, duration=3, seed=args.seed + 99)
+            run_loadgen(url, rate=2, duration=3, seed=args.seed + 99)
         time.sleep(2)
         # direct, thin and kvern use one upstream; "routed" is kvern routing
         # cache-aware over both (same prefill and decode times: no queueing).
-        arms = {"direct": ups[:1], "thin": [thin], "kvern": [kvern], "routed": [routed]}
+        arms = {"direct": ups[0], "thin": thin, "kvern": kvern, "routed": routed}
         rows = []
         for rate in steps:
             per: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
             before = {k: tracking_counts(url) for k, (_, url) in kverns.items()}
             cpu0 = {k: cpu_s(process_tree(proc.pid)) for k, (proc, _) in kverns.items()}
             for r in range(rounds):
-                for name, targets in arms.items():
-                    per[name] += run_loadgen(
-                        targets, direct=False, rate=rate, duration=step_s, seed=args.seed + r
-                    )
+                for name, target in arms.items():
+                    per[name] += run_loadgen(target, rate=rate, duration=step_s, seed=args.seed + r)
             kv: dict[str, dict[str, float]] = {}
             for k, (proc, url) in kverns.items():
                 after = tracking_counts(url)
@@ -582,10 +530,8 @@ def main() -> None:
         big_row = None
         if not args.no_big:
             per_big = {
-                name: run_loadgen(
-                    targets, direct=False, rate=0, duration=0, seed=args.seed, big=True
-                )
-                for name, targets in arms.items()
+                name: run_loadgen(target, rate=0, duration=0, seed=args.seed, big=True)
+                for name, target in arms.items()
                 if name != "routed"
             }
             big_row = summarize_big(per_big)
