@@ -235,14 +235,20 @@ async def serve(
     brain = Brain(config, outbox.put, registry=registry, clock=clock)
     stop = asyncio.Event()
 
+    def soon(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the brain already stopped: nothing is waiting
+            pass
+
     def deliver(header: Any, blob: bytes | None) -> None:
         if isinstance(header, m.Shutdown):
-            loop.call_soon_threadsafe(stop.set)
+            soon(stop.set)
         else:
-            loop.call_soon_threadsafe(brain.handle, header, blob)
+            soon(brain.handle, header, blob)
 
     def closed() -> None:
-        loop.call_soon_threadsafe(stop.set)
+        soon(stop.set)
 
     receive(deliver, closed)
     if freeze_long_lived:
