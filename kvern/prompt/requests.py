@@ -19,15 +19,31 @@ from typing import Any
 TRACKED_ENDPOINTS = frozenset({"chat", "completions", "ollama_chat", "ollama_generate"})
 
 
+def plain_text(value: str) -> str:
+    """``value`` as valid Unicode: lone surrogates become U+FFFD.
+
+    Why: JSON may escape a lone surrogate (``"m\\ud800"``); Python then holds
+    a string no UTF-8 encoder accepts. Forwarded, the body stays as the client
+    sent it; but a name kvern keeps (a model in its tries, /health and rows)
+    must encode, or one request breaks every later answer that shows it.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
+
+
 def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | None:
     """A stable, non-reversible tenant id: the ``user`` field, else the API key, hashed."""
     user = body.get("user") if isinstance(body, dict) else None
     if isinstance(user, str) and user:
-        return "user:" + hashlib.sha256(user.encode()).hexdigest()[:16]
+        # surrogatepass: a lone surrogate hashes too, and distinct users stay distinct.
+        return "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     if authorization:
         key = authorization.removeprefix("Bearer ").strip()
         if key:
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            return "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return None
 
 

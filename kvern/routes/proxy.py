@@ -31,7 +31,7 @@ from kvern.errors import (
     KvernError,
     error_response,
 )
-from kvern.prompt.requests import tenant_of
+from kvern.prompt.requests import plain_text, tenant_of
 from kvern.routes.sending import Attempt, ClientGone, send_with_failover
 from kvern.services import Services
 from kvern.tracking.records import Outcome, RequestContext
@@ -65,10 +65,16 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any]:
-    """Validate just enough to refuse what every backend would refuse, with a clear 400."""
+def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any] | None:
+    """Validate just enough to refuse what every backend would refuse, with a clear 400.
+
+    None: valid JSON nested too deeply for Python's parser; it is forwarded
+    unchanged and untracked (a backend with another parser may accept it).
+    """
     try:
         body = json.loads(raw)
+    except RecursionError:
+        return None
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -91,7 +97,7 @@ def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any]:
 def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 
@@ -143,7 +149,7 @@ async def _forward(services: Services, request: Request) -> Response:
         ts_s=services.clock(),
         start_s=time.perf_counter(),
         endpoint=endpoint,
-        model=model if isinstance(model, str) else None,
+        model=plain_text(model) if isinstance(model, str) else None,
         tenant=tenant_of(request.headers.get("authorization"), body),
         stream=bool(body.get("stream", endpoint.startswith("ollama"))) if body else False,
         upstream=services.upstream.name,
@@ -158,9 +164,7 @@ async def _forward(services: Services, request: Request) -> Response:
         raise
     ctx.route_reason = route.choice.reason
     ctx.route_load = route.choice.load
-    headers_out = forward_headers(
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-    )
+    headers_out = forward_headers(request.headers.raw)
     try:
         attempt = await send_with_failover(services, request, ctx, route, headers_out, raw)
     except ClientGone:

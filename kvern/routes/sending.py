@@ -100,7 +100,7 @@ async def send_with_failover(
     request: Request,
     ctx: RequestContext,
     route: RouteState,
-    headers: list[tuple[str, str]],
+    headers: list[tuple[bytes, bytes]],
     raw: bytes,
 ) -> Attempt:
     """Send to the chosen upstream; on a failure before any byte, try the next one.
@@ -166,7 +166,7 @@ async def _try_once(
     request: Request,
     ctx: RequestContext,
     route: RouteState,
-    headers: list[tuple[str, str]],
+    headers: list[tuple[bytes, bytes]],
     raw: bytes,
 ) -> Attempt:
     upstream = route.replica.upstream

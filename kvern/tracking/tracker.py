@@ -233,7 +233,7 @@ class Tracker(TrackingQueue):
             return None
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         asked = read_prompt(endpoint, parsed) if isinstance(parsed, dict) else None
         if asked is None:

@@ -71,17 +71,21 @@ class Upstream:
         return f"{url}?{query}" if query else url
 
 
-def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Client request headers minus hop-by-hop ones; compression is turned off upstream.
 
     ``Accept-Encoding: identity`` keeps the upstream's bytes readable for the
     side reader (usage, cached tokens) while kvern relays them unchanged;
-    compressing on a link to a model server buys nothing.
+    compressing on a link to a model server buys nothing. Values stay the
+    client's bytes: a header value need not be ASCII (HTTP allows any octet
+    but controls), and kvern forwards what it got rather than failing on it.
     """
     out = [
-        (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != "accept-encoding"
+        (k, v)
+        for k, v in headers
+        if (name := k.decode("latin-1").lower()) not in HOP_BY_HOP and name != "accept-encoding"
     ]
-    out.append(("accept-encoding", "identity"))
+    out.append((b"accept-encoding", b"identity"))
     return out
 
 
