@@ -411,3 +411,26 @@ async def test_flush_before_start_returns(tmp_path: Path) -> None:
     await store.flush()
     assert store.num_written == 1
     await store.close()
+
+
+async def test_an_integer_beyond_sqlite_is_lost_alone_and_its_batch_lands(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with AnalyticsStore(str(path)) as store:
+        store.record(make_record(1))
+        store.record(make_record(2, completion_tokens=2**63))
+        store.record(make_record(3))
+        await store.flush()
+        assert store.num_lost == 1
+    assert [r.request_id for r in read_records(path)] == ["req-1", "req-3"]
+
+
+async def test_a_lone_surrogate_in_a_string_is_stored_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with AnalyticsStore(str(path)) as store:
+        store.record(make_record(1, finish_reason="stop\ud800"))
+        store.record(make_record(2))
+        await store.flush()
+        assert store.num_lost == 0
+    records = read_records(path)
+    assert [r.request_id for r in records] == ["req-1", "req-2"]
+    assert records[0].finish_reason == "stop\ufffd\ufffd\ufffd"

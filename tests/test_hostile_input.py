@@ -134,3 +134,19 @@ def test_json_nested_past_pythons_parser_is_forwarded_untracked(
     # The deep body names no model kvern could read, so like any model-less
     # request it has no row yet; the next request is tracked as usual.
     assert row_count(tmp_path / "kvern.db") == 1
+
+
+def test_stream_given_as_the_string_false_is_recorded_as_not_streamed(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    chat = b'"messages": [{"role": "user", "content": "hi"}]'
+    with kvern_in_front(tmp_path, tokenizer_fixtures) as url:
+        assert post(url, b'{"model": "sim", "stream": "false", ' + chat + b"}").status_code == 200
+        assert post(url, b'{"model": "sim", "stream": false, ' + chat + b"}").status_code == 200
+        httpx.get(url + "/analytics", timeout=30)
+    con = sqlite3.connect(tmp_path / "kvern.db")
+    try:
+        streams = [r[0] for r in con.execute("SELECT stream FROM requests ORDER BY ts_s")]
+    finally:
+        con.close()
+    assert streams == [0, 0]

@@ -121,9 +121,26 @@ def to_row(rec: RequestRecord) -> tuple[SqlValue, ...]:
                 raise TypeError(f"RequestRecord.{name} must not be None")
         elif isinstance(value, bool):
             values[index] = int(value)
-        elif not isinstance(value, (str, int, float)):
+        elif isinstance(value, int):
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise TypeError(f"RequestRecord.{name} = {value} is outside SQLite's integers")
+        elif isinstance(value, str):
+            values[index] = _encodable(value)
+        elif not isinstance(value, float):
             raise TypeError(f"RequestRecord.{name} has unsupported type {type(value).__name__}")
     return tuple(values)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _encodable(value: str) -> str:
+    """``value`` with any lone surrogate replaced, so SQLite can store it as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
 
 
 def from_row(row: tuple[SqlValue, ...]) -> RequestRecord:

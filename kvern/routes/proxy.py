@@ -94,6 +94,15 @@ def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any] | None:
     return body
 
 
+def _flag(value: Any, default: bool) -> bool:
+    """A boolean field as a lenient backend reads it: ``"false"`` is false, not a truthy string."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return bool(value)
+
+
 def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(raw)
@@ -151,7 +160,7 @@ async def _forward(services: Services, request: Request) -> Response:
         endpoint=endpoint,
         model=plain_text(model) if isinstance(model, str) else None,
         tenant=tenant_of(request.headers.get("authorization"), body),
-        stream=bool(body.get("stream", endpoint.startswith("ollama"))) if body else False,
+        stream=_flag(body.get("stream"), endpoint.startswith("ollama")) if body else False,
         upstream=services.upstream.name,
     )
     track = _Tracking(services, ctx, raw) if ctx.model is not None else None

@@ -34,7 +34,14 @@ class ResponseFacts:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count as the backend reported it; None for anything that is not one.
+
+    Not negative, and within SQLite's 64-bit integers: a count beyond either
+    is a broken report, not a figure to keep.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
 
 
 def _absorb(facts: ResponseFacts, obj: Any, counted: list[int], parts: list[str]) -> None:

@@ -1,0 +1,33 @@
+"""Reading usage and cache figures from a backend's answer."""
+
+from __future__ import annotations
+
+import json
+
+from kvern.upstream.usage import parse_response
+
+
+def answer(cached: object, completion: object = 3) -> bytes:
+    return json.dumps(
+        {
+            "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            },
+        }
+    ).encode()
+
+
+def test_reported_counts_are_read_as_given() -> None:
+    facts = parse_response(answer(8), "application/json")
+    assert (facts.reported_cached_tokens, facts.completion_tokens) == (8, 3)
+    assert facts.finish_reason == "stop" and facts.completion_text == "hi"
+
+
+def test_a_negative_or_huge_count_is_no_figure_at_all() -> None:
+    for broken in (-5, 2**63, 2**70, True, "8"):
+        facts = parse_response(answer(broken, completion=broken), "application/json")
+        assert facts.reported_cached_tokens is None, broken
+        assert facts.completion_tokens is None, broken
