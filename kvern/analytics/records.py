@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Final, TypeAlias
 
+from kvern.prompt.requests import plain_text
+
 # A value the sqlite3 module binds as is.
 SqlValue: TypeAlias = "str | int | float | None"
 
@@ -125,7 +127,7 @@ def to_row(rec: RequestRecord) -> tuple[SqlValue, ...]:
             if not _INT64_MIN <= value <= _INT64_MAX:
                 raise TypeError(f"RequestRecord.{name} = {value} is outside SQLite's integers")
         elif isinstance(value, str):
-            values[index] = _encodable(value)
+            values[index] = plain_text(value)  # SQLite stores UTF-8 only
         elif not isinstance(value, float):
             raise TypeError(f"RequestRecord.{name} has unsupported type {type(value).__name__}")
     return tuple(values)
@@ -133,14 +135,6 @@ def to_row(rec: RequestRecord) -> tuple[SqlValue, ...]:
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-
-def _encodable(value: str) -> str:
-    """``value`` with any lone surrogate replaced, so SQLite can store it as UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return value
 
 
 def from_row(row: tuple[SqlValue, ...]) -> RequestRecord:
