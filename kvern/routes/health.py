@@ -166,8 +166,8 @@ async def health(request: Request) -> Response:
         "restarts": relay.restarts,
         "last_exit": relay.last_exit,
         "late_answers": relay.late_answers,
-        "rows_untracked": relay.rows_untracked,
-        "in_flight": relay.in_flight,
+        "rows_untracked": brain.pending.num_untracked,
+        "in_flight": len(brain.pending),
         "queued": brain.queued,
         "error": view.get("error"),
     }

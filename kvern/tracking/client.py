@@ -29,8 +29,8 @@ from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.link import BrainLink, open_process, open_thread
-from kvern.tracking.records import Outcome, RequestContext, to_record
-from kvern.upstream.usage import ResponseFacts
+from kvern.tracking.pending import PendingRows
+from kvern.tracking.records import Outcome, RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +56,6 @@ class BrainStats:
     skipped_backlog: int = 0  # requests not handed over: the queue to the brain was full
     skipped_down: int = 0  # requests not handed over: no brain was up
     late_answers: int = 0  # routing answers that came after the router gave up
-    rows_untracked: int = 0  # rows written here, without the brain's figures
-    in_flight: int = 0  # requests handed over whose row has not come back
-
-
-@dataclass(slots=True)
-class _Awaiting:
-    """A request handed over whose row the brain has not sent back yet."""
-
-    ctx: RequestContext
-    completed: Outcome | None = None  # set once its Complete was sent
 
 
 class BrainClient:
@@ -94,7 +84,7 @@ class BrainClient:
         self._generation = itertools.count(1)
         self._call_ids = itertools.count(1)
         self._link: BrainLink | None = None
-        self._awaiting: dict[str, _Awaiting] = {}
+        self.pending = PendingRows(record)  # handed over, row not back yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
@@ -208,12 +198,7 @@ class BrainClient:
         for call in list(link.calls.values()):
             if not call.done():
                 call.set_exception(BrainUnavailable(f"tracking process went away: {why}"))
-        for rid, waiting in list(self._awaiting.items()):
-            if waiting.completed is not None:
-                self._write_untracked(waiting.ctx, waiting.completed)
-                del self._awaiting[rid]
-        self._awaiting.clear()  # still running: their Complete writes their row
-        self.stats.in_flight = 0
+        self.pending.brain_lost()
         link.kill()
         link.outbox.close(timeout_s=0)
         if link.process is not None:
@@ -235,8 +220,7 @@ class BrainClient:
         if link is None or link.generation != generation:
             return
         if isinstance(header, m.Record):
-            self._awaiting.pop(header.record.request_id, None)
-            self.stats.in_flight = len(self._awaiting)
+            self.pending.returned(header.record.request_id)
             if self._record is not None:
                 self._record(header.record)
         elif isinstance(header, m.Answer):
@@ -313,7 +297,7 @@ class BrainClient:
         fut: asyncio.Future[PrefixAnswer | None] = self._loop.create_future()
         link.asks[ctx.request_id] = fut
         ctx.asked = True
-        self._awaiting.setdefault(ctx.request_id, _Awaiting(ctx))
+        self.pending.handed(ctx)
         return fut
 
     def commit(
@@ -341,37 +325,21 @@ class BrainClient:
             if not ctx.asked:
                 self.stats.skipped_backlog += 1
             return
-        self._awaiting.setdefault(ctx.request_id, _Awaiting(ctx))
+        self.pending.handed(ctx)
 
     def complete(
         self, ctx: RequestContext, outcome: Outcome, *, body: bytes, content_type: str
     ) -> None:
         """The answer is over: the brain settles it and sends its row, or the row is made here."""
         link = self._link
-        waiting = self._awaiting.get(ctx.request_id)
         header = m.Complete(ctx, outcome, content_type)
         # A request the brain holds must be completed there (its trie node is
         # locked until then): that message is never dropped. Others may be.
-        sent = link is not None and link.outbox.put(header, body, force=waiting is not None)
-        if not sent:
-            self._awaiting.pop(ctx.request_id, None)
-            self._write_untracked(ctx, outcome)
-            return
-        if waiting is None:
-            waiting = self._awaiting[ctx.request_id] = _Awaiting(ctx)
-        waiting.ctx = ctx
-        waiting.completed = outcome
-        self.stats.in_flight = len(self._awaiting)
-
-    def _write_untracked(self, ctx: RequestContext, outcome: Outcome) -> None:
-        self.stats.rows_untracked += 1
-        if self._record is None:
-            return
-        record = to_record(ctx, None, ResponseFacts(), outcome)
-        try:
-            self._record(record)
-        except Exception:  # noqa: BLE001 - analytics never fails a request
-            logger.exception("writing an untracked row failed")
+        held = self.pending.holds(ctx.request_id)
+        if link is not None and link.outbox.put(header, body, force=held):
+            self.pending.completed(ctx, outcome)
+        else:
+            self.pending.write_untracked(ctx, outcome)
 
     def drop_upstream(self, name: str) -> None:
         link = self._link
