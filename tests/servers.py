@@ -42,6 +42,27 @@ def serve(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
         sock.close()
 
 
+@contextmanager
+def serve_chat(chat: Any, model: str) -> Iterator[str]:
+    """A scripted backend: ``chat`` answers ``POST /v1/chat/completions``; it lists ``model``."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": model}]})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
+    with serve(app) as url:
+        yield url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

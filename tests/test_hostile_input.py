@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from kvern.app import create_app
 from kvern.config import parse_config
-from tests.servers import serve
+from tests.servers import serve, serve_chat
 
 MODEL = "sim"
 CANNED = {
@@ -41,16 +39,7 @@ def canned_upstream() -> Iterator[str]:
         echoed = next((v for k, v in thing if k == b"x-thing"), b"")
         return JSONResponse(CANNED, headers={"x-echo": echoed.hex()})
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": MODEL}]})
-
-    app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-        ]
-    )
-    with serve(app) as url:
+    with serve_chat(chat, MODEL) as url:
         yield url
 
 

@@ -20,12 +20,10 @@ from typing import Any
 
 import httpx
 import openai
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from tests.servers import serve
+from tests.servers import serve_chat
 from tests.test_routing_e2e import (
     MODEL,
     analytics,
@@ -224,16 +222,7 @@ def scripted_upstream(answer: str) -> Iterator[str]:
             }
         )
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": MODEL}]})
-
-    app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-        ]
-    )
-    with serve(app) as url:
+    with serve_chat(chat, MODEL) as url:
         yield url
 
 
