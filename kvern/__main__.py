@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from kvern.config import ConfigError, KvernConfig, load_config
+from kvern.config.urls import redact_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,10 +70,10 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     entries = config.upstream_entries()
     targets = (
-        entries[0].url
+        redact_url(entries[0].url)
         if len(entries) == 1
         else f"{len(entries)} upstreams ({config.routing_policy()}): "
-        + ", ".join(f"{e.name}={e.url}" for e in entries)
+        + ", ".join(f"{e.name}={redact_url(e.url)}" for e in entries)
     )
     print(
         f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1 -> {targets}",

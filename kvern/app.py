@@ -23,9 +23,12 @@ from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
 from kvern.analytics.store import AnalyticsStore
+from kvern.analytics.tenant_secret import tenant_secret
 from kvern.config import KvernConfig
 from kvern.errors import BadRequest, KvernError, error_response
 from kvern.parity.reports import ParityReports
+from kvern.prompt.tenants import TenantIds
+from kvern.routes import access_log
 from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
@@ -54,6 +57,7 @@ def create_app(
     the brain on a thread of this process, where those objects live.
     """
     wall = clock or time.time
+    access_log.install()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +98,7 @@ def create_app(
             client=client,
             tracker=brain,
             store=store,
+            tenants=TenantIds(tenant_secret(config.analytics)),
             clock=wall,
             started_s=wall(),
             parity=parity,

@@ -23,6 +23,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from kvern.config.urls import redact_text
+
 
 class KvernError(Exception):
     """Base of every error kvern turns into a response."""
@@ -65,6 +67,8 @@ class UpstreamError(KvernError):
     code = "upstream_error"
 
     def __init__(self, upstream: str, reason: str) -> None:
+        # A transport message may quote a URL; its credentials never reach a client.
+        reason = redact_text(reason)
         super().__init__(f"upstream {upstream}: {reason}")
         self.upstream = upstream
         self.reason = reason

@@ -16,6 +16,7 @@ import httpx
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.parity.reports import ParityReports
+from kvern.prompt.tenants import TenantIds
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
@@ -35,6 +36,7 @@ class Services:
     client: httpx.AsyncClient  # one pooled keep-alive client
     tracker: BrainClient  # the brain: tokenizers, tries, presence (its own process)
     store: AnalyticsStore | None  # None when analytics are disabled
+    tenants: TenantIds  # keyed tenant ids (the secret beside the db, or configured)
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off

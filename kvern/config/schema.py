@@ -19,16 +19,18 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvern.config.routing import RoutingConfig, UpstreamEntry
+from kvern.config.urls import host_port
 
 ENV_UPSTREAM_URL = "KVERN_UPSTREAM_URL"
 ENV_HOST = "KVERN_HOST"
 ENV_PORT = "KVERN_PORT"
+ENV_ADMIN_KEY = "KVERN_ADMIN_KEY"
+ENV_TENANT_SECRET = "KVERN_TENANT_SECRET"
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,17 @@ class ProxyConfig(_Section):
     # tokenization runs beside the event loop; a shorter interval keeps it
     # from delaying relayed bytes. (The default isolation needs none.)
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
+    # When set, /analytics, /trie/visualize and the detailed /health need it
+    # (``Authorization: Bearer <key>`` or ``x-kvern-admin-key``); a bare
+    # liveness answer (``/health?live=1``, ``/livez``) stays open for probes.
+    # Also from KVERN_ADMIN_KEY.
+    admin_api_key: str | None = Field(None, min_length=8)
+    # On SIGTERM: stop accepting, let streams run this long, then end the rest
+    # with an error event (each gets its analytics row).
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # A client that sends headers and then stalls its body past this gets a
+    # 408 and its connection back; the time between two body chunks counts.
+    body_read_timeout_s: float = Field(30.0, gt=0)
 
 
 class CacheModelConfig(_Section):
@@ -252,6 +265,10 @@ class AnalyticsConfig(_Section):
     # Rows waiting beyond this are dropped (and counted): never block a request.
     queue_size: int = Field(10_000, ge=1)
     retention_days: float = Field(30.0, gt=0)
+    # Key of the HMAC that turns API keys and ``user`` fields into tenant ids.
+    # None: a random secret generated once and kept beside the db
+    # (``<db_path>.tenant-secret``, mode 0600). Also from KVERN_TENANT_SECRET.
+    tenant_secret: str | None = Field(None, min_length=16)
 
 
 class KvernConfig(_Section):
@@ -284,8 +301,8 @@ class KvernConfig(_Section):
         if self.upstreams:
             return list(self.upstreams)
         base = self.upstream.base_url
-        # Built unvalidated: a netloc such as user@host is fine as a display name.
-        return [UpstreamEntry.model_construct(name=urlsplit(base).netloc, url=base)]
+        # Built unvalidated; the name is host:port, never the URL's credentials.
+        return [UpstreamEntry.model_construct(name=host_port(base), url=base)]
 
     def routing_policy(self) -> str:
         """The configured policy, or the default for the number of upstreams."""
@@ -323,7 +340,11 @@ def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> Kver
 
 
 def apply_env_overrides(config: KvernConfig, env: Mapping[str, str]) -> KvernConfig:
-    """Return ``config`` with ``KVERN_UPSTREAM_URL``, ``KVERN_HOST`` and ``KVERN_PORT`` applied."""
+    """Return ``config`` with the ``KVERN_*`` environment variables applied.
+
+    ``KVERN_UPSTREAM_URL``, ``KVERN_HOST``, ``KVERN_PORT``, ``KVERN_ADMIN_KEY``
+    and ``KVERN_TENANT_SECRET``: secrets need not be written in the file.
+    """
     data = config.model_dump()
     if env.get(ENV_UPSTREAM_URL):
         data["upstream"]["base_url"] = env[ENV_UPSTREAM_URL]
@@ -331,6 +352,10 @@ def apply_env_overrides(config: KvernConfig, env: Mapping[str, str]) -> KvernCon
         data["proxy"]["host"] = env[ENV_HOST]
     if env.get(ENV_PORT):
         data["proxy"]["port"] = env[ENV_PORT]
+    if env.get(ENV_ADMIN_KEY):
+        data["proxy"]["admin_api_key"] = env[ENV_ADMIN_KEY]
+    if env.get(ENV_TENANT_SECRET):
+        data["analytics"]["tenant_secret"] = env[ENV_TENANT_SECRET]
     return parse_config(data, source="environment overrides")
 
 

@@ -1,17 +1,16 @@
-"""Read what a client asked for: its tenant, and the prompt its body carries.
+"""Read what a client asked for: the prompt its body carries.
 
 Why: the counterpart of :mod:`kvern.upstream.usage` (what the backend
 answered). The proxy forwards the body unchanged; kvern only reads it, to key
-the trie with the prompt the backend will see and to group analytics by
-tenant. Each endpoint states its prompt differently (chat messages, a raw
-completion prompt, Ollama's ``prompt`` + ``system``); :func:`read_prompt` says
+the trie with the prompt the backend will see (tenants are read by
+:mod:`kvern.prompt.tenants`). Each endpoint states its prompt differently
+(chat messages, a raw completion prompt, Ollama's ``prompt`` + ``system``); :func:`read_prompt` says
 which form the backend builds its tokens from, and
 :meth:`kvern.tokenize.model_tokenizer.ModelTokenizer.request` tokenizes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,19 +31,6 @@ def plain_text(value: str) -> str:
     except UnicodeEncodeError:
         return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return value
-
-
-def tenant_of(authorization: str | None, body: dict[str, Any] | None) -> str | None:
-    """A stable, non-reversible tenant id: the ``user`` field, else the API key, hashed."""
-    user = body.get("user") if isinstance(body, dict) else None
-    if isinstance(user, str) and user:
-        # surrogatepass: a lone surrogate hashes too, and distinct users stay distinct.
-        return "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    if authorization:
-        key = authorization.removeprefix("Bearer ").strip()
-        if key:
-            return "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return None
 
 
 @dataclass(slots=True, frozen=True)

@@ -34,13 +34,13 @@ async def probe_upstream(services: Services) -> dict[str, Any]:
     except httpx.HTTPError as exc:
         return {
             "name": services.upstream.name,
-            "url": services.upstream.base_url,
+            "url": services.upstream.shown_url,
             "reachable": False,
             "error": f"{type(exc).__name__}: {exc}"[:300],
         }
     return {
         "name": services.upstream.name,
-        "url": services.upstream.base_url,
+        "url": services.upstream.shown_url,
         "reachable": True,
         "status": response.status_code,
         "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
@@ -62,7 +62,7 @@ def upstreams_view(
         out.append(
             {
                 "name": r.name,
-                "url": r.upstream.base_url,
+                "url": r.upstream.shown_url,
                 "healthy": breaker.state == "closed",
                 "circuit": breaker.state,
                 "consecutive_failures": breaker.consecutive_failures,

@@ -31,7 +31,7 @@ from kvern.errors import (
     KvernError,
     error_response,
 )
-from kvern.prompt.requests import plain_text, tenant_of
+from kvern.prompt.requests import plain_text
 from kvern.routes.sending import Attempt, ClientGone, send_with_failover
 from kvern.services import Services
 from kvern.tracking.records import Outcome, RequestContext
@@ -159,7 +159,7 @@ async def _forward(services: Services, request: Request) -> Response:
         start_s=time.perf_counter(),
         endpoint=endpoint,
         model=plain_text(model) if isinstance(model, str) else None,
-        tenant=tenant_of(request.headers.get("authorization"), body),
+        tenant=services.tenants.of(request.headers.get("authorization"), body),
         stream=_flag(body.get("stream"), endpoint.startswith("ollama")) if body else False,
         upstream=services.upstream.name,
     )

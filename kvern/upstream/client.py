@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
 
 from kvern.config import UpstreamConfig
+from kvern.config.urls import host_port, redact_url
 from kvern.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from kvern.upstream.pools import ShardedPools
 
@@ -44,8 +44,13 @@ class Upstream:
     """One OpenAI-compatible backend."""
 
     name: str  # shown in errors, analytics and /health (host:port unless configured)
-    base_url: str  # with its API prefix, e.g. http://127.0.0.1:11434/v1
+    base_url: str  # with its API prefix, e.g. http://127.0.0.1:11434/v1 (credentials kept)
     origin: str  # base_url without a trailing /v1: where Ollama's /api/* lives
+
+    @property
+    def shown_url(self) -> str:
+        """``base_url`` as kvern shows it: credentials replaced (only sending uses the real one)."""
+        return redact_url(self.base_url)
 
     @classmethod
     def from_config(cls, config: UpstreamConfig, name: str | None = None) -> Upstream:
@@ -53,10 +58,13 @@ class Upstream:
 
     @classmethod
     def at(cls, base_url: str, name: str | None = None) -> Upstream:
-        """The upstream at ``base_url`` (its API prefix included); named host:port by default."""
+        """The upstream at ``base_url`` (its API prefix included); named host:port by default.
+
+        The default name never holds the URL's userinfo: it is shown everywhere.
+        """
         base = base_url.rstrip("/")
         origin = base[: -len("/v1")] if base.endswith("/v1") else base
-        return cls(name or urlsplit(base).netloc, base, origin)
+        return cls(name or host_port(base), base, origin)
 
     def url_for(self, path: str, query: str = "") -> str:
         """Map kvern's request path to the upstream URL.
