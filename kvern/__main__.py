@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -53,6 +54,28 @@ def load_for_serve(args: argparse.Namespace) -> KvernConfig:
     return config
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only ("" and 0.0.0.0 are every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name that may resolve anywhere
+
+
+def exposure_warning(config: KvernConfig) -> str | None:
+    """The start-up warning for admin pages open to other machines, or None."""
+    host = config.proxy.host
+    if config.proxy.admin_api_key is not None or is_loopback(host):
+        return None
+    return (
+        f"kvern: WARNING: listening on {host or 'every address'} with no admin key: "
+        "/analytics, /trie/visualize (decoded prompt prefixes) and the detailed /health "
+        "answer anyone who can reach this port; set proxy.admin_api_key or KVERN_ADMIN_KEY"
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_for_serve(args)
@@ -68,6 +91,9 @@ def serve(args: argparse.Namespace) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = create_app(config)
+    warning = exposure_warning(config)
+    if warning is not None:
+        logging.getLogger("kvern").warning(warning)
     entries = config.upstream_entries()
     targets = (
         redact_url(entries[0].url)

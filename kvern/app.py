@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -33,6 +33,7 @@ from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
 from kvern.routes import trie as trie_routes
+from kvern.routes.admin import require_admin
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
@@ -168,8 +169,11 @@ def create_app(
         }
         return JSONResponse(body, status_code=500)
 
+    # /health guards its own details (a bare liveness answer stays open);
+    # every other kvern page is mounted behind the admin key.
+    admin = [Depends(require_admin)]
     app.include_router(health_routes.router)
-    app.include_router(analytics_routes.router)
-    app.include_router(trie_routes.router)
+    app.include_router(analytics_routes.router, dependencies=admin)
+    app.include_router(trie_routes.router, dependencies=admin)
     proxy_routes.add_proxy_routes(app)
     return app

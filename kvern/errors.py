@@ -10,7 +10,9 @@ Exception tree::
         ├── UpstreamProtocolError   502 (the upstream broke the HTTP protocol)
         ├── UpstreamTimeout         504 (connect, read, write or pool timeout)
         └── NoHealthyUpstream       503 (every upstream's circuit is open)
+    UpstreamsFailed                 the last failure's status: each upstream tried, and why
     ModelNotServed                  404 (no upstream serves the requested model)
+    AdminKeyRequired                401 (an admin page without ``proxy.admin_api_key``)
 
 Why one place: clients use the OpenAI SDK, which reads ``error.message`` and
 ``error.type`` from the body. Every failure kvern itself produces must have
@@ -32,6 +34,7 @@ class KvernError(Exception):
     status_code = 500
     error_type = "server_error"
     code = "internal_error"
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (name, value)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -93,12 +96,40 @@ class NoHealthyUpstream(KvernError):
     code = "no_healthy_upstream"
 
 
+class UpstreamsFailed(KvernError):
+    """Every upstream tried failed before answering; the message names each one and why.
+
+    Why not just the last failure: with one upstream refusing and another
+    timing out, an operator reading only the last one looks in the wrong
+    place. The status and code stay the last failure's, as clients saw before.
+    """
+
+    error_type = "upstream_error"
+
+    def __init__(self, failures: list[KvernError]) -> None:
+        assert failures, "at least one upstream was tried"
+        last = failures[-1]
+        tried = "; ".join(f.message for f in failures)
+        super().__init__(f"all {len(failures)} upstreams tried failed: {tried}", code=last.code)
+        self.status_code = last.status_code
+        self.failures = failures
+
+
 class ModelNotServed(KvernError):
     """No configured upstream lists the requested model (``upstreams[].models``)."""
 
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_served"
+
+
+class AdminKeyRequired(KvernError):
+    """An admin page (/analytics, /trie/visualize, detailed /health) without the admin key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "admin_key_required"
+    headers = (("www-authenticate", 'Bearer realm="kvern admin"'),)
 
 
 class TrackingUnavailable(KvernError):
@@ -111,4 +142,4 @@ class TrackingUnavailable(KvernError):
 
 def error_response(exc: KvernError) -> JSONResponse:
     """Render any :class:`KvernError` as the OpenAI error body with its status."""
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=dict(exc.headers))

@@ -171,3 +171,60 @@ def test_tenant_ids_in_the_db_survive_a_restart(tmp_path: Path) -> None:
     assert tenants[0] == tenants[1]
     assert tenants[0].startswith("user:")
     assert tenants[0] != "user:" + hashlib.sha256(b"alice@example.com").hexdigest()[:16]
+
+
+ADMIN_KEY = "admin-key-for-tests"
+
+
+def test_admin_pages_need_the_admin_key_and_bare_liveness_stays_open(tmp_path: Path) -> None:
+    async def chat(request: Request) -> Response:
+        await request.body()
+        return JSONResponse(CANNED)
+
+    with serve_chat(chat, MODEL) as up:
+        config = config_for(up + "/v1", tmp_path / "kvern.db", proxy={"admin_api_key": ADMIN_KEY})
+        with serve(create_app(config)) as url:
+            # The proxy path is not guarded: the client's Authorization goes upstream.
+            assert httpx.post(
+                url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk"}
+            ).is_success
+            for path in ("/analytics", "/trie/visualize"):
+                refused = httpx.get(url + path, timeout=30)
+                assert refused.status_code == 401, path
+                assert refused.json()["error"]["code"] == "admin_key_required"
+                assert refused.headers["www-authenticate"].startswith("Bearer")
+                wrong = httpx.get(url + path, headers={"x-kvern-admin-key": "nope"}, timeout=30)
+                assert wrong.status_code == 401
+            bearer = {"authorization": f"Bearer {ADMIN_KEY}"}
+            header = {"x-kvern-admin-key": ADMIN_KEY}
+            assert httpx.get(url + "/analytics", headers=bearer, timeout=30).status_code == 200
+            assert httpx.get(url + "/trie/visualize", headers=header, timeout=30).status_code == 200
+            bare = httpx.get(url + "/health", timeout=30)
+            detailed = httpx.get(url + "/health", headers=bearer, timeout=30)
+    assert bare.status_code == 200 and bare.json() == {"status": "ok"}
+    assert "tracking" in detailed.json() and "upstream" in detailed.json()
+
+
+def test_listening_beyond_loopback_without_an_admin_key_warns() -> None:
+    from kvern.__main__ import exposure_warning
+
+    def config(host: str, key: str | None = None) -> Any:
+        return parse_config({"proxy": {"host": host, "admin_api_key": key}})
+
+    assert exposure_warning(config("127.0.0.1")) is None
+    assert exposure_warning(config("::1")) is None
+    assert exposure_warning(config("localhost")) is None
+    assert exposure_warning(config("0.0.0.0", ADMIN_KEY)) is None
+    for host in ("0.0.0.0", "::", "10.1.2.3", "kvern.internal"):
+        warning = exposure_warning(config(host))
+        assert warning is not None and "admin_api_key" in warning
+
+
+def test_the_admin_key_and_tenant_secret_come_from_the_environment() -> None:
+    from kvern.config import load_config
+
+    config = load_config(
+        None, env={"KVERN_ADMIN_KEY": ADMIN_KEY, "KVERN_TENANT_SECRET": "s" * 24}
+    )
+    assert config.proxy.admin_api_key == ADMIN_KEY
+    assert config.analytics.tenant_secret == "s" * 24

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
+from kvern.routes.admin import is_admin
 from kvern.services import Services
 from kvern.tracking.client import BrainUnavailable
 
@@ -77,6 +78,7 @@ def upstreams_view(
                 "requests": r.counters.requests,
                 "failures": r.counters.failures,
                 "failovers": r.counters.failovers,
+                "stale_retries": r.counters.stale_retries,
                 "checks": {
                     "ok": r.counters.checks_ok,
                     "failed": r.counters.checks_failed,
@@ -126,9 +128,22 @@ async def brain_view(services: Services) -> dict[str, Any]:
     return view
 
 
+def liveness(services: Services) -> Response:
+    """The bare answer for probes without the admin key: up, and whether any upstream is.
+
+    Computed from the circuit breakers alone: an anonymous probe never makes
+    kvern send anything upstream, and learns nothing but the status.
+    """
+    healthy = sum(1 for r in services.pool.replicas if r.breaker.state != "open")
+    status = "ok" if healthy == len(services.pool) else "degraded" if healthy else "down"
+    return JSONResponse({"status": status}, status_code=503 if status == "down" else 200)
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     services: Services = request.app.state.services
+    if not is_admin(request):
+        return liveness(services)
     brain = services.tracker
     view = await brain_view(services)
     if len(services.pool) > 1:
@@ -144,6 +159,7 @@ async def health(request: Request) -> Response:
         }
     else:
         upstream = await probe_upstream(services)
+        upstream["stale_retries"] = services.pool.replicas[0].counters.stale_retries
         status = "ok" if upstream["reachable"] else "degraded"
         routing = None
     if brain.stats.state != "up" and status == "ok":
