@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import httpx
 from starlette.requests import Request
 
-from kvern.errors import KvernError, NoHealthyUpstream, UpstreamError
+from kvern.errors import KvernError, NoHealthyUpstream, UpstreamError, UpstreamsFailed
 from kvern.routing.router import RouteState
 from kvern.services import Services
 from kvern.tracking.records import RequestContext
 from kvern.upstream.client import mapped_errors
+from kvern.upstream.pools import STALE_RETRIED
 
 T = TypeVar("T")
 
@@ -108,13 +109,14 @@ async def send_with_failover(
     A streamed answer's first chunk is read here, before any header goes to
     the client: a replica that dies during prefill has sent its headers
     already (vLLM and Starlette send them at once) but no token, and the
-    request can still go elsewhere.
+    request can still go elsewhere. When every upstream tried fails so, the
+    error names each one and why (:class:`kvern.errors.UpstreamsFailed`).
     """
     monitor, router = services.health, services.router
     retry_statuses = set(services.config.routing.retry_on_status)
     tried: set[str] = set()
     current: RouteState | None = route
-    last_error: KvernError | None = None
+    failures: list[KvernError] = []
     while current is not None:
         replica = current.replica
         tried.add(replica.name)
@@ -124,7 +126,7 @@ async def send_with_failover(
             replica.load.reserve(ctx.request_id, current.prefill_tokens, services.clock())
         if not monitor.acquire(replica):
             replica.load.end(ctx.request_id)
-            last_error = NoHealthyUpstream(f"upstream {replica.name}: circuit open")
+            failures.append(NoHealthyUpstream(f"upstream {replica.name}: circuit open"))
             current = router.next_attempt(current, tried)
             continue
         replica.counters.requests += 1
@@ -134,9 +136,9 @@ async def send_with_failover(
             replica.load.end(ctx.request_id)
             monitor.failed(replica, exc.message)
             replica.counters.failures += 1
+            failures.append(exc)
             if not _retryable(exc):
-                raise
-            last_error = exc
+                raise _named_all(failures) from exc.__cause__
             nxt = router.next_attempt(current, tried)
         except BaseException:
             replica.load.end(ctx.request_id)
@@ -153,12 +155,18 @@ async def send_with_failover(
             await attempt.response.aclose()
             attempt.end(ctx)
             monitor.failed(replica, f"answered {status}")
+            failures.append(UpstreamError(replica.name, f"answered {status}"))
             replica.counters.failures += 1
         if nxt is not None:
             replica.counters.failovers += 1
         current = nxt
-    assert last_error is not None
-    raise last_error
+    raise _named_all(failures)
+
+
+def _named_all(failures: list[KvernError]) -> KvernError:
+    """The error for a request no upstream answered: the one failure, or all of them named."""
+    assert failures, "an upstream was tried, or its circuit was open"
+    return failures[0] if len(failures) == 1 else UpstreamsFailed(failures)
 
 
 async def _try_once(
@@ -181,6 +189,8 @@ async def _try_once(
         response = await _send_unless_disconnected(
             request, client.send(upstream_request, stream=True)
         )
+    if response.extensions.get(STALE_RETRIED):
+        route.replica.counters.stale_retries += 1
     attempt = Attempt(route, response)
     content_type = response.headers.get("content-type", "")
     # What the client asked for, or what the upstream sends (Ollama streams by default).

@@ -122,6 +122,7 @@ class ReplicaCounters:
     requests: int = 0  # attempts sent
     failures: int = 0  # attempts that failed before relaying anything
     failovers: int = 0  # of those, retried on another upstream
+    stale_retries: int = 0  # sent again after it dropped a reused connection unanswered
     checks_ok: int = 0
     checks_failed: int = 0
     last_check_ms: float | None = None

@@ -129,13 +129,59 @@ def build_client(
     )
 
 
+def _root_os_error(exc: BaseException) -> OSError | None:
+    """The first OS error with an errno down ``exc``'s chain of causes (what the socket said)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """What a transport error says, with the socket's own error when it has one.
+
+    Why: httpx's errors often say little or nothing -- a reset reads
+    ``ReadError('')``, a refused connect "All connection attempts failed" --
+    while the errno that says what happened sits down the chain of causes.
+    Failing both, the classes down the chain still say what kind of failure.
+    """
+    said = str(exc)
+    root = _root_os_error(exc)
+    if root is not None:
+        errno_text = f"{type(root).__name__}: {root}"
+        return errno_text if not said or said == str(root) else f"{said}; {errno_text}"
+    if said:
+        return said
+    chain: list[str] = []
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(chain) < 8:
+        chain.append(f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(chain) or f"{type(exc).__name__} with no detail"
+
+
+def _lost(exc: httpx.TransportError, doing: str) -> str:
+    """A connection that broke while ``doing``: reset by the upstream, or lost some other way."""
+    reset = isinstance(_root_os_error(exc), ConnectionResetError)
+    how = "reset by the upstream" if reset else "lost"
+    return f"connection {how} while {doing} ({describe(exc)})"
+
+
 @contextmanager
 def mapped_errors(upstream: Upstream) -> Iterator[None]:
-    """Translate httpx exceptions into kvern's upstream errors, naming the upstream."""
+    """Translate httpx exceptions into kvern's upstream errors, naming the upstream.
+
+    Every message says what happened, also when httpx's own says nothing (see
+    :func:`describe`).
+    """
     try:
         yield
     except httpx.ConnectTimeout as exc:
-        raise UpstreamTimeout(upstream.name, f"connect timed out ({exc})") from exc
+        raise UpstreamTimeout(upstream.name, f"connect timed out ({describe(exc)})") from exc
     except httpx.ReadTimeout as exc:
         raise UpstreamTimeout(upstream.name, "read timed out waiting for the answer") from exc
     except httpx.WriteTimeout as exc:
@@ -143,10 +189,15 @@ def mapped_errors(upstream: Upstream) -> Iterator[None]:
     except httpx.PoolTimeout as exc:
         raise UpstreamTimeout(upstream.name, "no free connection to the upstream in time") from exc
     except httpx.ConnectError as exc:
-        raise UpstreamUnreachable(upstream.name, f"cannot connect ({exc or 'refused'})") from exc
+        raise UpstreamUnreachable(upstream.name, f"cannot connect ({describe(exc)})") from exc
+    except httpx.ReadError as exc:
+        raise UpstreamUnreachable(upstream.name, _lost(exc, "reading the answer")) from exc
+    except httpx.WriteError as exc:
+        raise UpstreamUnreachable(upstream.name, _lost(exc, "sending the request")) from exc
     except httpx.RemoteProtocolError as exc:
-        raise UpstreamUnreachable(upstream.name, f"connection closed early ({exc})") from exc
+        reason = f"connection closed early ({describe(exc)})"
+        raise UpstreamUnreachable(upstream.name, reason) from exc
     except httpx.ProtocolError as exc:
-        raise UpstreamProtocolError(upstream.name, f"protocol error ({exc})") from exc
+        raise UpstreamProtocolError(upstream.name, f"protocol error ({describe(exc)})") from exc
     except httpx.TransportError as exc:
-        raise UpstreamUnreachable(upstream.name, f"{type(exc).__name__}: {exc}") from exc
+        raise UpstreamUnreachable(upstream.name, f"{type(exc).__name__}: {describe(exc)}") from exc
