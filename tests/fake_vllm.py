@@ -60,6 +60,19 @@ def _cached_tokens(state: FakeVLLMState, ids: list[int]) -> int:
     return cached
 
 
+def _invalid(body: Any, chat: bool) -> str | None:
+    """What vLLM's request validation would refuse, as its message; None: acceptable."""
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return "model: Field required"
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages: Field required"
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            return "messages: each message needs a role"
+    return None
+
+
 def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMState]:
     """``tokenizers``: model name -> HF tokenizer (with chat template)."""
     state = FakeVLLMState()
@@ -96,6 +109,12 @@ def create_fake_vllm(tokenizers: dict[str, Any]) -> tuple[Starlette, FakeVLLMSta
             return JSONResponse(
                 {"error": {"message": "injected failure", "type": "server_error", "code": status}},
                 status_code=status,
+            )
+        problem = _invalid(body, chat)
+        if problem is not None:  # vLLM's own 400, in its own shape
+            return JSONResponse(
+                {"object": "error", "message": problem, "type": "BadRequestError", "code": 400},
+                status_code=400,
             )
         ids = prompt_ids(body, chat)
         cached = _cached_tokens(state, ids)

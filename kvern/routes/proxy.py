@@ -65,9 +65,13 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any] | None:
-    """Validate just enough to refuse what every backend would refuse, with a clear 400.
+def _parse_body(raw: bytes) -> dict[str, Any] | None:
+    """The body as kvern reads it; refuses only what no backend could accept.
 
+    Not JSON, or JSON that is not an object, gets kvern's 400: no
+    OpenAI-compatible backend takes either. Anything else (``messages: []``,
+    a missing ``model``, fields of the wrong type) goes upstream unchanged;
+    the backend is the judge of its own API, and kvern tracks what it can.
     None: valid JSON nested too deeply for Python's parser; it is forwarded
     unchanged and untracked (a backend with another parser may accept it).
     """
@@ -79,18 +83,6 @@ def _parse_openai_body(endpoint: str, raw: bytes) -> dict[str, Any] | None:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise BadRequest("'model' is required and must be a non-empty string", param="model")
-    if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest(
-                "'messages' is required and must be a non-empty array", param="messages"
-            )
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise BadRequest("each message must be an object with a 'role'", param="messages")
-    if endpoint == "completions" and "prompt" not in body:
-        raise BadRequest("'prompt' is required", param="prompt")
     return body
 
 
@@ -104,6 +96,9 @@ def _flag(value: Any, default: bool) -> bool:
 
 
 def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
+    """Any other endpoint's body, if it is a JSON object (its model names the row)."""
+    if not raw:
+        return None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -146,10 +141,9 @@ async def forward(request: Request) -> Response:
 async def _forward(services: Services, request: Request) -> Response:
     endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
     raw = await _read_body(request, services.config.proxy.max_body_bytes)
-    body: dict[str, Any] | None = None
     if endpoint in ("chat", "completions"):
-        body = _parse_openai_body(endpoint, raw)
-    elif endpoint != "other":
+        body = _parse_body(raw)
+    else:
         body = _parse_lenient(raw)
 
     model = body.get("model") if body is not None else None
@@ -163,13 +157,14 @@ async def _forward(services: Services, request: Request) -> Response:
         stream=_flag(body.get("stream"), endpoint.startswith("ollama")) if body else False,
         upstream=services.upstream.name,
     )
-    track = _Tracking(services, ctx, raw) if ctx.model is not None else None
+    # Every forwarded request gets its row; only one with a model and a known
+    # endpoint goes through the brain (tokenized, walked through the trie).
+    track = _Tracking(services, ctx, raw, tracked=ctx.model is not None and endpoint != "other")
     try:
         route = await services.router.route(ctx, body, request.headers, raw)
     except KvernError as exc:  # no upstream to send it to: still one analytics row
         ctx.upstream = "-"
-        if track is not None:
-            track.done(exc.status_code, exc.code, None, b"", "")
+        track.done(exc.status_code, exc.code, None, b"", "")
         raise
     ctx.route_reason = route.choice.reason
     ctx.route_load = route.choice.load
@@ -179,12 +174,10 @@ async def _forward(services: Services, request: Request) -> Response:
     except ClientGone:
         # The client left while the upstream was still prefilling: the send was
         # cancelled, which closed the upstream connection and so the generation.
-        if track is not None:
-            track.done(None, "client_disconnected", None, b"", "")
+        track.done(None, "client_disconnected", None, b"", "")
         return Response(status_code=499)
     except KvernError as exc:
-        if track is not None:
-            track.done(exc.status_code, exc.code, None, b"", "")
+        track.done(exc.status_code, exc.code, None, b"", "")
         return error_response(exc)
 
     upstream_response = attempt.response
@@ -204,15 +197,16 @@ async def _forward(services: Services, request: Request) -> Response:
 class _Tracking:
     """Hands the request to the brain at the first byte, and its outcome at the end."""
 
-    def __init__(self, services: Services, ctx: RequestContext, raw: bytes):
+    def __init__(self, services: Services, ctx: RequestContext, raw: bytes, *, tracked: bool):
         self.brain = services.tracker
         self.pool = services.pool
         self.ctx = ctx
         self.raw = raw
+        self.tracked = tracked  # False: a row with no tracking figures, never sent to the brain
         self.begun = False
 
     def _begin(self, insert: bool) -> None:
-        if not self.begun:
+        if self.tracked and not self.begun:
             self.begun = True
             oldest = self.pool.oldest_awaiting()
             self.brain.begin(self.ctx, self.raw, insert=insert, oldest_awaiting_s=oldest)
@@ -226,7 +220,10 @@ class _Tracking:
         self._begin(insert=status is not None and status < 400 and error is None)
         latency_ms = (time.perf_counter() - self.ctx.start_s) * 1000.0
         outcome = Outcome(status, error, ttfb_ms, latency_ms)
-        self.brain.complete(self.ctx, outcome, body=body, content_type=ctype)
+        if self.tracked:
+            self.brain.complete(self.ctx, outcome, body=body, content_type=ctype)
+        else:
+            self.brain.record_plain(self.ctx, outcome)
 
 
 async def _relay_whole(
@@ -235,7 +232,7 @@ async def _relay_whole(
     attempt: Attempt,
     headers: dict[str, str],
     content_type: str,
-    track: _Tracking | None,
+    track: _Tracking,
 ) -> Response:
     upstream_response = attempt.response
     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
@@ -245,16 +242,14 @@ async def _relay_whole(
         with mapped_errors(replica.upstream):
             content = await upstream_response.aread()
     except KvernError as exc:
-        if track is not None:
-            track.done(exc.status_code, exc.code, ttfb_ms, b"", "")
+        track.done(exc.status_code, exc.code, ttfb_ms, b"", "")
         return error_response(exc)
     finally:
         attempt.end(ctx)
         await upstream_response.aclose()
-    if track is not None:
-        # The brain reads usage from the whole body; past the bound it gets none.
-        kept = content if len(content) <= _KEEP_WHOLE_BYTES else b""
-        track.done(upstream_response.status_code, None, ttfb_ms, kept, content_type)
+    # The brain reads usage from the whole body; past the bound it gets none.
+    kept = content if len(content) <= _KEEP_WHOLE_BYTES else b""
+    track.done(upstream_response.status_code, None, ttfb_ms, kept, content_type)
     return Response(content, status_code=upstream_response.status_code, headers=headers)
 
 
@@ -263,7 +258,7 @@ async def _relay_stream(
     ctx: RequestContext,
     attempt: Attempt,
     content_type: str,
-    track: _Tracking | None,
+    track: _Tracking,
 ) -> AsyncIterator[bytes]:
     upstream_response = attempt.response
     replica = attempt.route.replica
@@ -286,14 +281,12 @@ async def _relay_stream(
                         break
                 if not chunk:
                     continue
-                if track is not None:
-                    kept.add(chunk)
+                kept.add(chunk)
                 yield chunk
                 if ttfb_ms is None:
                     replica.load.first_byte(ctx.request_id)
                     ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
-                    if track is not None:
-                        track.first_byte(status)
+                    track.first_byte(status)
     except KvernError as exc:
         # Headers are already sent: the stream can only end early. Recorded,
         # and told to the client in the stream's own format, so an SDK raises
@@ -306,8 +299,7 @@ async def _relay_stream(
     finally:
         attempt.end(ctx)
         await upstream_response.aclose()
-        if track is not None:
-            track.done(status, error, ttfb_ms, kept.value(), content_type)
+        track.done(status, error, ttfb_ms, kept.value(), content_type)
 
 
 def _stream_error(exc: KvernError, content_type: str) -> bytes:

@@ -38,10 +38,33 @@ BrainState = Literal["starting", "up", "down", "stopped"]
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
 _PING_EVERY_S = 1.0
 _BYE_TIMEOUT_S = 60.0
+# A bounded drain: the brain replies this much before the relay stops waiting.
+_DRAIN_REPLY_MARGIN_S = 0.2
+# The longest an admin endpoint may be asked to wait for tracking (?wait_s=).
+MAX_DRAIN_WAIT_S = 300.0
 
 
 class BrainUnavailable(RuntimeError):
     """The brain is down, restarting, or did not answer in time."""
+
+
+@dataclass(slots=True)
+class DrainState:
+    """How far tracking had got when an admin endpoint stopped waiting for it."""
+
+    drained: bool  # every request handed over before the drain has its row back
+    pending: int  # answered requests whose row the brain has not sent back yet
+    # Model -> requests waiting for its tokenizer to load (they are tracked once it lands).
+    waiting_for_tokenizer: dict[str, int]
+    error: str | None = None  # why the brain did not say (down, no answer in time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "drained": self.drained,
+            "pending": self.pending,
+            "waiting_for_tokenizer": self.waiting_for_tokenizer,
+            "error": self.error,
+        }
 
 
 @dataclass(slots=True)
@@ -341,6 +364,10 @@ class BrainClient:
         else:
             self.pending.write_untracked(ctx, outcome)
 
+    def record_plain(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """The row of a forwarded request with no prompt to track, written here at once."""
+        self.pending.write_plain(ctx, outcome)
+
     def drop_upstream(self, name: str) -> None:
         link = self._link
         if link is not None:
@@ -368,9 +395,23 @@ class BrainClient:
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until what was handed over so far has its rows back (False: not in time)."""
+        return (await self.drain_state(timeout_s)).drained
+
+    async def drain_state(self, timeout_s: float | None = None) -> DrainState:
+        """Wait at most ``timeout_s`` (default ``tracking.drain_timeout_s``) for rows owed so far.
+
+        Why bounded on both sides: an admin endpoint must answer whatever the
+        brain is doing (a tokenizer load that waits on a hub, a long backlog, a
+        hang). The brain stops waiting a little before the relay does and says
+        what is left; a brain that says nothing in time is reported as such.
+        """
         limit = self._config.tracking.drain_timeout_s if timeout_s is None else timeout_s
+        brain_wait_s = max(0.0, limit - _DRAIN_REPLY_MARGIN_S)
         try:
-            await self.call("drain", timeout_s=limit)
-        except BrainUnavailable:
-            return False
-        return True
+            reply = await self.call(
+                "drain", brain_wait_s, timeout_s=max(limit, _DRAIN_REPLY_MARGIN_S)
+            )
+        except BrainUnavailable as exc:
+            return DrainState(False, self.pending.num_owed, {}, str(exc))
+        # Rows the brain sent before its reply were delivered before it, in order.
+        return DrainState(bool(reply["drained"]), self.pending.num_owed, dict(reply["waiting"]))

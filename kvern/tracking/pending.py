@@ -38,6 +38,11 @@ class PendingRows:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def num_owed(self) -> int:
+        """Answered requests whose row the brain still owes (what a drain waits for)."""
+        return sum(1 for p in self._pending.values() if p.outcome is not None)
+
     def holds(self, request_id: str) -> bool:
         return request_id in self._pending
 
@@ -65,6 +70,10 @@ class PendingRows:
         """The row of a request the brain never settled: no tracking figures, never raises."""
         self._pending.pop(ctx.request_id, None)
         self.num_untracked += 1
+        self.write_plain(ctx, outcome)
+
+    def write_plain(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """The row of a request with nothing to track (no model, another endpoint); never raises."""
         if self._record is None:
             return
         try:
