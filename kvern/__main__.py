@@ -82,9 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvern: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from kvern.app import create_app
+    from kvern.serving import serve_app
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -105,13 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         f"kvern: proxying http://{config.proxy.host}:{config.proxy.port}/v1 -> {targets}",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app,
-        host=config.proxy.host,
-        port=config.proxy.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    serve_app(app, config, args.log_level)
     return 0
 
 

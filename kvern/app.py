@@ -34,6 +34,7 @@ from kvern.routes import health as health_routes
 from kvern.routes import proxy as proxy_routes
 from kvern.routes import trie as trie_routes
 from kvern.routes.admin import require_admin
+from kvern.routes.inflight import InFlight
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
@@ -43,6 +44,9 @@ from kvern.tracking.client import BrainClient
 from kvern.upstream.client import build_client
 
 logger = logging.getLogger(__name__)
+
+# How long the shutdown waits for requests still in flight to hand over their rows.
+_LEAVE_TIMEOUT_S = 5.0
 
 
 def create_app(
@@ -90,6 +94,7 @@ def create_app(
         client = build_client(config.upstream, transport)
         monitor = HealthMonitor(pool, config.routing.health, client, on_down=brain.drop_upstream)
         router = Router(pool, config.routing, config.routing_policy(), brain, clock=wall)
+        inflight = InFlight()
         app.state.services = Services(
             config=config,
             upstream=upstream,
@@ -100,6 +105,7 @@ def create_app(
             tracker=brain,
             store=store,
             tenants=TenantIds(tenant_secret(config.analytics)),
+            inflight=inflight,
             clock=wall,
             started_s=wall(),
             parity=parity,
@@ -119,6 +125,10 @@ def create_app(
         finally:
             gc.unfreeze()
             sys.setswitchinterval(previous_interval)
+            # Requests still in flight (a server that cancelled them, a test
+            # that stopped early) hand their rows over before tracking closes.
+            if not await inflight.wait_empty(_LEAVE_TIMEOUT_S):
+                logger.warning("%d request(s) still in flight at shutdown", len(inflight))
             await monitor.close()
             await brain.close()  # every row the brain holds comes back first
             if store is not None:

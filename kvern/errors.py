@@ -13,6 +13,8 @@ Exception tree::
     UpstreamsFailed                 the last failure's status: each upstream tried, and why
     ModelNotServed                  404 (no upstream serves the requested model)
     AdminKeyRequired                401 (an admin page without ``proxy.admin_api_key``)
+    ShuttingDown                    503 (ended by a graceful shutdown after its grace)
+    BodyReadTimeout                 408 (the client stalled while sending its body)
 
 Why one place: clients use the OpenAI SDK, which reads ``error.message`` and
 ``error.type`` from the body. Every failure kvern itself produces must have
@@ -130,6 +132,23 @@ class AdminKeyRequired(KvernError):
     error_type = "authentication_error"
     code = "admin_key_required"
     headers = (("www-authenticate", 'Bearer realm="kvern admin"'),)
+
+
+class ShuttingDown(KvernError):
+    """kvern ended the request: it is shutting down and ``proxy.shutdown_grace_s`` is over."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+
+class BodyReadTimeout(KvernError):
+    """The client sent its headers, then stalled its body past ``proxy.body_read_timeout_s``."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "body_read_timeout"
+    headers = (("connection", "close"),)
 
 
 class TrackingUnavailable(KvernError):

@@ -17,6 +17,7 @@ from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.parity.reports import ParityReports
 from kvern.prompt.tenants import TenantIds
+from kvern.routes.inflight import InFlight
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
@@ -37,6 +38,7 @@ class Services:
     tracker: BrainClient  # the brain: tokenizers, tries, presence (its own process)
     store: AnalyticsStore | None  # None when analytics are disabled
     tenants: TenantIds  # keyed tenant ids (the secret beside the db, or configured)
+    inflight: InFlight  # requests from arrival to their row (graceful shutdown)
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off

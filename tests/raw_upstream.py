@@ -47,6 +47,7 @@ class Reply:
     data: bytes
     close: bool = False  # FIN after ``data``
     reset: bool = False  # RST after ``data`` (and a short pause, so ``data`` is read first)
+    then: tuple[tuple[float, bytes], ...] = ()  # (pause in s, bytes): sent after ``data``
 
 
 def answer(payload: dict[str, Any], *, status: int = 200) -> bytes:
@@ -90,7 +91,9 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] 
 
 
 @contextmanager
-def raw_upstream(script: Callable[[Seen], Reply] = normal) -> Iterator[RawUpstream]:
+def raw_upstream(
+    script: Callable[[Seen], Reply] = normal, *, port: int = 0
+) -> Iterator[RawUpstream]:
     """Serve ``script`` on 127.0.0.1 in a thread of its own; yields the running upstream."""
     loop = asyncio.new_event_loop()
     connections = 0
@@ -107,8 +110,15 @@ def raw_upstream(script: Callable[[Seen], Reply] = normal) -> Iterator[RawUpstre
                 seen = Seen(connection, number, *request)
                 upstream.seen.append(seen)
                 reply = script(seen)
-                writer.write(reply.data)
-                await writer.drain()
+                try:
+                    writer.write(reply.data)
+                    await writer.drain()
+                    for pause_s, more in reply.then:
+                        await asyncio.sleep(pause_s)
+                        writer.write(more)
+                        await writer.drain()
+                except ConnectionError:
+                    return  # the client left (kvern cancelled, or cut the answer)
                 if reply.reset:
                     await asyncio.sleep(0.2)
                     sock = writer.get_extra_info("socket")
@@ -122,7 +132,7 @@ def raw_upstream(script: Callable[[Seen], Reply] = normal) -> Iterator[RawUpstre
                 writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
         holder["server"] = server
         holder["port"] = server.sockets[0].getsockname()[1]
         started.set()

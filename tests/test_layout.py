@@ -26,7 +26,7 @@ FLOORS: list[set[str]] = [
     {"tokenize", "cache_models"},  # prompt -> ids; models of each backend's own KV cache
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
-    {"services", "routes", "app", "__main__"},  # HTTP handlers, the app factory, the CLI
+    {"services", "routes", "app", "serving", "__main__"},  # HTTP handlers, the app, the CLI
 ]
 TOP_LEVEL = {"__init__"}  # kvern/__init__.py: the version, importable from any floor
 

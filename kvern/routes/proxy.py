@@ -6,42 +6,39 @@ which never blocks the relay. The one exception is a
 cache-aware choice among several upstreams, which needs the prompt's prefix
 match first (bounded by ``routing.decision_timeout_ms``; see
 :mod:`kvern.routing.router`); sending and failover are in
-:mod:`kvern.routes.sending`. Streaming answers are
-relayed chunk by chunk with no buffering; the relay keeps a bounded copy of
-the bytes for the side reader that extracts usage and cached-token figures
-after the stream ends. A client that goes away closes the upstream response,
-which closes the upstream connection and so cancels the generation.
+:mod:`kvern.routes.sending`; relaying the answer in
+:mod:`kvern.routes.relay`. A client that goes away closes the upstream
+response, which closes the upstream connection and so cancels the generation.
+Every request is registered in :class:`~kvern.routes.inflight.InFlight` from
+arrival to its row, which is what a graceful shutdown waits for and ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from kvern.errors import (
     BadRequest,
+    BodyReadTimeout,
     BodyTooLarge,
     KvernError,
+    ShuttingDown,
     error_response,
 )
 from kvern.prompt.requests import plain_text
-from kvern.routes.sending import Attempt, ClientGone, send_with_failover
+from kvern.routes.relay import RequestTrack, relay_stream, relay_whole
+from kvern.routes.sending import ClientGone, send_with_failover
 from kvern.services import Services
-from kvern.tracking.records import Outcome, RequestContext
-from kvern.upstream.client import forward_headers, mapped_errors, response_headers
-
-# Bytes of a response kept for the side reader; past this only the tail is kept
-# (usage and finish reason come last).
-_KEEP_BYTES = 4 * 1024 * 1024
-# A whole (non-streamed) answer up to this size goes to the brain for its usage figures.
-_KEEP_WHOLE_BYTES = 8 * 1024 * 1024
+from kvern.tracking.records import RequestContext
+from kvern.upstream.client import forward_headers, response_headers
 
 _ENDPOINTS = {
     ("POST", "/v1/chat/completions"): "chat",
@@ -51,13 +48,28 @@ _ENDPOINTS = {
 }
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole request body, refused past ``max_bytes``.
+
+    ``timeout_s`` bounds the wait for each part of it: a client that sends
+    its headers and then stalls would otherwise hold a connection for ever.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    parts = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(parts.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise BodyReadTimeout(
+                f"the request body did not arrive in time: no data for {timeout_s:g} s "
+                f"after {size} bytes (proxy.body_read_timeout_s)"
+            ) from None
         size += len(chunk)
         if size > max_bytes:
             raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes")
@@ -106,24 +118,6 @@ def _parse_lenient(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-class _Kept:
-    """A bounded copy of relayed bytes: the head, then a rolling tail."""
-
-    def __init__(self, limit: int = _KEEP_BYTES) -> None:
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.limit = limit
-
-    def add(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.size += len(chunk)
-        while self.size > self.limit and len(self.chunks) > 1:
-            self.size -= len(self.chunks.pop(len(self.chunks) // 2))
-
-    def value(self) -> bytes:
-        return b"".join(self.chunks)
-
-
 async def forward(request: Request) -> Response:
     """Forward one request upstream and relay the answer (a plain Starlette endpoint).
 
@@ -140,7 +134,8 @@ async def forward(request: Request) -> Response:
 
 async def _forward(services: Services, request: Request) -> Response:
     endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
-    raw = await _read_body(request, services.config.proxy.max_body_bytes)
+    proxy = services.config.proxy
+    raw = await _read_body(request, proxy.max_body_bytes, proxy.body_read_timeout_s)
     if endpoint in ("chat", "completions"):
         body = _parse_body(raw)
     else:
@@ -159,7 +154,39 @@ async def _forward(services: Services, request: Request) -> Response:
     )
     # Every forwarded request gets its row; only one with a model and a known
     # endpoint goes through the brain (tokenized, walked through the trie).
-    track = _Tracking(services, ctx, raw, tracked=ctx.model is not None and endpoint != "other")
+    entry = services.inflight.enter(ctx.request_id)
+    track = RequestTrack(
+        services, ctx, raw, entry, tracked=ctx.model is not None and endpoint != "other"
+    )
+    try:
+        return await _send_and_relay(services, request, ctx, body, raw, track)
+    except asyncio.CancelledError:
+        if not entry.cut:
+            # The server cancelled it (its own shutdown timeout): still a row.
+            track.done(None, "cancelled", None, b"", "")
+            raise
+        # Ended by kvern's graceful shutdown before any byte was relayed.
+        uncancel = getattr(asyncio.current_task(), "uncancel", None)
+        if uncancel is not None:  # Python 3.11+: the cancellation is handled
+            uncancel()
+        error = ShuttingDown("kvern is shutting down: the request was ended after its grace")
+        track.done(error.status_code, error.code, None, b"", "")
+        return error_response(error)
+    except BaseException:
+        track.done(None, "internal_error", None, b"", "")
+        raise
+
+
+async def _send_and_relay(
+    services: Services,
+    request: Request,
+    ctx: RequestContext,
+    body: dict[str, Any] | None,
+    raw: bytes,
+    track: RequestTrack,
+) -> Response:
+    if services.inflight.cutting:
+        raise asyncio.CancelledError()  # arrived after the grace: ended as the others were
     try:
         route = await services.router.route(ctx, body, request.headers, raw)
     except KvernError as exc:  # no upstream to send it to: still one analytics row
@@ -179,134 +206,13 @@ async def _forward(services: Services, request: Request) -> Response:
     except KvernError as exc:
         track.done(exc.status_code, exc.code, None, b"", "")
         return error_response(exc)
-
-    upstream_response = attempt.response
-    headers = response_headers(upstream_response.headers)
+    services.inflight.relaying(track.entry, attempt.response)
+    headers = response_headers(attempt.response.headers)
     headers["x-kvern-request-id"] = ctx.request_id
     headers["x-kvern-upstream"] = attempt.route.replica.name
-    content_type = upstream_response.headers.get("content-type", "")
-    if not attempt.is_stream:
-        return await _relay_whole(services, ctx, attempt, headers, content_type, track)
-    return StreamingResponse(
-        _relay_stream(services, ctx, attempt, content_type, track),
-        status_code=upstream_response.status_code,
-        headers=headers,
-    )
-
-
-class _Tracking:
-    """Hands the request to the brain at the first byte, and its outcome at the end."""
-
-    def __init__(self, services: Services, ctx: RequestContext, raw: bytes, *, tracked: bool):
-        self.brain = services.tracker
-        self.pool = services.pool
-        self.ctx = ctx
-        self.raw = raw
-        self.tracked = tracked  # False: a row with no tracking figures, never sent to the brain
-        self.begun = False
-
-    def _begin(self, insert: bool) -> None:
-        if self.tracked and not self.begun:
-            self.begun = True
-            oldest = self.pool.oldest_awaiting()
-            self.brain.begin(self.ctx, self.raw, insert=insert, oldest_awaiting_s=oldest)
-
-    def first_byte(self, status: int) -> None:
-        self._begin(insert=status < 400)
-
-    def done(
-        self, status: int | None, error: str | None, ttfb_ms: float | None, body: bytes, ctype: str
-    ) -> None:
-        self._begin(insert=status is not None and status < 400 and error is None)
-        latency_ms = (time.perf_counter() - self.ctx.start_s) * 1000.0
-        outcome = Outcome(status, error, ttfb_ms, latency_ms)
-        if self.tracked:
-            self.brain.complete(self.ctx, outcome, body=body, content_type=ctype)
-        else:
-            self.brain.record_plain(self.ctx, outcome)
-
-
-async def _relay_whole(
-    services: Services,
-    ctx: RequestContext,
-    attempt: Attempt,
-    headers: dict[str, str],
-    content_type: str,
-    track: _Tracking,
-) -> Response:
-    upstream_response = attempt.response
-    ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
-    replica = attempt.route.replica
-    replica.load.first_byte(ctx.request_id)
-    try:
-        with mapped_errors(replica.upstream):
-            content = await upstream_response.aread()
-    except KvernError as exc:
-        track.done(exc.status_code, exc.code, ttfb_ms, b"", "")
-        return error_response(exc)
-    finally:
-        attempt.end(ctx)
-        await upstream_response.aclose()
-    # The brain reads usage from the whole body; past the bound it gets none.
-    kept = content if len(content) <= _KEEP_WHOLE_BYTES else b""
-    track.done(upstream_response.status_code, None, ttfb_ms, kept, content_type)
-    return Response(content, status_code=upstream_response.status_code, headers=headers)
-
-
-async def _relay_stream(
-    services: Services,
-    ctx: RequestContext,
-    attempt: Attempt,
-    content_type: str,
-    track: _Tracking,
-) -> AsyncIterator[bytes]:
-    upstream_response = attempt.response
-    replica = attempt.route.replica
-    kept = _Kept()
-    ttfb_ms: float | None = None
-    error: str | None = None
-    status = upstream_response.status_code
-    chunks = attempt.chunks
-    assert chunks is not None, "a stream's attempt holds its chunks"
-    try:
-        with mapped_errors(replica.upstream):
-            pending = attempt.first
-            while True:
-                if pending is not None:
-                    chunk, pending = pending, None
-                else:
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if not chunk:
-                    continue
-                kept.add(chunk)
-                yield chunk
-                if ttfb_ms is None:
-                    replica.load.first_byte(ctx.request_id)
-                    ttfb_ms = (time.perf_counter() - ctx.start_s) * 1000.0
-                    track.first_byte(status)
-    except KvernError as exc:
-        # Headers are already sent: the stream can only end early. Recorded,
-        # and told to the client in the stream's own format, so an SDK raises
-        # instead of taking a cut-off answer for a whole one.
-        error = exc.code
-        yield _stream_error(exc, content_type)
-    except BaseException:
-        error = "client_disconnected"
-        raise
-    finally:
-        attempt.end(ctx)
-        await upstream_response.aclose()
-        track.done(status, error, ttfb_ms, kept.value(), content_type)
-
-
-def _stream_error(exc: KvernError, content_type: str) -> bytes:
-    """An error event: SSE ``data: {"error": ...}`` (OpenAI SDKs raise on it), or an NDJSON line."""
-    if "ndjson" in content_type:  # Ollama's streams end with {"error": "..."}
-        return (json.dumps({"error": exc.message}) + "\n").encode()
-    return f"\n\ndata: {json.dumps(exc.body())}\n\n".encode()
+    if attempt.is_stream:
+        return relay_stream(services, ctx, attempt, headers, track)
+    return await relay_whole(services, ctx, attempt, headers, track)
 
 
 def add_proxy_routes(app: Starlette) -> None:

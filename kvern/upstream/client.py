@@ -171,6 +171,12 @@ def _lost(exc: httpx.TransportError, doing: str) -> str:
     return f"connection {how} while {doing} ({describe(exc)})"
 
 
+def _closed_early(exc: httpx.RemoteProtocolError) -> bool:
+    """Whether the peer closed the connection (h11's wording), rather than sent non-HTTP bytes."""
+    text = str(exc).lower()
+    return "disconnect" in text or "closed" in text or "incomplete" in text or not text
+
+
 @contextmanager
 def mapped_errors(upstream: Upstream) -> Iterator[None]:
     """Translate httpx exceptions into kvern's upstream errors, naming the upstream.
@@ -195,6 +201,8 @@ def mapped_errors(upstream: Upstream) -> Iterator[None]:
     except httpx.WriteError as exc:
         raise UpstreamUnreachable(upstream.name, _lost(exc, "sending the request")) from exc
     except httpx.RemoteProtocolError as exc:
+        if not _closed_early(exc):  # it answered, but not in HTTP (a bad status line...)
+            raise UpstreamProtocolError(upstream.name, f"not valid HTTP ({describe(exc)})") from exc
         reason = f"connection closed early ({describe(exc)})"
         raise UpstreamUnreachable(upstream.name, reason) from exc
     except httpx.ProtocolError as exc:
