@@ -392,7 +392,7 @@ def get_json(url: str, timeout_s: float = 60) -> dict[str, Any]:
 
 
 def tracking_counts(kvern: str) -> dict[str, float]:
-    get_json(kvern + "/analytics?window=1h", timeout_s=120)  # lets queued tracking land
+    get_json(kvern + "/analytics?window=1h&wait_s=110", timeout_s=120)  # lets queued tracking land
     health = get_json(kvern + "/health")
     t = health.get("tracking", {})
     skipped = t.get("skipped_backlog", 0) + t.get("skipped_brain_down", 0)

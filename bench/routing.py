@@ -530,7 +530,8 @@ def measure(h: Harness, c: Contender, trace: Trace) -> Row:
 def print_routing(h: Harness, url: str, name: str) -> None:
     """kvern's own view: why it routed as it did, and how often a decision came too late."""
     try:
-        routing = h.http.get(url + "/analytics", params={"window": "all"}, timeout=60).json()
+        params = {"window": "all", "wait_s": 50}
+        routing = h.http.get(url + "/analytics", params=params, timeout=60).json()
         health = h.http.get(url + "/health", timeout=10).json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"  {name}: no analytics ({type(exc).__name__})", flush=True)

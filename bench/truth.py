@@ -139,7 +139,9 @@ def run(quick: bool) -> dict[str, Any]:
                 session["left"] -= 1
                 if session["left"] == 0:
                     sessions.remove(session)
-            report = client.get(kvern + "/analytics", params={"window": "all"}).json()
+            report = client.get(
+                kvern + "/analytics", params={"window": "all", "wait_s": 60}, timeout=90
+            ).json()
 
             # Added latency: identical requests, alternately direct and through kvern.
             probe = [{"role": "system", "content": tenants[0]}]

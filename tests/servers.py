@@ -63,6 +63,18 @@ def serve_chat(chat: Any, model: str) -> Iterator[str]:
         yield url
 
 
+@contextmanager
+def blackhole() -> Iterator[str]:
+    """A URL whose server completes every connect and then never says a byte (a hung peer)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # connections wait in the backlog; none is ever accepted
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,14 +90,20 @@ def serving_process(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     start_timeout_s: float = 60.0,
+    log_path: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Start a server process on 127.0.0.1:``port``; yield (process, URL) once ``/health`` is 200.
 
-    Output goes to a file, not a pipe, so a chatty process can never block on a
-    full pipe; its tail is shown if the server does not come up. On exit the
-    process gets SIGTERM (a graceful stop), then SIGKILL if it lingers.
+    Output goes to a file (``log_path``, else a temporary one), not a pipe, so a
+    chatty process can never block on a full pipe; its tail is shown if the
+    server does not come up. On exit the process gets SIGTERM (a graceful
+    stop), then SIGKILL if it lingers.
     """
-    log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+    log: Any = (
+        open(log_path, "wb")  # closed in the finally below
+        if log_path is not None
+        else tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+    )
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,12 +132,16 @@ def serving_process(
 
 @contextmanager
 def kvern_process(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """kvern in its own process, as users run it; yields (process, base URL).
 
     ``args`` follow the Python executable (``["-m", "kvern", "serve", ...]`` or
-    ``["run_proxy.py", ...]``); ``--port`` is added.
+    ``["run_proxy.py", ...]``); ``--port`` is added. Its output (the brain's
+    included) goes to ``log_path`` when given.
     """
     port = free_port()
     with serving_process(
@@ -128,5 +150,6 @@ def kvern_process(
         name="kvern",
         cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
+        log_path=log_path,
     ) as served:
         yield served

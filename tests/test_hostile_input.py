@@ -87,7 +87,7 @@ def test_a_lone_surrogate_in_model_or_user_never_breaks_health_or_the_trie(
         assert post(url, b'{"model": "sim", ' + chat + b"}").status_code == 200
         health = httpx.get(url + "/health", timeout=30)
         trie = httpx.get(url + "/trie/visualize", timeout=30)
-        report = httpx.get(url + "/analytics", timeout=30)
+        report = httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
     assert (health.status_code, trie.status_code, report.status_code) == (200, 200, 200)
     assert "m\ufffd\ufffd\ufffd" in health.json()["tokenizers"]
     assert report.json()["summary"]["requests"] == 3
@@ -117,7 +117,7 @@ def test_json_nested_past_pythons_parser_is_forwarded_untracked(
     with kvern_in_front(tmp_path, tokenizer_fixtures) as url:
         reply = post(url, raw)
         normal = post(url, b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
-        httpx.get(url + "/analytics", timeout=30)
+        httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
     assert reply.status_code == 200 and reply.json() == CANNED
     assert normal.status_code == 200
     # The deep body names no model kvern could read: its row has no model and
@@ -132,7 +132,7 @@ def test_stream_given_as_the_string_false_is_recorded_as_not_streamed(
     with kvern_in_front(tmp_path, tokenizer_fixtures) as url:
         assert post(url, b'{"model": "sim", "stream": "false", ' + chat + b"}").status_code == 200
         assert post(url, b'{"model": "sim", "stream": false, ' + chat + b"}").status_code == 200
-        httpx.get(url + "/analytics", timeout=30)
+        httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
     con = sqlite3.connect(tmp_path / "kvern.db")
     try:
         streams = [r[0] for r in con.execute("SELECT stream FROM requests ORDER BY ts_s")]

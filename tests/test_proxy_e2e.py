@@ -71,7 +71,8 @@ def client_for(url: str, **kw: Any) -> openai.OpenAI:
 
 
 def analytics(url: str, **params: Any) -> dict[str, Any]:
-    response = httpx.get(url + "/analytics", params={"window": "all", **params}, timeout=30)
+    query = {"window": "all", "wait_s": 20, **params}
+    response = httpx.get(url + "/analytics", params=query, timeout=30)
     assert response.status_code == 200, response.text
     return dict(response.json())
 
@@ -323,7 +324,7 @@ def test_health_and_trie_visualize(kvern: str) -> None:
     client_for(kvern).chat.completions.create(
         model=QWEN, messages=[{"role": "user", "content": "Hot prefix " * 20}]
     )
-    trie = httpx.get(kvern + "/trie/visualize", params={"n": 3}).json()
+    trie = httpx.get(kvern + "/trie/visualize", params={"n": 3, "wait_s": 20}, timeout=30).json()
     hot = trie[QWEN]["hot_prefixes"]
     assert hot[0]["count"] == 2 and "Hot prefix" in hot[0]["text"]
     assert QWEN in trie[QWEN]["display"]
@@ -343,7 +344,7 @@ def test_client_leaving_before_the_first_byte_cancels_upstream(
     client_for(kvern).chat.completions.create(
         model=QWEN, messages=[{"role": "user", "content": "w"}]
     )
-    httpx.get(kvern + "/trie/visualize")
+    httpx.get(kvern + "/trie/visualize", params={"wait_s": 20}, timeout=30)
     before = len(state.cached)
     disconnects = state.disconnects
     with pytest.raises(httpx.ReadTimeout):
@@ -386,7 +387,8 @@ def test_analytics_parameters(kvern: str) -> None:
     client_for(kvern).chat.completions.create(
         model=QWEN, messages=[{"role": "user", "content": "x"}]
     )
-    out = httpx.get(kvern + "/analytics", params={"window": "1h", "bucket": 60}).json()
+    params = {"window": "1h", "bucket": 60, "wait_s": 20}
+    out = httpx.get(kvern + "/analytics", params=params, timeout=30).json()
     assert out["window"] == "1h" and out["summary"]["requests"] == 1
     assert len(out["timeseries"]) == 1 and out["timeseries"][0]["requests"] == 1
     assert out["by_model"][0]["model"] == QWEN

@@ -132,7 +132,7 @@ def run_sessions(url: str, tenants: int, turns: int) -> dict[int, list[tuple[str
 
 
 def analytics(url: str) -> dict[str, Any]:
-    response = httpx.get(url + "/analytics", params={"window": "all"}, timeout=30)
+    response = httpx.get(url + "/analytics", params={"window": "all", "wait_s": 20}, timeout=30)
     assert response.status_code == 200, response.text
     return dict(response.json())
 
@@ -144,7 +144,7 @@ def test_cache_aware_keeps_each_session_on_one_replica_and_spreads_tenants(
         client_for(url).chat.completions.create(  # loads the tokenizer
             model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=1
         )
-        httpx.get(url + "/trie/visualize", timeout=30)
+        httpx.get(url + "/trie/visualize", params={"wait_s": 20}, timeout=30)
         seen = run_sessions(url, tenants=8, turns=4)
         report = analytics(url)
         health = httpx.get(url + "/health").json()

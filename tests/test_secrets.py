@@ -82,7 +82,7 @@ def test_a_password_in_the_upstream_url_never_reaches_a_client_the_db_or_the_log
         with serve(create_app(config)) as url:
             ok = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
             health = httpx.get(url + "/health", timeout=30)
-            analytics = httpx.get(url + "/analytics", timeout=30)
+            analytics = httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
     assert ok.status_code == 200
     assert ok.headers["x-kvern-upstream"] == host
     for text in (str(ok.headers), health.text, analytics.text, db_text(db), caplog.text):
@@ -98,7 +98,7 @@ def test_a_502_names_the_upstream_without_its_credentials(tmp_path: Path) -> Non
     with serve(create_app(config)) as url:
         failed = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
         health = httpx.get(url + "/health", timeout=30)
-        analytics = httpx.get(url + "/analytics", timeout=30)
+        analytics = httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
     assert failed.status_code == 502
     error = failed.json()["error"]
     assert f"127.0.0.1:{port}" in error["message"]

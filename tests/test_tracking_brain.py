@@ -267,7 +267,7 @@ def test_tracking_on_a_thread_of_the_proxy_still_tracks(
                 client.chat.completions.create(
                     model=MODEL, messages=[{"role": "user", "content": f"same start, turn {i}"}]
                 )
-            httpx.get(url + "/analytics", timeout=30)
+            httpx.get(url + "/analytics", params={"wait_s": 20}, timeout=30)
             brain = health(url)["tracking"]["brain"]
             trie = httpx.get(url + "/trie/visualize", timeout=30).json()
     assert brain["isolation"] == "thread" and brain["pid"] == os.getpid()

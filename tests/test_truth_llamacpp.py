@@ -52,7 +52,8 @@ def rows(db: Path) -> list[dict[str, Any]]:
 
 
 def flush(url: str) -> None:
-    assert httpx.get(url + "/analytics", params={"window": "all"}).status_code == 200
+    params = {"window": "all", "wait_s": 60}
+    assert httpx.get(url + "/analytics", params=params, timeout=90).status_code == 200
 
 
 def chat(client: openai.OpenAI, messages: list[dict[str, str]], user: str | None = None) -> str:
@@ -206,7 +207,9 @@ def test_analytics_shows_calibration_per_upstream_and_model(
         # Mis-modelled on purpose: the server keeps a RAM prompt cache, kvern
         # is told it has none, so some predictions come out wrong.
         interleaved(kvern, conversations=2, turns=3, distinct=True)
-        out = httpx.get(kvern + "/analytics", params={"window": "all"}).json()
+        out = httpx.get(
+            kvern + "/analytics", params={"window": "all", "wait_s": 60}, timeout=90
+        ).json()
     (entry,) = out["calibration"]
     table = rows(tmp_path / "kvern.db")
     errors = [abs(r["predicted_cached_tokens"] - r["reported_cached_tokens"]) for r in table]

@@ -250,8 +250,9 @@ class TrackingConfig(_Section):
     max_context_tokens: int = Field(131_072, ge=1)
     # The brain answers a ping within this, or it is killed and restarted.
     hang_timeout_s: float = Field(10.0, gt=0)
-    # How long /analytics and /trie/visualize wait for queued tracking to land.
-    drain_timeout_s: float = Field(10.0, ge=0)
+    # How long /analytics and /trie/visualize wait for queued tracking to land
+    # (?wait_s= overrides it per call); then they answer and say what is pending.
+    drain_timeout_s: float = Field(1.0, ge=0)
 
 
 class AnalyticsConfig(_Section):

@@ -1,8 +1,12 @@
 """``GET /analytics``: hit rate, token reuse, predicted vs reported cache, latency.
 
 Query parameters: ``window`` (1h, 24h, 7d, all), ``model`` (one model only),
-``bucket`` (seconds per time bucket; adds a time series). The store is flushed
-first so a user sees the request they just made. ``parity`` is the latest
+``bucket`` (seconds per time bucket; adds a time series), ``wait_s`` (how
+long to wait for tracking; default ``tracking.drain_timeout_s``). Rows of
+requests already answered are waited for, briefly, and the store is flushed,
+so a user sees the request they just made; whatever tracking still holds
+then (a tokenizer still loading, a backlog, a hung tracking process) is
+reported in ``tracking`` instead of waited for. ``parity`` is the latest
 tokenizer/template parity check per model and upstream, whatever the window.
 """
 
@@ -17,6 +21,7 @@ from kvern.analytics.calibration import calibration
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
 from kvern.services import Services
+from kvern.tracking.client import MAX_DRAIN_WAIT_S
 
 router = APIRouter()
 
@@ -27,6 +32,7 @@ async def analytics(
     window: str = "24h",
     model: str | None = None,
     bucket: int | None = Query(None, ge=1, le=30 * 86400),
+    wait_s: float | None = Query(None, ge=0, le=MAX_DRAIN_WAIT_S),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
     if window not in queries.WINDOWS:
@@ -38,8 +44,8 @@ async def analytics(
     if store is None:
         raise BadRequest("analytics are disabled in the configuration (analytics.enabled)")
     # Rows of requests already answered land first (bounded: a slow brain
-    # delays this answer by at most tracking.drain_timeout_s).
-    drained = await services.tracker.drain()
+    # delays this answer by at most wait_s, and the answer says what is left).
+    tracking = await services.tracker.drain_state(wait_s)
     await store.flush()
     now = services.clock()
     out: dict[str, Any] = {
@@ -59,7 +65,8 @@ async def analytics(
         "routing": await routing_rows.routing(store, window=window, model=model, now_s=now),
         "parity": await latest_parity(store, model=model),
         "store": store.stats(),
-        "tracking_drained": drained,
+        "tracking_drained": tracking.drained,
+        "tracking": tracking.to_dict(),
     }
     if bucket is not None:
         out["timeseries"] = await queries.timeseries(

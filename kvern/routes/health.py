@@ -3,10 +3,15 @@
 ``parity`` holds, per model, the latest check of kvern's rendering and
 tokenization against the upstream's (see :mod:`kvern.parity`); ``null`` when
 ``tokenizers.parity_check`` is off, and a model appears once its check ended.
+``tokenizer_hub`` is the one check of the tokenizer hub (see
+:mod:`kvern.tokenize.hub`). It answers within about a second whatever
+tracking does: the brain's figures are asked for with a short timeout, and
+a brain that does not answer in time is reported, not waited for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -145,8 +150,10 @@ async def health(request: Request) -> Response:
     if not is_admin(request):
         return liveness(services)
     brain = services.tracker
+    # Both bounded, and asked at once: the answer never waits for one after the other.
+    probing = None if len(services.pool) > 1 else asyncio.ensure_future(probe_upstream(services))
     view = await brain_view(services)
-    if len(services.pool) > 1:
+    if probing is None:
         upstreams = upstreams_view(services, view["presence"])
         healthy = sum(1 for u in upstreams if u["healthy"])
         status = "ok" if healthy == len(upstreams) else "degraded" if healthy else "down"
@@ -158,7 +165,7 @@ async def health(request: Request) -> Response:
             "upstreams": upstreams,
         }
     else:
-        upstream = await probe_upstream(services)
+        upstream = await probing
         upstream["stale_retries"] = services.pool.replicas[0].counters.stale_retries
         status = "ok" if upstream["reachable"] else "degraded"
         routing = None
@@ -183,6 +190,7 @@ async def health(request: Request) -> Response:
         "last_exit": relay.last_exit,
         "late_answers": relay.late_answers,
         "rows_untracked": brain.pending.num_untracked,
+        "rows_pending": brain.pending.num_owed,
         "in_flight": len(brain.pending),
         "queued": brain.queued,
         "error": view.get("error"),
@@ -194,6 +202,8 @@ async def health(request: Request) -> Response:
         "upstream": upstream,
         "routing": routing,
         "tokenizers": view["tokenizers"],
+        # Whether hub ids can be fetched: "unreachable" names the endpoint and why.
+        "tokenizer_hub": view.get("tokenizer_hub"),
         "tracking": tracking,
         "analytics": services.store.stats() if services.store is not None else None,
         "parity": (

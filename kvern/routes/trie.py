@@ -4,37 +4,68 @@ The JSON shape follows the KVern seed:
 ``{"<model>": {"hot_prefixes": [{"text", "depth", "count", ...}], "display": "..."}}``
 plus the trie's size. The tries live in the brain, which renders the answer
 (:func:`kvern.tracking.views.describe`); this route asks for it.
+
+It waits briefly (``wait_s``, default ``tracking.drain_timeout_s``) for
+requests already answered to reach the trie, then shows what is there; what
+tracking still holds goes in the ``x-kvern-tracking-*`` headers (the body's
+keys are model names), and a model asked for by name whose tokenizer is
+still loading is shown as such rather than refused as unknown.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from kvern.errors import BadRequest, TrackingUnavailable
 from kvern.services import Services
-from kvern.tracking.client import BrainUnavailable
+from kvern.tracking.client import MAX_DRAIN_WAIT_S, BrainUnavailable
 
 router = APIRouter()
+
+# Once drained (or not), the brain renders from what it holds: this is plenty.
+_VIEW_TIMEOUT_S = 1.0
+
+
+def _loading(model: str, num_waiting: int) -> dict[str, Any]:
+    """The entry of a model whose requests wait for its tokenizer: no trie yet."""
+    return {
+        "hot_prefixes": [],
+        "stats": None,
+        "display": f"{model}: tokenizer still loading; {num_waiting} request(s) "
+        "are tracked once it lands",
+        "tokenizer_loading": True,
+    }
 
 
 @router.get("/trie/visualize")
 async def visualize(
     request: Request,
+    response: Response,
     model: str | None = None,
     n: int = Query(10, ge=1, le=1000),
     min_depth: int = Query(0, ge=0),
+    wait_s: float | None = Query(None, ge=0, le=MAX_DRAIN_WAIT_S),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
     brain = services.tracker
     # Requests already answered are in the trie first (bounded wait).
-    await brain.drain(services.config.tracking.drain_timeout_s)
+    tracking = await brain.drain_state(wait_s)
+    response.headers["x-kvern-tracking-drained"] = "true" if tracking.drained else "false"
+    response.headers["x-kvern-tracking-pending"] = str(tracking.pending)
+    if tracking.error is not None:  # it did not answer the drain: nor would it this
+        raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {tracking.error}")
     try:
-        result: dict[str, Any] = await brain.call("visualize", model, n, min_depth)
+        result: dict[str, Any] = await brain.call(
+            "visualize", model, n, min_depth, timeout_s=_VIEW_TIMEOUT_S
+        )
     except BrainUnavailable as exc:
         raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {exc}") from None
+    waiting: dict[str, int] = result.get("waiting", {})
     if "unknown" in result:
+        if model is not None and model in waiting:
+            return {model: _loading(model, waiting[model])}
         raise BadRequest(f"no trie for model {model!r}; known: {result['unknown']}", param="model")
     models: dict[str, Any] = result["models"]
     return models

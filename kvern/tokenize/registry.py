@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from kvern.config import TokenizerEntry, TokenizersConfig
+from kvern.tokenize.hub import HubProbe, HubUnreachable, is_hub_id
 from kvern.tokenize.model_tokenizer import ModelTokenizer
 from kvern.tokenize.upstream import UPSTREAM_SOURCE, upstream_model_tokenizer
 
@@ -49,8 +52,13 @@ def _load_template(value: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_hf_tokenizer(entry: TokenizerEntry) -> Any:
-    """Load a transformers tokenizer for ``entry`` (hub id, local directory or .gguf file)."""
+def load_hf_tokenizer(entry: TokenizerEntry, hub: HubProbe | None = None) -> Any:
+    """Load a transformers tokenizer for ``entry`` (hub id, local directory or .gguf file).
+
+    With ``hub``, a hub id is fetched only when the hub answered its one
+    probe; otherwise only the local cache is read (no network, no retries),
+    and :class:`HubUnreachable` says so when the tokenizer is not there.
+    """
     source = entry.source
     if source.endswith(".gguf"):
         from kvern.tokenize.gguf import build_tokenizer_from_gguf
@@ -59,13 +67,22 @@ def load_hf_tokenizer(entry: TokenizerEntry) -> Any:
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        status = hub.check() if hub is not None and is_hub_id(source) else None
+        if status is not None and status.state == "unreachable":
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            except OSError:
+                raise HubUnreachable(
+                    f"hub unreachable: {status.endpoint} ({status.error}); "
+                    f"{source!r} is not in the local cache"
+                ) from None
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
     if entry.chat_template:
         tokenizer.chat_template = _load_template(entry.chat_template)
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ValueError(f"{source}: not a fast (Rust) tokenizer; kvern needs tokenizer.json")
     return tokenizer
-
 
 
 HFLoader = Callable[[TokenizerEntry], Any]
@@ -87,21 +104,35 @@ class TokenizerRegistry:
 
     Loads run in a worker thread (``asyncio.to_thread``) because building a
     tokenizer takes from 0.3 s (tokenizer.json) to several seconds (GGUF), and
-    the event loop is forwarding other users' requests meanwhile.
+    the event loop is forwarding other users' requests meanwhile. They run one
+    at a time: transformers' lazy imports are not thread-safe on first use (two
+    first loads at once gave ``ImportError: cannot import name 'AutoTokenizer'``),
+    and loads are CPU work that would share one GIL anyway.
     """
 
     def __init__(
         self,
         config: TokenizersConfig,
         *,
-        loader: HFLoader = load_hf_tokenizer,
+        loader: HFLoader | None = None,
+        hub: HubProbe | None = None,
         on_loaded: OnLoaded | None = None,
         upstream_origin: str | None = None,
     ) -> None:
-        """``upstream_origin``: where models with ``source: upstream`` are tokenized."""
+        """``upstream_origin``: where models with ``source: upstream`` are tokenized.
+
+        ``loader`` replaces the transformers loader (tests); without one, hub
+        ids are loaded behind ``hub`` (by default a probe of huggingface_hub's
+        configured endpoint), which /health reports.
+        """
         self._config = config
         self._upstream_origin = upstream_origin
+        if loader is None:
+            hub = hub or HubProbe()
+            loader = partial(load_hf_tokenizer, hub=hub)
+        self.hub = hub
         self._loader = loader
+        self._load_lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
         # Called on the event loop, once per model name, when :meth:`get` first
         # has that name's tokenizer ready (the parity check hooks in here).
@@ -137,14 +168,19 @@ class TokenizerRegistry:
                 return ModelTokenizer(None, source=entry.source, error="no upstream to ask")
             return upstream_model_tokenizer(self._upstream_origin, model)
         try:
-            hf = self._loader(entry)
+            with self._load_lock:
+                hf = self._loader(entry)
         except Exception as exc:  # noqa: BLE001 - any load failure means fallback
-            message = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
-            logger.warning("tokenizer for %s: %s; using the approximate fallback", model, message)
+            level = logging.WARNING
+            msg = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
+            if isinstance(exc, HubUnreachable):
+                # The hub probe warned once for every hub id: one quiet line per model.
+                level, msg = logging.INFO, str(exc)[:500]
+            logger.log(level, "tokenizer for %s: %s; using the approximate fallback", model, msg)
             return ModelTokenizer(
                 None,
                 source=entry.source,
-                error=message,
+                error=msg,
                 cache_tokens=cache_tokens,
                 verify_every=verify_every,
                 verify_max_chars=verify_max_chars,

@@ -176,27 +176,43 @@ class Brain:
         if method == "ping":
             return os.getpid()
         if method == "drain":
-            await tracker.drain()
-            return tracker.backlog
+            # Bounded, and the answer says what is left: a tokenizer load (a
+            # hub that never answers) must not hold an admin endpoint.
+            (wait_s,) = args or (self._config.tracking.drain_timeout_s,)
+            drained = await tracker.drain_within(wait_s)
+            return {"drained": drained, "waiting": tracker.waiting_for_tokenizer()}
         if method == "health":
             presence = tracker.presence
-            stats = await tracker.in_thread(presence.stats) if presence is not None else {}
-            return health_view(self.registry.states(), tracker.stats, tracker.backlog, stats)
+            stats = (
+                await tracker.in_thread(presence.stats, urgent=True)
+                if presence is not None
+                else {}
+            )
+            hub = self.registry.hub
+            return health_view(
+                self.registry.states(),
+                tracker.stats,
+                tracker.backlog,
+                stats,
+                hub=hub.status().to_dict() if hub is not None else None,
+            )
         if method == "visualize":
+            # The relay drained first (bounded); nothing here waits on tracking.
             model, n, min_depth = args
-            await tracker.drain()  # requests already answered are in the trie
-            models = await tracker.in_thread(self.forest.models)
+            models = await tracker.in_thread(self.forest.models, urgent=True)
+            waiting = tracker.waiting_for_tokenizer()
             if model is not None:
                 if model not in models:
-                    return {"unknown": models}
+                    return {"unknown": models, "waiting": waiting}
                 models = [model]
             out: dict[str, Any] = {}
             for name in models:
-                tok = await self.registry.get(name)
+                # A trie exists only once its model's tokenizer has loaded.
+                tok = self.registry.loaded(name)
                 out[name] = await tracker.in_thread(
-                    describe, self.forest.get(name), tok, n, min_depth
+                    describe, self.forest.get(name), tok, n, min_depth, urgent=True
                 )
-            return {"models": out}
+            return {"models": out, "waiting": waiting}
         if method == "parity_wait":
             if self.parity is not None:
                 await self.parity.wait()

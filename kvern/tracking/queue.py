@@ -65,9 +65,13 @@ class TrackingQueue:
             # The type only: an exception message may quote prompt text.
             logger.warning("tracking error (%s): %s; counted from now on", kind, type(exc).__name__)
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the tracking thread (where the tries live)."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+    async def in_thread(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """Run ``fn`` on the tracking thread (where the tries live).
+
+        ``urgent``: ahead of queued bookkeeping (reads for the admin endpoints,
+        which answer with what is there rather than wait out a backlog).
+        """
+        return await asyncio.wrap_future(self._executor.submit(fn, *args, urgent=urgent))
 
     def in_thread_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn`` on the tracking thread without waiting; errors are counted."""
@@ -124,6 +128,23 @@ class TrackingQueue:
     def _job_done(self, _: Any) -> None:
         # Runs on the tracking thread; the counter is only a soft backlog limit.
         self._pending -= 1
+
+    def waiting_for_tokenizer(self) -> dict[str, int]:
+        """Model -> jobs queued until its tokenizer has loaded (what a drain may wait on)."""
+        return {model: len(actions) for model, actions in self._waiting.items()}
+
+    async def drain_within(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` for the tracking tasks in flight now; True: all ended.
+
+        Only the tasks that exist at the call: under steady traffic new ones
+        keep coming, and the caller (an admin endpoint) asks about what was
+        handed over before it, never about what comes after.
+        """
+        tasks = list(self._tasks)
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        return not pending
 
     async def drain(self) -> None:
         """Wait for every tracking task in flight (graceful shutdown, tests)."""

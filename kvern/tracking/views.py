@@ -68,10 +68,16 @@ def describe(mt: ModelTrie, tok: ModelTokenizer | None, n: int, min_depth: int) 
 
 
 def health_view(
-    tokenizer_states: list[Any], stats: Any, backlog: int, presence: dict[str, dict[str, Any]]
+    tokenizer_states: list[Any],
+    stats: Any,
+    backlog: int,
+    presence: dict[str, dict[str, Any]],
+    *,
+    hub: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The brain's part of /health: tokenizers, tracking counters, modelled caches."""
+    """The brain's part of /health: tokenizers, the tokenizer hub, counters, modelled caches."""
     return {
+        "tokenizer_hub": hub,
         "tokenizers": {
             s.model: {k: v for k, v in asdict(s).items() if k != "model"} for s in tokenizer_states
         },
