@@ -218,10 +218,12 @@ async def _relay_large(
         error = "client_disconnected"
         raise
     finally:
+        # Settled before the last await: in a cancelled scope (a client that
+        # left) that await may raise at once, and the row must not depend on it.
         attempt.end(ctx)
-        await upstream_response.aclose()
         body = readable_copy(b"".join(kept), encoding, KEEP_WHOLE_BYTES) if kept else b""
         track.done(status, error, ttfb_ms, body if error is None else b"", content_type)
+        await upstream_response.aclose()
 
 
 class _Kept:
@@ -300,10 +302,10 @@ class _TrackedStream(StreamingResponse):
             await self._chunks.aclose()
             if not self._track.finished:  # it never started: the client left first
                 self._attempt.end(self._ctx)
-                await self._attempt.response.aclose()
                 self._track.done(
                     self._attempt.response.status_code, "client_disconnected", None, b"", ""
                 )
+                await self._attempt.response.aclose()
 
 
 async def _stream_chunks(
@@ -355,10 +357,11 @@ async def _stream_chunks(
             error = "client_disconnected"
         raise
     finally:
+        # Settled before the last await (see _relay_large).
         attempt.end(ctx)
-        await upstream_response.aclose()
         body = readable_copy(kept.value(), encoding, KEEP_WHOLE_BYTES)
         track.done(status, error, ttfb_ms, body, content_type)
+        await upstream_response.aclose()
 
 
 def _stream_error(exc: KvernError, content_type: str) -> bytes:
