@@ -8,6 +8,7 @@ listening socket that never accepts: connects, then silence).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def test_a_silent_hub_is_probed_once_within_its_timeout() -> None:
     assert first.state == "unreachable" and "Timeout" in (first.error or "")
     assert probe_s < 5.0  # bounded by the timeout, not by back-off retries
     assert second is first and again_s < 0.1  # decided once for the process
+
+
+def test_a_probe_under_way_shows_as_checking() -> None:
+    with blackhole() as url:
+        hub = HubProbe(endpoint=url, offline=False, timeout_s=1.0)
+        probing = threading.Thread(target=hub.check)
+        probing.start()
+        deadline = time.monotonic() + 5
+        while hub.status().state == "unchecked" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        during = hub.status().state
+        probing.join()
+    assert during == "checking"
+    assert hub.status().state == "unreachable"
 
 
 def test_offline_mode_skips_the_probe() -> None:

@@ -33,8 +33,8 @@ def _loading(model: str, num_waiting: int) -> dict[str, Any]:
     return {
         "hot_prefixes": [],
         "stats": None,
-        "display": f"{model}: tokenizer still loading; {num_waiting} request(s) "
-        "are tracked once it lands",
+        "display": f"{model}: tokenizer still loading; {num_waiting} tracking job(s) "
+        "run once it lands",
         "tokenizer_loading": True,
     }
 

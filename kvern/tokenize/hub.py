@@ -34,7 +34,7 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-HubState = Literal["unchecked", "reachable", "unreachable", "offline"]
+HubState = Literal["unchecked", "checking", "reachable", "unreachable", "offline"]
 
 # "org/name" or "name": what the hub takes as a repository id (a path that
 # does not exist on disk is not one: it fails by itself, with no network).
@@ -58,7 +58,7 @@ class HubStatus:
     """What /health shows of the hub."""
 
     endpoint: str  # the hub's base URL (HF_ENDPOINT, else huggingface.co)
-    state: HubState  # unchecked until the first hub id is loaded
+    state: HubState  # unchecked until the first hub id is loaded, checking during the probe
     error: str | None = None  # why it is unreachable
     probe_ms: float | None = None  # how long the one probe took
 
@@ -95,19 +95,25 @@ class HubProbe:
         self._transport = transport
         self._lock = threading.Lock()
         self._status: HubStatus | None = None
+        self._checking = False  # a probe is under way (shown as "checking")
 
     def status(self) -> HubStatus:
         """The hub's state as last decided, without probing."""
         status = self._status
         if status is not None:
             return status
-        return HubStatus(self._endpoint or "(huggingface_hub default)", "unchecked")
+        state: HubState = "checking" if self._checking else "unchecked"
+        return HubStatus(self._endpoint or "(huggingface_hub default)", state)
 
     def check(self) -> HubStatus:
         """The hub's state; the first caller probes, concurrent callers wait for that probe."""
         with self._lock:
             if self._status is None:
-                self._status = self._decide()
+                self._checking = True
+                try:
+                    self._status = self._decide()
+                finally:
+                    self._checking = False
             return self._status
 
     def _decide(self) -> HubStatus:

@@ -54,7 +54,7 @@ class DrainState:
 
     drained: bool  # every request handed over before the drain has its row back
     pending: int  # answered requests whose row the brain has not sent back yet
-    # Model -> requests waiting for its tokenizer to load (they are tracked once it lands).
+    # Model -> tracking jobs (a request's start, its end) held until its tokenizer loads.
     waiting_for_tokenizer: dict[str, int]
     error: str | None = None  # why the brain did not say (down, no answer in time)
 
