@@ -142,6 +142,8 @@ def run(quick: bool) -> dict[str, Any]:
             report = client.get(
                 kvern + "/analytics", params={"window": "all", "wait_s": 60}, timeout=90
             ).json()
+            # llama-server drops reused connections now and then; kvern sends those again.
+            stale_retries = client.get(kvern + "/health").json()["upstream"]["stale_retries"]
 
             # Added latency: identical requests, alternately direct and through kvern.
             probe = [{"role": "system", "content": tenants[0]}]
@@ -171,6 +173,7 @@ def run(quick: bool) -> dict[str, Any]:
         "ttfb_kvern_p50_ms": statistics.median(ttfb["kvern"]),
         "total_direct_p50_ms": statistics.median(total["direct"]),
         "total_kvern_p50_ms": statistics.median(total["kvern"]),
+        "stale_retries": stale_retries,
     }
 
 
@@ -201,6 +204,7 @@ def main() -> None:
             "total p50 direct / via kvern, ms",
             f"{r['total_direct_p50_ms']:.2f} / {r['total_kvern_p50_ms']:.2f}",
         ),
+        ("sent again: reused connection dropped", f"{r['stale_retries']}"),
     ]
     for label, value in rows:
         print(f"  {label:<44}{value:>28}")
