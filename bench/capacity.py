@@ -31,9 +31,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,206 +43,45 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.proxy_overhead import thin_app  # noqa: E402 - after the path set-up
+from bench.harness import (  # noqa: E402 - after the path set-up
+    Conversations,
+    body_of,
+    cpu_s,
+    get_json,
+    process_tree,
+    rss_mb,
+    start_kvern,
+)
+from bench.harness import start_server as start_server_with  # noqa: E402
+from bench.harness import stop as stop_processes  # noqa: E402
 
-MODEL = "llama3.2:bench"
 PREFILL_S_PER_TOKEN = 190e-6
 PREFILL_MAX_TOKENS = 8192  # the upstream's prefill delay stops growing here
 DECODE_S_PER_CHUNK = 0.015
 BIG_ANSWER_BYTES = 50 * 1024 * 1024
 BIG_PROMPT_BYTES = 4 * 1024 * 1024
-WORDS = (
-    "cache prefix token model latency request answer system user block decode "
-    "queue replica stream router tenant prompt budget eviction reuse"
-).split()
 
 
-# -- servers (each in its own process) -------------------------------------------------
-
-
-def upstream_app(name: str) -> Any:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    async def chat(request: Request) -> Response:
-        body = json.loads(await request.body())
-        chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
-        tokens = chars // 4
-        await asyncio.sleep(min(tokens, PREFILL_MAX_TOKENS) * PREFILL_S_PER_TOKEN)
-        big = int((body.get("metadata") or {}).get("bench_answer_bytes") or 0)
-        n = int(body.get("max_tokens") or 32)
-        head = {"id": f"{name}-x", "object": "chat.completion.chunk", "model": body["model"]}
-
-        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode()
-
-        async def stream() -> Any:
-            yield event({"role": "assistant", "content": ""})
-            if big:
-                piece = ("lorem ipsum " * 5462)[:65536]
-                for _ in range(big // len(piece)):
-                    yield event({"content": piece})
-                    await asyncio.sleep(0)
-            else:
-                for i in range(n):
-                    await asyncio.sleep(DECODE_S_PER_CHUNK)
-                    yield event({"content": f"w{i} "})
-            yield event({}, "length")
-            usage = {
-                "prompt_tokens": tokens,
-                "completion_tokens": n,
-                "prompt_tokens_details": {"cached_tokens": 0},
-            }
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-        ]
-    )
-
-
-def serve_main(kind: str, port: int, upstreams: list[str], name: str) -> None:
-    import uvicorn
-
-    app = upstream_app(name) if kind == "upstream" else thin_app(upstreams[0])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{what} did not start")
+# -- servers (each in its own process; see bench/harness.py) --------------------------
 
 
 def start_server(kind: str, upstreams: list[str], name: str = "") -> tuple[Any, str]:
-    port = free_port()
-    cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--name", name]
-    proc = subprocess.Popen(cmd + ["--upstreams", ",".join(upstreams)])
-    wait_port(port, proc, kind)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def start_kvern(
-    upstreams: list[str], workdir: Path, kvern_path: Path, name: str
-) -> tuple[Any, str]:
-    """kvern in front of ``upstreams``: one (tracking only) or several (cache-aware routing)."""
-    import yaml
-
-    from tests.assets import tokenizer_fixture
-
-    port = free_port()
-    config: dict[str, Any] = {
-        "proxy": {"port": port},
-        "upstream": {"base_url": upstreams[0] + "/v1", "read_timeout_s": 300},
-        "tokenizers": {"models": {"llama3.2*": str(tokenizer_fixture("llama3").directory)}},
-        "analytics": {"db_path": str(workdir / f"{name}.db")},
-    }
-    if len(upstreams) > 1:
-        config["upstreams"] = [
-            {"name": f"u{i}", "url": u + "/v1", "kv_capacity_tokens": 400_000}
-            for i, u in enumerate(upstreams)
-        ]
-        config["routing"] = {"policy": "cache_aware"}
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(kvern_path),
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvern", "serve", "--config", str(path), "--log-level", "warning"],
-        cwd=str(kvern_path),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    """The scripted upstream with this bench's prefill and decode times, or the thin proxy."""
+    return start_server_with(
+        kind,
+        upstreams,
+        name,
+        prefill_us_per_token=PREFILL_S_PER_TOKEN * 1e6,
+        prefill_max_tokens=PREFILL_MAX_TOKENS,
+        decode_ms_per_chunk=DECODE_S_PER_CHUNK * 1e3,
     )
-    wait_port(port, proc, "kvern")
-    return proc, f"http://127.0.0.1:{port}"
 
 
 # -- the load -----------------------------------------------------------------------
 
 
-class Conversations:
-    """Multi-turn chats of 1-8k tokens: tenants share a system prompt, sessions grow by turn."""
-
-    def __init__(self, seed: int) -> None:
-        self._rng = random.Random(seed)
-        self._systems = [self._text(self._rng.randint(700, 1200)) for _ in range(8)]
-        self._idle: list[dict[str, Any]] = []  # sessions whose last turn has ended
-        self._count = 0
-
-    def _text(self, words: int) -> str:
-        return " ".join(self._rng.choice(WORDS) for _ in range(words))
-
-    def next(self) -> dict[str, Any]:
-        """The next request: an idle session's next turn, or a new session."""
-        if self._idle and self._rng.random() < 0.7:
-            session = self._idle.pop(self._rng.randrange(len(self._idle)))
-        else:
-            self._count += 1
-            tenant = self._rng.randrange(len(self._systems))
-            session = {
-                "id": f"s{self._count}",
-                "messages": [{"role": "system", "content": self._systems[tenant]}],
-                "turns": 0,
-                "max_turns": self._rng.randint(1, 8),
-            }
-        session["messages"].append(
-            {"role": "user", "content": self._text(self._rng.randint(80, 500))}
-        )
-        session["turns"] += 1
-        return session
-
-    def done(self, session: dict[str, Any], answer_chunks: int) -> None:
-        answer = "".join(f"w{i} " for i in range(answer_chunks))
-        session["messages"].append({"role": "assistant", "content": answer})
-        if session["turns"] < session["max_turns"]:
-            self._idle.append(session)
-
-
-def body_of(session: dict[str, Any], chunks: int, **extra: Any) -> bytes:
-    body = {
-        "model": MODEL,
-        "messages": session["messages"],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": chunks,
-        **extra,
-    }
-    return json.dumps(body).encode()
-
-
 def expected_prefill_ms(body: bytes) -> float:
-    """The upstream's own wait before its first chunk (see :func:`upstream_app`)."""
+    """The upstream's own wait before its first chunk (see :func:`bench.harness.upstream_app`)."""
     messages = json.loads(body).get("messages", [])
     tokens = sum(len(m.get("content") or "") for m in messages) // 4
     return min(tokens, PREFILL_MAX_TOKENS) * PREFILL_S_PER_TOKEN * 1000
@@ -383,14 +220,6 @@ def run_loadgen(
 # -- kvern's own figures ----------------------------------------------------------------
 
 
-def get_json(url: str, timeout_s: float = 60) -> dict[str, Any]:
-    import httpx
-
-    response = httpx.get(url, timeout=timeout_s)
-    data: dict[str, Any] = response.json()
-    return data
-
-
 def tracking_counts(kvern: str) -> dict[str, float]:
     get_json(kvern + "/analytics?window=1h&wait_s=110", timeout_s=120)  # lets queued tracking land
     health = get_json(kvern + "/health")
@@ -403,43 +232,6 @@ def tracking_counts(kvern: str) -> dict[str, float]:
         "skipped": skipped,
         "timeouts": routing.get("decision_timeouts", 0),
     }
-
-
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                pids.append(int(entry))
-    return pids
-
-
-def cpu_s(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
 
 
 # -- the table ----------------------------------------------------------------------
@@ -461,20 +253,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--kvern-path", default=str(ROOT), help="checkout kvern runs from")
     parser.add_argument("--no-big", action="store_true", help="skip the big-text step")
-    # internal: the processes the bench starts
-    parser.add_argument("--serve", choices=["upstream", "thin"])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--name", default="")
-    parser.add_argument("--upstreams", default="")
+    # internal: the load generator's own process
     parser.add_argument("--loadgen", action="store_true")
     parser.add_argument("--target", default="")
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--duration", type=float, default=0)
     parser.add_argument("--big", action="store_true")
     args = parser.parse_args()
-    if args.serve:
-        serve_main(args.serve, args.port, [u for u in args.upstreams.split(",") if u], args.name)
-        return
     if args.loadgen:
         loadgen_main(args)
         return
@@ -551,13 +336,7 @@ def main() -> None:
             f"big_text_stall_ms={(big_row or {}).get('kvern_added', float('nan')):.1f}"
         )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
 
 
 def summarize(
