@@ -106,6 +106,10 @@ class UpstreamConfig(_Section):
     pool_timeout_s: float = Field(10.0, gt=0)
     max_connections: int = Field(256, ge=1)
     max_keepalive_connections: int = Field(64, ge=0)
+    # Seconds an idle kept-alive connection is reused. Below the 5 s idle
+    # timeout of llama-server (cpp-httplib) and uvicorn, so kvern lets a
+    # connection go before the server closes it under a new request.
+    keepalive_expiry_s: float = Field(4.0, gt=0)
     # The backend's own cache, for predicting the cached tokens it reports.
     cache_model: CacheModelConfig = Field(default_factory=CacheModelConfig)  # type: ignore[arg-type]
 

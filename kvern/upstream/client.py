@@ -120,6 +120,7 @@ def build_client(
     limits = httpx.Limits(
         max_connections=config.max_connections,
         max_keepalive_connections=config.max_keepalive_connections,
+        keepalive_expiry=config.keepalive_expiry_s,
     )
     return httpx.AsyncClient(
         timeout=timeout,
