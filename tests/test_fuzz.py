@@ -30,15 +30,9 @@ from starlette.routing import Route
 
 from kvern.app import create_app
 from kvern.config import parse_config
+from tests.raw_upstream import CHAT as CANNED
 from tests.servers import serve
 
-CANNED = {
-    "id": "x",
-    "object": "chat.completion",
-    "model": "sim",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}
 PATHS = [
     "/v1/chat/completions",
     "/v1/completions",

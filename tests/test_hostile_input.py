@@ -19,16 +19,10 @@ from starlette.responses import JSONResponse, Response
 
 from kvern.app import create_app
 from kvern.config import parse_config
+from tests.raw_upstream import CHAT as CANNED
 from tests.servers import serve, serve_chat
 
 MODEL = "sim"
-CANNED = {
-    "id": "x",
-    "object": "chat.completion",
-    "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}
 
 
 @contextmanager

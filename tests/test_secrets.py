@@ -26,17 +26,11 @@ from kvern.config import AnalyticsConfig, parse_config
 from kvern.config.urls import redact_url
 from kvern.prompt.tenants import TenantIds
 from kvern.routes.access_log import RedactingFilter
+from tests.raw_upstream import CHAT as CANNED
 from tests.servers import free_port, serve, serve_chat
 
 MODEL = "sim"
 PASSWORD = "hunter2-very-secret"
-CANNED = {
-    "id": "x",
-    "object": "chat.completion",
-    "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}
 CHAT = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "hi"}],
