@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from array import array
 
 import pytest
@@ -511,6 +512,28 @@ def test_maintain_expires_at_most_once_per_tenth_of_ttl() -> None:
     assert trie.maintain(1000, 161.0) == 1  # runs: [2] seen at 60 < 61
     check_trie(trie)
     assert trie.num_tokens == 0
+
+
+def test_maintain_allocates_for_the_leaves_it_removes_not_for_their_depth() -> None:
+    # 200 conversations sharing a 20,000-token prefix, each ending in its own
+    # 10-token turn. maintain() must only count what it removes; spelling out
+    # each removed leaf's whole path (20,010 ints apiece, ~80 MB here) was a
+    # transient that rose with conversation depth and left the tracking
+    # process larger after every eviction.
+    shared = list(range(1000, 21_000))
+    trie = RadixTrie()
+    for i in range(200):
+        trie.insert(shared + [50_000 + i] * 10, float(i))
+    budget = len(shared) + 1000  # keep 100 of the 200 tails: 100 leaves go
+    tracemalloc.start()
+    try:
+        removed = trie.maintain(budget, 300.0, low_watermark=1.0)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    check_trie(trie)
+    assert removed == 1000 and trie.num_tokens == budget
+    assert peak_bytes < 1_000_000, peak_bytes
 
 
 def test_uncounted_insert_touches_but_counts_no_hit() -> None:

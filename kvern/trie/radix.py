@@ -276,17 +276,25 @@ class RadixTrie:
         eligible: Callable[[TrieNode], bool],
         keep_going: Callable[[], bool],
         on_evict: Callable[[TrieNode, tuple[float, ...]], None] | None,
-    ) -> list[EvictedPrefix]:
+        removed: list[EvictedPrefix] | None,
+    ) -> int:
         """Remove unlocked, eligible leaves in policy order while ``keep_going()``.
 
         One O(n) scan seeds a heap with the evictable leaves; a parent that
         becomes an evictable leaf joins the heap. The sequence number breaks
         ties between equal keys in scan order, so orders are deterministic.
         ``on_evict`` (when given) hears of each removed leaf and its key,
-        before the leaf's parent is ranked.
+        before the leaf's parent is ranked. Returns the tokens removed.
+
+        ``removed`` (when given) gets each leaf's full path, for callers that
+        want to see what went. :meth:`maintain` passes None: a leaf's path is
+        as long as the conversation it ends, so spelling out every removed
+        path cost a transient of (leaves removed) x (their depth) Python ints
+        on each eviction -- tens of MB for deep chats, and a process that
+        stayed that much larger afterwards.
         """
         if not keep_going():
-            return []
+            return 0
         sort_key = self._policy.sort_key
         root = self._root
         heap: list[tuple[tuple[float, ...], int, TrieNode]] = []
@@ -296,14 +304,16 @@ class RadixTrie:
                 heap.append((sort_key(node, now_s), seq, node))
                 seq += 1
         heapq.heapify(heap)
-        evicted: list[EvictedPrefix] = []
+        num_removed = 0
         while heap and keep_going():
             key, _, leaf = heapq.heappop(heap)
             if on_evict is not None:
                 on_evict(leaf, key)
             parent = leaf.parent
             assert parent is not None
-            evicted.append(EvictedPrefix(self.prefix_tokens(leaf), len(leaf.key)))
+            if removed is not None:
+                removed.append(EvictedPrefix(self.prefix_tokens(leaf), len(leaf.key)))
+            num_removed += len(leaf.key)
             del parent.children[leaf.key[0]]
             leaf.parent = None
             if self.listener is not None:
@@ -318,7 +328,7 @@ class RadixTrie:
             ):
                 heapq.heappush(heap, (sort_key(parent, now_s), seq, parent))
                 seq += 1
-        return evicted
+        return num_removed
 
     def evict(self, max_tokens: int, now_s: float) -> list[EvictedPrefix]:
         """Evict leaves in policy order until at most ``max_tokens`` remain.
@@ -328,11 +338,17 @@ class RadixTrie:
         ``on_evict`` hears of each removal (a capacity decision, which is what
         an aging policy's clock follows).
         """
+        evicted: list[EvictedPrefix] = []
+        self._evict(max_tokens, now_s, evicted)
+        return evicted
+
+    def _evict(self, max_tokens: int, now_s: float, removed: list[EvictedPrefix] | None) -> int:
         return self._remove_leaves(
             now_s,
             eligible=lambda node: True,
             keep_going=lambda: self._num_tokens > max_tokens,
             on_evict=self._policy.on_evict,
+            removed=removed,
         )
 
     def expire(self, now_s: float) -> list[EvictedPrefix]:
@@ -346,15 +362,21 @@ class RadixTrie:
         not called: expiry is not a capacity decision, so an aging policy's
         clock must not jump to the value of an idle but valuable prefix.
         """
+        expired: list[EvictedPrefix] = []
+        self._expire(now_s, expired)
+        return expired
+
+    def _expire(self, now_s: float, removed: list[EvictedPrefix] | None) -> int:
         ttl_s = self._policy.ttl_s
         if ttl_s is None:
-            return []
+            return 0
         cutoff_s = now_s - ttl_s
         return self._remove_leaves(
             now_s,
             eligible=lambda node: node.last_access_s < cutoff_s,
             keep_going=lambda: self._num_tokens > 0,
             on_evict=None,
+            removed=removed,
         )
 
     def maintain(self, max_tokens: int, now_s: float, low_watermark: float = 0.9) -> int:
@@ -362,7 +384,8 @@ class RadixTrie:
 
         Expires idle leaves at most once per ``ttl_s / 10``, and when over
         ``max_tokens`` evicts down to ``int(max_tokens * low_watermark)``, so
-        the O(n) leaf scan of an eviction is paid once per many inserts.
+        the O(n) leaf scan of an eviction is paid once per many inserts. It
+        only counts what it removes (see :meth:`_remove_leaves`).
         """
         if not 0 < low_watermark <= 1:
             raise ValueError(f"low_watermark must be in (0, 1], got {low_watermark}")
@@ -370,8 +393,7 @@ class RadixTrie:
         ttl_s = self._policy.ttl_s
         if ttl_s is not None and now_s >= self._next_expire_s:
             self._next_expire_s = now_s + ttl_s / 10
-            num_removed += sum(e.num_tokens for e in self.expire(now_s))
+            num_removed += self._expire(now_s, None)
         if self._num_tokens > max_tokens:
-            target = int(max_tokens * low_watermark)
-            num_removed += sum(e.num_tokens for e in self.evict(target, now_s))
+            num_removed += self._evict(int(max_tokens * low_watermark), now_s, None)
         return num_removed
