@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.config import KvernConfig
+from kvern.prompt.requests import plain_text
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import PresenceMatch
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
@@ -109,25 +110,34 @@ class Bookkeeper:
         )
 
     def settle(self, model: str, p: Prediction, facts: ResponseFacts, served: Served) -> None:
-        """After the answer: the backend now holds prompt + answer; tell the cache model."""
+        """After the answer: the backend now holds prompt + answer; tell the cache model.
+
+        However a step fails, the cache model hears of the end (a llama.cpp
+        slot is freed) and the prompt's lock is released: a lock left behind
+        pins its path in the trie for ever.
+        """
         mt = self._forest.peek(model)
         if mt is None or p.node is None:
             return  # nothing was inserted (a failed request): nothing to settle
         held = p.node
         now = self._clock()
-        gen = self.generated_ids(p, facts) if served.ok else None
-        if gen is not None and p.ids is not None:
-            full = array("i", p.ids)
-            full.extend(gen)
-            held = mt.trie.insert(full, now, count_hit=False).node
-        if isinstance(p.handle, RouteHandle) and self.presence is not None:
-            if served.ok:
-                reported = facts.reported_cached_tokens
-                self.presence.settle(mt, held, p.handle, served.upstream, reported, now)
-        else:
-            mt.cache_model.finish(mt.trie, p.handle, held, now)
-        mt.trie.unlock(p.node)
-        p.ids = None  # drop the prompt's ids now
+        try:
+            gen = self.generated_ids(p, facts) if served.ok else None
+            if gen is not None and p.ids is not None:
+                full = array("i", p.ids)
+                full.extend(gen)
+                held = mt.trie.insert(full, now, count_hit=False).node
+        finally:
+            try:
+                if isinstance(p.handle, RouteHandle) and self.presence is not None:
+                    if served.ok:
+                        reported = facts.reported_cached_tokens
+                        self.presence.settle(mt, held, p.handle, served.upstream, reported, now)
+                else:
+                    mt.cache_model.finish(mt.trie, p.handle, held, now)
+            finally:
+                mt.trie.unlock(p.node)
+                p.ids = None  # drop the prompt's ids now
 
     def generated_ids(self, p: Prediction, facts: ResponseFacts) -> array[int] | None:
         """The answer's tokens the backend fed back through the model (all but the last).
@@ -138,7 +148,9 @@ class Bookkeeper:
         """
         if not self._config.upstream.cache_model.cache_generated or p.tokenizer is None:
             return None
-        text = facts.completion_text
+        # A lone surrogate (JSON may escape one) is U+FFFD here: the tokenizer
+        # refuses a str no UTF-8 encoder accepts.
+        text = plain_text(facts.completion_text)
         if not text:
             return None
         limit = self._max_answer_tokens

@@ -281,17 +281,27 @@ class Tracker(TrackingQueue):
         content_type: str,
         served: Served,
     ) -> tuple[Prediction | None, ResponseFacts]:
-        """On the tracking thread: the prediction job ran before this one (FIFO)."""
+        """On the tracking thread: the prediction job ran before this one (FIFO).
+
+        A predicted request is settled whatever its answer holds: settling is
+        what releases its prompt's lock in the trie (and a llama.cpp slot).
+        An answer that cannot be read (JSON nested past Python's parser) only
+        loses its figures; skipping the settle with it pinned that path for
+        ever, and the trie grew past its cap one such request at a time.
+        """
         prediction: Prediction | None = None
         facts = ResponseFacts()
         try:
             prediction = job.result() if job is not None else None
             if body:
                 facts = parse_response(body, content_type)
+        except Exception as exc:  # noqa: BLE001 - the row goes without the answer's figures
+            self._count_error("finish", exc)
+        try:
             if prediction is not None and model is not None:
                 self._books.settle(model, prediction, facts, served)
         except Exception as exc:  # noqa: BLE001
-            self._count_error("finish", exc)
+            self._count_error("settle", exc)
         return prediction, facts
 
     async def _record_when(
