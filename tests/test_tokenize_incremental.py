@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -160,6 +162,48 @@ def test_cache_stays_within_its_token_budget(small_bpe: Any) -> None:
         ids, _ = seg.encode(text)
         assert list(ids) == whole_ids(small_bpe, text)
         assert seg.cached_tokens <= 300
+
+
+def test_cache_stays_within_its_byte_budget(real_tokenizer: Any) -> None:
+    # Emoji make Python keep 4 bytes a character: 20 KB of segments hold only
+    # a few hundred tokens, far under the token budget.
+    seg = SegmentTokenizer(
+        real_tokenizer.backend_tokenizer, cache_tokens=1_000_000, cache_bytes=20_000, verify_every=0
+    )
+    for i in range(200):
+        text = f"<|im_start|>user\nmessage {i} 🦙 " + "llama " * 50 + "<|im_end|>"
+        ids, incremental = seg.encode(text)
+        assert incremental and list(ids) == whole_ids(real_tokenizer, text)
+        assert seg.cached_bytes <= 20_000
+    assert 0 < seg.cached_tokens < 5_000
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["cache", "prefix", "token"], ["cache", "🦙", "日本語"], []],
+    ids=["english", "mixed_scripts", "short_segments"],
+)
+def test_cache_bytes_are_the_memory_the_cache_holds(real_tokenizer: Any, words: list[str]) -> None:
+    seg = SegmentTokenizer(
+        real_tokenizer.backend_tokenizer, cache_tokens=10**9, cache_bytes=10**12, verify_every=0
+    )
+
+    def text(i: int) -> str:  # made while traced: a request's text is the cache's to keep
+        if not words:
+            return f"<|im_start|>user\nq{i}<|im_end|>"
+        return f"<|im_start|>user\nturn {i} " + " ".join(words[k % len(words)] for k in range(i))
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(400):
+            seg.encode(text(i))
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0.85 < (after - before) / seg.cached_bytes < 1.15, (after - before, seg.cached_bytes)
 
 
 def test_zero_cache_size_disables_incremental(small_bpe: Any) -> None:

@@ -161,3 +161,19 @@ def test_decode_shows_special_tokens(real_tokenizer: Any) -> None:
 def test_verification_sampling_rate_maps_to_every_nth(name: str) -> None:
     registry = TokenizerRegistry(config_for({}, verify_sample_rate=0.25))
     assert registry._verify_every == 4
+
+
+def test_the_segment_cache_is_held_to_the_configured_bytes(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    registry = TokenizerRegistry(
+        config_for(
+            {"m": str(tokenizer_fixtures["llama3"].directory)}, incremental_cache_bytes=50_000
+        )
+    )
+    tok = registry.get_sync("m")
+    assert tok.segments is not None
+    for messages in growing_chat(40):
+        tok.chat(messages)
+        assert tok.segments.cached_bytes <= 50_000
+    assert tok.segments.cached_bytes > 25_000 and tok.incremental

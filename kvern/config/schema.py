@@ -88,6 +88,12 @@ class CacheModelConfig(_Section):
     # its trie, so this also bounds kvern's own memory. null: no limit.
     cache_ram: bool = True
     cache_ram_tokens: int | None = Field(1_000_000, ge=1)
+    # llamacpp: --cache-idle-slots (on by default, needs the RAM cache): each
+    # task launch also saves every idle slot's sequence to the RAM cache. With
+    # kv_unified (--kv-unified; llama-server's choice when -np is not given,
+    # then with 4 slots) those idle slots are cleared after the save.
+    cache_idle_slots: bool = True
+    kv_unified: bool = False
     # Backends keep the KV of generated tokens too; kvern then adds each answer
     # (re-tokenized) to the sequence the backend holds.
     cache_generated: bool = True
@@ -139,6 +145,9 @@ class TokenizersConfig(_Section):
     models: dict[str, TokenizerEntry] = Field(default_factory=dict)
     # Tokens of rendered segments kept per model for incremental tokenization.
     incremental_cache_tokens: int = Field(2_000_000, ge=0)
+    # ...and the memory that cache may hold, the segments' text included (bytes):
+    # 12 bytes a token for English text, 30 for mixed scripts, 60 for short segments.
+    incremental_cache_bytes: int = Field(32 * 1024 * 1024, ge=0)
     # Share of requests on which the incremental result is checked against a
     # whole-string tokenization; a mismatch turns incremental off for the model.
     verify_sample_rate: float = Field(0.01, ge=0.0, le=1.0)

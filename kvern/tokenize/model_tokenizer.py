@@ -49,6 +49,7 @@ class ModelTokenizer:
         source: str | None,
         error: str | None = None,
         cache_tokens: int = 2_000_000,
+        cache_bytes: int = 32 * 1024 * 1024,
         verify_every: int = 100,
         verify_max_chars: int = 200_000,
     ) -> None:
@@ -62,6 +63,7 @@ class ModelTokenizer:
             self.segments = SegmentTokenizer(
                 hf_tokenizer.backend_tokenizer,
                 cache_tokens=cache_tokens,
+                cache_bytes=cache_bytes,
                 verify_every=verify_every,
                 verify_max_chars=verify_max_chars,
             )

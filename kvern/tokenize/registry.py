@@ -189,6 +189,7 @@ class TokenizerRegistry:
             hf,
             source=entry.source,
             cache_tokens=cache_tokens,
+            cache_bytes=self._config.incremental_cache_bytes,
             verify_every=verify_every,
             verify_max_chars=verify_max_chars,
         )
