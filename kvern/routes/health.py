@@ -171,6 +171,9 @@ async def health(request: Request) -> Response:
         routing = None
     if brain.stats.state != "up" and status == "ok":
         status = "degraded"  # requests flow, untracked
+    approximate = sorted(m for m, t in view["tokenizers"].items() if t.get("kind") == "fallback")
+    if approximate and status == "ok":
+        status = "degraded"  # requests flow, but these models' figures are estimates
     tracking = {
         "tracked": 0,
         "skipped_backlog": 0,
@@ -202,6 +205,7 @@ async def health(request: Request) -> Response:
         "upstream": upstream,
         "routing": routing,
         "tokenizers": view["tokenizers"],
+        "approximate_tokenizers": approximate,
         # Whether hub ids can be fetched: "unreachable" names the endpoint and why.
         "tokenizer_hub": view.get("tokenizer_hub"),
         "tracking": tracking,

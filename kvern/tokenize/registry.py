@@ -6,8 +6,11 @@ the rendered prompt, tokenize (incrementally where that is exact; see
 :mod:`kvern.tokenize.model_tokenizer`). The :class:`TokenizerRegistry` maps
 model names to tokenizers through the config's model map (exact names and
 globs, so Ollama tags such as ``llama3.2:3b`` resolve), loads each tokenizer
-once, lazily and off the event loop, and falls back to a clearly labelled
-approximate tokenizer when none can be loaded, so tracking never stops.
+once, lazily and off the event loop. A model with no tokenizer of its own
+(none configured, or its load failed) is tokenized by the upstream when the
+upstream can (llama.cpp's ``/apply-template`` + ``/tokenize``, vLLM's
+``/tokenize``), which is exact; only when it cannot does kvern use a clearly
+labelled approximate tokenizer, logged as an error, so tracking never stops.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from typing import Any, Literal
 from kvern.config import TokenizerEntry, TokenizersConfig
 from kvern.tokenize.hub import HubProbe, HubUnreachable, is_hub_id
 from kvern.tokenize.model_tokenizer import ModelTokenizer
-from kvern.tokenize.upstream import UPSTREAM_SOURCE, upstream_model_tokenizer
+from kvern.tokenize.upstream import (
+    UPSTREAM_SOURCE,
+    UpstreamTokenizerError,
+    upstream_model_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,47 +158,70 @@ class TokenizerRegistry:
         return f"entry:{pattern}", entry
 
     def _build(self, model: str, entry: TokenizerEntry | None) -> ModelTokenizer:
-        cache_tokens = self._config.incremental_cache_tokens
-        verify_every = self._verify_every
-        verify_max_chars = self._config.verify_max_chars
         if entry is None:
-            return ModelTokenizer(
-                None,
-                source=None,
-                error=f"no tokenizer configured for model {model!r}",
-                cache_tokens=cache_tokens,
-                verify_every=verify_every,
-                verify_max_chars=verify_max_chars,
-            )
+            return self._instead(model, None, f"no tokenizer configured for model {model!r}")
         if entry.source == UPSTREAM_SOURCE:
             if self._upstream_origin is None:
-                return ModelTokenizer(None, source=entry.source, error="no upstream to ask")
+                return self._approximate(model, entry.source, "no upstream to ask")
             return upstream_model_tokenizer(self._upstream_origin, model)
         try:
             with self._load_lock:
                 hf = self._loader(entry)
-        except Exception as exc:  # noqa: BLE001 - any load failure means fallback
-            level = logging.WARNING
-            msg = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
+        except Exception as exc:  # noqa: BLE001 - any load failure: the upstream, else approximate
+            reason = f"loading {entry.source!r} failed: {type(exc).__name__}: {exc}"[:500]
             if isinstance(exc, HubUnreachable):
-                # The hub probe warned once for every hub id: one quiet line per model.
-                level, msg = logging.INFO, str(exc)[:500]
-            logger.log(level, "tokenizer for %s: %s; using the approximate fallback", model, msg)
-            return ModelTokenizer(
-                None,
-                source=entry.source,
-                error=msg,
-                cache_tokens=cache_tokens,
-                verify_every=verify_every,
-                verify_max_chars=verify_max_chars,
-            )
+                reason = str(exc)[:500]
+            return self._instead(model, entry.source, reason)
         return ModelTokenizer(
             hf,
             source=entry.source,
-            cache_tokens=cache_tokens,
+            cache_tokens=self._config.incremental_cache_tokens,
             cache_bytes=self._config.incremental_cache_bytes,
-            verify_every=verify_every,
-            verify_max_chars=verify_max_chars,
+            verify_every=self._verify_every,
+            verify_max_chars=self._config.verify_max_chars,
+        )
+
+    def _instead(self, model: str, source: str | None, reason: str) -> ModelTokenizer:
+        """No tokenizer of the model's own: the upstream's if it can tokenize, else approximate.
+
+        The upstream's is exact by construction (it is what the backend keys
+        its cache with), at two small requests per tracked request; the
+        approximate one is the last resort, and loudly so.
+        """
+        origin = self._upstream_origin
+        if origin is not None:
+            upstream = upstream_model_tokenizer(origin, model)
+            try:
+                method = upstream.upstream.probe()
+            except UpstreamTokenizerError as exc:
+                upstream.upstream.close()
+                return self._approximate(
+                    model, source, f"{reason}; the upstream cannot tokenize ({exc})"
+                )
+            logger.warning(
+                "tokenizer for %s: %s; tokenizing with the upstream instead (%s, exact)",
+                model,
+                reason,
+                method,
+            )
+            upstream.error = f"{reason}; tokenized by the upstream ({method}) instead"
+            return upstream
+        return self._approximate(model, source, reason)
+
+    def _approximate(self, model: str, source: str | None, reason: str) -> ModelTokenizer:
+        logger.error(
+            "tokenizer for %s: %s; using the APPROXIMATE tokenizer: this model's token "
+            "counts and cache figures are estimates (flagged in /health and /analytics)",
+            model,
+            reason,
+        )
+        return ModelTokenizer(
+            None,
+            source=source,
+            error=reason,
+            cache_tokens=self._config.incremental_cache_tokens,
+            verify_every=self._verify_every,
+            verify_max_chars=self._config.verify_max_chars,
         )
 
     def loaded(self, model: str) -> ModelTokenizer | None:

@@ -61,6 +61,10 @@ class UpstreamTokenizer:
             raise UpstreamTokenizerError(f"{path}: unexpected answer")
         return data
 
+    def probe(self) -> Method:
+        """Which tokenizer API the upstream speaks; raises when it speaks none."""
+        return self._detect()
+
     def _detect(self) -> Method:
         if self.method is None:
             try:
