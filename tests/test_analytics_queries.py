@@ -37,16 +37,18 @@ ROWS = [
         "r1", NOW_S - 10, tenant="t1", hit=True, prompt_tokens=100, matched_tokens=80,
         matched_tokens_aligned=64, ttfb_ms=10, latency_ms=100, reported_cached_tokens=64,
         upstream_prompt_tokens=100, completion_tokens=5, tokenizer_kind="exact",
+        predicted_cached_tokens=64,
     ),
     make_record(
         "r2", NOW_S - 20, tenant="t1", hit=True, prompt_tokens=200, matched_tokens=150,
         matched_tokens_aligned=144, ttfb_ms=20, latency_ms=200, reported_cached_tokens=128,
         upstream_prompt_tokens=200, completion_tokens=7, tokenizer_kind="exact",
+        predicted_cached_tokens=128,
     ),
     make_record(
         "r3", NOW_S - 30, tenant="t2", upstream="u2", hit=False, prompt_tokens=50,
         matched_tokens=10, matched_tokens_aligned=0, ttfb_ms=30, latency_ms=300,
-        completion_tokens=3, tokenizer_kind="fallback",
+        completion_tokens=3, tokenizer_kind="fallback", predicted_cached_tokens=0,
     ),
     make_record(
         "r4", NOW_S - 40, model="b", upstream="u2", status=500, hit=False, prompt_tokens=150,
@@ -121,15 +123,24 @@ async def test_summary_of_the_last_hour_has_exact_figures(store: AnalyticsStore)
 
 async def test_predicted_vs_reported_covers_rows_with_both(store: AnalyticsStore) -> None:
     s = await summary(store, window="1h", now_s=NOW_S)
-    # r1 and r2; r8 reported but kvern predicted nothing, so it is left out.
+    # r1 and r2; r8 reported but kvern predicted nothing, so it is left out;
+    # r3 was predicted but its backend reported nothing: unreported, not 0.
     assert s["predicted_vs_reported"] == {
         "requests_with_report": 2,
-        "predicted_cached_tokens": 64 + 144,
-        "predicted_cached_tokens_raw": 80 + 150,
+        "unreported_requests": 1,
+        "predicted_cached_tokens": 64 + 128,  # the cache model's, not the trie's
         "reported_cached_tokens": 64 + 128,
         "upstream_prompt_tokens": 300,
-        "reported_to_predicted_ratio": pytest.approx(192 / 208),
+        "reported_to_predicted_ratio": pytest.approx(1.0),
+        "seen_prefix_tokens": 64 + 144,  # any earlier prefix kvern saw, whole blocks
     }
+
+
+async def test_figures_from_the_approximate_tokenizer_say_so(store: AnalyticsStore) -> None:
+    s = await summary(store, window="1h", now_s=NOW_S)
+    assert s["approximate_requests"] == 1 and s["approximate"] is True
+    rows = {r["tenant"]: r for r in await breakdown(store, by="tenant", window="1h", now_s=NOW_S)}
+    assert rows["t2"]["approximate"] is True and rows["t1"]["approximate"] is False
 
 
 async def test_latency_percentiles_split_by_hit_and_skip_failures(store: AnalyticsStore) -> None:
@@ -228,7 +239,7 @@ async def test_breakdown_ties_are_ordered_by_key(store: AnalyticsStore) -> None:
 
 
 async def test_breakdown_rejects_unknown_dimension(store: AnalyticsStore) -> None:
-    with pytest.raises(ValueError, match="model, tenant, upstream"):
+    with pytest.raises(ValueError, match="model, tenant, end_user, upstream"):
         await breakdown(store, by="colour", window="1h", now_s=NOW_S)  # type: ignore[arg-type]
 
 

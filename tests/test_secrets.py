@@ -128,12 +128,12 @@ def test_tenant_ids_are_keyed_stable_and_not_a_plain_hash_of_the_user() -> None:
     a = TenantIds(b"a" * 32)
     b = TenantIds(b"b" * 32)
     body = {"user": "alice@example.com"}
-    assert a.of(None, body) == a.of("Bearer sk-whatever", body)  # user wins over the key
-    assert a.of(None, body) != b.of(None, body)
+    assert a.end_user(body) == a.end_user(dict(body)) != b.end_user(body)
     plain = hashlib.sha256(b"alice@example.com").hexdigest()[:16]
-    assert a.of(None, body) != "user:" + plain
-    assert a.of("Bearer sk-1", None) != a.of("Bearer sk-2", None)
-    assert a.of(None, {"user": ""}) is None
+    assert a.end_user(body) != "user:" + plain
+    assert a.tenant("Bearer sk-1") == a.tenant("sk-1") != a.tenant("Bearer sk-2")
+    assert a.tenant("Bearer sk-1") != b.tenant("Bearer sk-1")
+    assert a.end_user({"user": ""}) is None and a.tenant(None) is None
 
 
 def test_the_tenant_secret_is_made_once_beside_the_db_and_kept_private(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_tenant_ids_in_the_db_survive_a_restart(tmp_path: Path) -> None:
             with serve(create_app(config_for(up + "/v1", db))) as url:
                 assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30).is_success
             con = sqlite3.connect(db)
-            rows = con.execute("SELECT tenant FROM requests ORDER BY rowid").fetchall()
+            rows = con.execute("SELECT end_user FROM requests ORDER BY rowid").fetchall()
             tenants.append(rows[-1][0])
             con.close()
     assert tenants[0] == tenants[1]

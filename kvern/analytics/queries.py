@@ -19,8 +19,15 @@ Definitions shared by every figure:
   (``hit`` NULL) are in neither.
 - token_reuse_ratio: sum(matched_tokens) / sum(prompt_tokens); the aligned
   variant uses matched_tokens_aligned.
-- predicted vs reported: over rows where the backend reported a cached figure
-  AND kvern made a prediction, so both sums cover the same requests.
+- predicted: the cached tokens kvern's model of the backend's cache predicts
+  (:mod:`kvern.cache_models`), the one predicted figure everywhere. Compared
+  with reported over rows where the backend reported a cached figure AND
+  kvern made a prediction, so both sums cover the same requests; requests
+  predicted but with no report (a backend that reports none) are counted as
+  ``unreported``, never as 0. ``seen_prefix_tokens`` is the trie's figure on
+  those rows: any earlier prefix kvern saw, whether or not the backend kept it.
+- approximate: requests tokenized by the approximate tokenizer; every figure
+  of a group with any is an estimate, and says so.
 - latency percentiles: over requests that did not fail (a 4xx answered at once
   or a timeout says nothing about cache reuse), split all / hit / miss.
 
@@ -45,15 +52,16 @@ LATENCY_METRICS: Final[tuple[str, ...]] = ("ttfb_ms", "latency_ms")
 SPLITS: Final[tuple[str, ...]] = ("all", "hit", "miss")
 # breakdown(by=...) choices -> column.
 GROUP_COLUMNS: Final[Mapping[str, str]] = MappingProxyType(
-    {"model": "model", "tenant": "tenant", "upstream": "upstream"}
+    {"model": "model", "tenant": "tenant", "end_user": "end_user", "upstream": "upstream"}
 )
 
-GroupBy = Literal["model", "tenant", "upstream"]
+GroupBy = Literal["model", "tenant", "end_user", "upstream"]
 Params = dict[str, object]
 
 _FAILED = "(status >= 400 OR error IS NOT NULL)"
 _NOT_FAILED = "(COALESCE(status, 0) < 400 AND error IS NULL)"
-_WITH_REPORT = "reported_cached_tokens IS NOT NULL AND matched_tokens IS NOT NULL"
+_WITH_REPORT = "reported_cached_tokens IS NOT NULL AND predicted_cached_tokens IS NOT NULL"
+_UNREPORTED = "reported_cached_tokens IS NULL AND predicted_cached_tokens IS NOT NULL"
 
 # The aggregate figures, in the order _core() unpacks them.
 _CORE_SELECT = f"""
@@ -66,10 +74,12 @@ _CORE_SELECT = f"""
     COALESCE(SUM(matched_tokens_aligned), 0),
     COALESCE(SUM(completion_tokens), 0),
     COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN predicted_cached_tokens END), 0),
     COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN matched_tokens_aligned END), 0),
-    COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN matched_tokens END), 0),
     COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN reported_cached_tokens END), 0),
-    COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN upstream_prompt_tokens END), 0)
+    COALESCE(SUM(CASE WHEN {_WITH_REPORT} THEN upstream_prompt_tokens END), 0),
+    COALESCE(SUM(CASE WHEN {_UNREPORTED} THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN tokenizer_kind = 'fallback' THEN 1 ELSE 0 END), 0)
 """
 
 
@@ -201,11 +211,13 @@ def _core(row: Sequence[Any] | None) -> dict[str, Any]:
         aligned,
         completion,
         num_reported,
-        predicted_aligned,
-        predicted_raw,
+        predicted,
+        seen_prefix,
         reported,
         reported_prompt,
-    ) = (int(v) for v in (row if row is not None else (0,) * 13))
+        unreported,
+        approximate,
+    ) = (int(v) for v in (row if row is not None else (0,) * 15))
     return {
         "requests": requests,
         "errors": errors,
@@ -220,12 +232,15 @@ def _core(row: Sequence[Any] | None) -> dict[str, Any]:
         "completion_tokens": completion,
         "predicted_vs_reported": {
             "requests_with_report": num_reported,
-            "predicted_cached_tokens": predicted_aligned,
-            "predicted_cached_tokens_raw": predicted_raw,
+            "unreported_requests": unreported,
+            "predicted_cached_tokens": predicted,
             "reported_cached_tokens": reported,
             "upstream_prompt_tokens": reported_prompt,
-            "reported_to_predicted_ratio": _ratio(reported, predicted_aligned),
+            "reported_to_predicted_ratio": _ratio(reported, predicted),
+            "seen_prefix_tokens": seen_prefix,
         },
+        "approximate_requests": approximate,
+        "approximate": approximate > 0,
     }
 
 

@@ -50,8 +50,8 @@ class RequestRecord:
     ts_s: float
     # The model name as the client asked for it.
     model: str
-    # A hash of the API key or of the ``user`` field, computed by the caller;
-    # never the key itself. None when the request carried neither.
+    # A keyed hash of the API key, computed by the caller; never the key
+    # itself. None when the request carried none.
     tenant: str | None = None
     # Which API was called: one of ENDPOINTS.
     endpoint: str
@@ -103,6 +103,9 @@ class RequestRecord:
     route_attempts: int | None = None
     # The chosen upstream's load when chosen (prompt-token equivalents).
     route_load_tokens: int | None = None
+    # A keyed hash of the body's ``user`` field (the end user within a
+    # tenant); None when the body had none.
+    end_user: str | None = None
 
 
 # The analytics column names, in table and row-tuple order: the record's fields.

@@ -85,6 +85,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE requests ADD COLUMN route_attempts INTEGER;
     ALTER TABLE requests ADD COLUMN route_load_tokens INTEGER;
     """,
+    # 5: the end user (a keyed hash of the body's ``user`` field), a second
+    # breakdown beside the tenant, which is now the API key alone.
+    """
+    ALTER TABLE requests ADD COLUMN end_user TEXT;
+    CREATE INDEX requests_end_user_ts ON requests (end_user, ts_s);
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

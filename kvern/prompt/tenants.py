@@ -18,7 +18,7 @@ _ID_HEX = 16
 
 
 class TenantIds:
-    """Maps an API key or ``user`` field to a stable, keyed, non-reversible id."""
+    """Maps an API key (the tenant) or a ``user`` field (an end user) to a keyed id."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
@@ -30,13 +30,21 @@ class TenantIds:
         message = kind.encode() + b"\0" + value.encode("utf-8", "surrogatepass")
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:_ID_HEX]
 
-    def of(self, authorization: str | None, body: dict[str, Any] | None) -> str | None:
-        """The ``user`` field if the body has one, else the bearer key; None when neither."""
-        user = body.get("user") if isinstance(body, dict) else None
-        if isinstance(user, str) and user:
-            return "user:" + self._digest("user", user)
+    def tenant(self, authorization: str | None) -> str | None:
+        """The tenant: who pays, i.e. the API key (bearer or not); None without one."""
         if authorization:
             key = authorization.removeprefix("Bearer ").strip()
             if key:
                 return "key:" + self._digest("key", key)
+        return None
+
+    def end_user(self, body: dict[str, Any] | None) -> str | None:
+        """The body's ``user`` field: an end user within a tenant; None without one.
+
+        Kept apart from the tenant: one API key serving many users is one
+        tenant, and a breakdown by end user is a second, optional view.
+        """
+        user = body.get("user") if isinstance(body, dict) else None
+        if isinstance(user, str) and user:
+            return "user:" + self._digest("user", user)
         return None

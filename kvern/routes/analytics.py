@@ -8,6 +8,8 @@ so a user sees the request they just made; whatever tracking still holds
 then (a tokenizer still loading, a backlog, a hung tracking process) is
 reported in ``tracking`` instead of waited for. ``parity`` is the latest
 tokenizer/template parity check per model and upstream, whatever the window.
+Groups: ``by_tenant`` (the API key), ``by_end_user`` (the body's ``user``
+field), ``by_model``, ``by_upstream``; ``routing`` only with several upstreams.
 """
 
 from __future__ import annotations
@@ -58,16 +60,22 @@ async def analytics(
         "by_tenant": await queries.breakdown(
             store, by="tenant", window=window, model=model, now_s=now
         ),
+        "by_end_user": await queries.breakdown(
+            store, by="end_user", window=window, model=model, now_s=now
+        ),
         "by_upstream": await queries.breakdown(
             store, by="upstream", window=window, model=model, now_s=now
         ),
         "calibration": await calibration(store, window=window, model=model, now_s=now),
-        "routing": await routing_rows.routing(store, window=window, model=model, now_s=now),
         "parity": await latest_parity(store, model=model),
         "store": store.stats(),
         "tracking_drained": tracking.drained,
         "tracking": tracking.to_dict(),
     }
+    if len(services.pool) > 1:  # with one upstream there is no choice to report on
+        out["routing"] = await routing_rows.routing(
+            store, window=window, model=model, now_s=now
+        )
     if bucket is not None:
         out["timeseries"] = await queries.timeseries(
             store, window=window, bucket_s=bucket, model=model, now_s=now

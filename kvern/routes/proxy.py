@@ -148,9 +148,10 @@ async def _forward(services: Services, request: Request) -> Response:
         start_s=time.perf_counter(),
         endpoint=endpoint,
         model=plain_text(model) if isinstance(model, str) else None,
-        tenant=services.tenants.of(request.headers.get("authorization"), body),
+        tenant=services.tenants.tenant(request.headers.get("authorization")),
         stream=_flag(body.get("stream"), endpoint.startswith("ollama")) if body else False,
         upstream=services.upstream.name,
+        end_user=services.tenants.end_user(body),
     )
     # Every forwarded request gets its row; only one with a model and a known
     # endpoint goes through the brain (tokenized, walked through the trie).

@@ -50,7 +50,7 @@ class RequestContext:
     start_s: float  # monotonic arrival time, for latencies
     endpoint: str  # chat, completions, ollama_chat, ollama_generate, other
     model: str | None  # the body's model
-    tenant: str | None  # hash of the API key or the user field
+    tenant: str | None  # keyed hash of the API key
     stream: bool  # the client asked for a stream
     upstream: str  # upstream name
     # Sent to the brain with each message about the request (so: plain values only).
@@ -58,6 +58,7 @@ class RequestContext:
     route_reason: str | None = None  # why the router picked the first upstream
     route_attempts: int = 1  # upstreams tried
     route_load: int | None = None  # the chosen upstream's load when chosen
+    end_user: str | None = None  # keyed hash of the body's user field
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,4 +110,5 @@ def to_record(
         route_reason=ctx.route_reason,
         route_attempts=ctx.route_attempts,
         route_load_tokens=ctx.route_load,
+        end_user=ctx.end_user,
     )
