@@ -107,3 +107,57 @@ def test_prompt_path_common_prefix_matches_a_naive_lcp() -> None:
                 min(len(s), len(prompt)),
             )
             assert path.common_prefix(node) == naive
+
+
+def test_idle_slot_saved_at_task_launch_is_loaded_back_after_its_slot_moved_on() -> None:
+    """--cache-idle-slots: launching a task saves every idle slot's sequence.
+
+    Slot 0 serves S+T, then moves on to S+U (similar enough to keep it, so no
+    save on the way). Only the idle save at r3's launch put S+T in the RAM
+    cache; r5, long enough to fall under the similarity threshold, lands on
+    the LRU slot (1) and loads S+T from there.
+    """
+    x, s, t, u = seq((0, 100)), seq((1000, 1060)), seq((2000, 2040)), seq((3000, 3040))
+    history = [x, s + t, x + seq((100, 110)), s + u, s + t + seq((4000, 4500))]
+    for idle_slots, last in ((True, 100), (False, 0)):
+        trie = RadixTrie()
+        model = LlamaCppSlots(num_slots=2, cache_idle_slots=idle_slots)
+        assert [serve_request(model, trie, p) for p in history] == [0, 0, 100, 60, last]
+
+
+def test_idle_slot_save_keeps_one_copy_of_each_sequence() -> None:
+    trie, model = RadixTrie(), LlamaCppSlots(num_slots=2)
+    serve_request(model, trie, seq((0, 100)))  # slot 1
+    serve_request(model, trie, seq((1000, 1020)))  # slot 0; slot 1 (idle) saved
+    serve_request(model, trie, seq((0, 100), (100, 110)))  # slot 1; slot 0 saved
+    serve_request(model, trie, seq((1000, 1020), (5, 8)))  # slot 0; slot 1's longer one replaces
+    assert [(trie.prefix_tokens(n)[0], n.depth) for n in model.cached] == [(1000, 20), (0, 110)]
+    # One slot: the only slot is the one working, so nothing is ever idle.
+    trie, model = RadixTrie(), LlamaCppSlots(num_slots=1)
+    serve_request(model, trie, seq((0, 100)))
+    serve_request(model, trie, seq((0, 100), (100, 110)))
+    assert list(model.cached) == []
+
+
+def test_unified_kv_clears_idle_slots_so_a_short_share_is_not_reused() -> None:
+    """With a unified KV cache (llama-server without -np) idle slots are saved, then cleared.
+
+    r3 shares 20 of slot 1's 100 tokens. Kept in the slot, the similarity
+    rule would reuse them; cleared into the RAM cache, that entry keeps less
+    than a quarter of itself and is not loaded ("don't trash large prompts").
+    """
+    history = [seq((0, 100)), seq((1000, 1020)), seq((0, 20), (5000, 5020))]
+    for unified, last in ((False, 20), (True, 0)):
+        trie = RadixTrie()
+        model = LlamaCppSlots(num_slots=2, kv_unified=unified)
+        assert [serve_request(model, trie, p) for p in history] == [0, 0, last]
+        held = [s.held is not None for s in model.slots]
+        assert held == ([True, True] if not unified else [False, True])
+
+
+def test_ram_cache_skips_a_sequence_larger_than_its_limit() -> None:
+    trie, model = RadixTrie(), LlamaCppSlots(num_slots=1, cache_ram_tokens=150)
+    serve_request(model, trie, seq((0, 100)))
+    serve_request(model, trie, seq((1000, 1200)))  # saves the 100
+    serve_request(model, trie, seq((2000, 2010)))  # the 200 alone is over the limit: kept out
+    assert [trie.prefix_tokens(n)[0] for n in model.cached] == [0]

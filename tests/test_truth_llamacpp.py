@@ -252,3 +252,97 @@ def test_upstream_tokenizer_mode_is_exact_without_a_local_tokenizer(
         r["reported_cached_tokens"] for r in table
     ]
     assert "terse assistant" in hot[0]["text"]
+
+
+def slot_switching_history() -> list[tuple[str, list[dict[str, str]]]]:
+    """Nine scripted requests of four tenants, built so that idle-slot saves show.
+
+    Bravo and charlie share a system prompt. With 2 slots: alpha lands on
+    slot 1, bravo on slot 0; alpha's next turn launches on slot 1, which saves
+    idle slot 0 (bravo) to the RAM cache; charlie is similar enough to bravo's
+    slot to take it without a save. Bravo's next turn (5th request) carries a
+    long message, so no slot is similar enough: it goes to the LRU slot
+    (alpha's), and only the copy saved while its slot sat idle gives it its
+    whole first prompt back.
+    """
+    sa = "Alpha desk: answer in one line. " * 12
+    sb = "Bravo desk: cite the ledger. " * 8
+    sd = "Delta desk: be brief. " * 20
+    long = "Here is the full shipping log to audit line by line. " * 60
+    chats = {
+        "alpha": [{"role": "system", "content": sa}, {"role": "user", "content": "Hello."}],
+        "bravo": [
+            {"role": "system", "content": sb},
+            {"role": "user", "content": "Which invoice is overdue, and by how long? " * 3},
+        ],
+        "charlie": [
+            {"role": "system", "content": sb},
+            {"role": "user", "content": "Summarise the refund policy for damaged parcels. " * 3},
+        ],
+        "delta": [{"role": "system", "content": sd}, {"role": "user", "content": "Hello."}],
+    }
+    turns = [
+        ("alpha", ""),
+        ("bravo", ""),
+        ("alpha", "More."),
+        ("charlie", ""),
+        ("bravo", long),
+        ("delta", ""),
+        ("alpha", "Again."),
+        ("charlie", "And?"),
+        ("delta", "Next."),
+    ]
+    out: list[tuple[str, list[dict[str, str]]]] = []
+    for tenant, message in turns:
+        chat_ = chats[tenant]
+        if message:
+            chat_ += [
+                {"role": "assistant", "content": f"{tenant.title()} reply {len(chat_) // 2}."},
+                {"role": "user", "content": message},
+            ]
+        out.append((tenant, list(chat_)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("slots", "server_flags", "cache_model"),
+    [
+        (2, (), {}),
+        (2, ("--no-cache-idle-slots",), {"cache_idle_slots": False}),
+        (2, ("--kv-unified",), {"kv_unified": True}),
+        (1, (), {}),
+        (1, ("--no-cache-idle-slots",), {"cache_idle_slots": False}),
+    ],
+    ids=[
+        "two-slots",
+        "two-slots-no-idle-saves",
+        "two-slots-unified-kv",
+        "one-slot",
+        "one-slot-no-idle-saves",
+    ],
+)
+def test_idle_slot_saves_are_replayed_request_by_request(
+    tmp_path: Path,
+    tokenizer_fixtures: dict[str, Any],
+    slots: int,
+    server_flags: tuple[str, ...],
+    cache_model: dict[str, Any],
+) -> None:
+    """llama-server's defaults save every idle slot at each task launch; kvern replays it."""
+    with llama_server(tiny_model("qwen2"), slots=slots, extra=server_flags) as url:
+        config = config_for(tmp_path, url, tokenizer_fixtures, slots=slots, **cache_model)
+        with serve(create_app(config)) as kvern:
+            client = openai.OpenAI(base_url=kvern + "/v1", api_key="x", max_retries=0)
+            for tenant, messages in slot_switching_history():
+                chat(client, messages, user=tenant)
+            flush(kvern)
+    table = rows(tmp_path / "kvern.db")
+    assert [r["prompt_tokens"] for r in table] == [r["upstream_prompt_tokens"] for r in table]
+    predicted, reported, _ = predicted_and_reported(tmp_path / "kvern.db")
+    assert predicted == reported
+    bravo_first, bravo_again = table[1]["prompt_tokens"], reported[4]
+    if slots == 2 and not cache_model:
+        # Only the idle-slot save kept bravo's first prompt whole.
+        assert bravo_again == bravo_first
+    else:
+        assert bravo_again < bravo_first

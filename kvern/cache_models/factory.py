@@ -21,5 +21,7 @@ def build_cache_model(config: CacheModelConfig, default_block_size: int) -> Cach
             slot_prompt_similarity=config.slot_prompt_similarity,
             cache_ram=config.cache_ram,
             cache_ram_tokens=config.cache_ram_tokens,
+            cache_idle_slots=config.cache_idle_slots,
+            kv_unified=config.kv_unified,
         )
     return SharedPrefixCache(config.block_size or default_block_size)

@@ -5,23 +5,35 @@ llama-server does not share one prefix cache between requests. Each of its
 tokens it generated (all but the last sampled one, which was never fed back).
 What a request reuses is the longest common prefix (LCP) with the sequence of
 the slot it lands on, and at least one prompt token is always evaluated. With
-``--cache-ram`` (on by default) slot sequences that are about to be lost are
-saved to a RAM prompt cache and can be loaded back into a slot. This module
-replays the server's own rules (tools/server, ``get_available_slot`` and
-``server_prompt_cache``), on the request order kvern sees:
+``--cache-ram`` (on by default) slot sequences are also saved to a RAM prompt
+cache and can be loaded back into a slot. This module replays the server's
+own rules (tools/server/server-context.cpp ``get_available_slot`` and
+``process_single_task``; server-task.cpp ``server_prompt_cache``), on the
+request order kvern sees:
 
 1. Slot choice: among idle slots holding tokens, the one with the highest
    similarity ``LCP / prompt_tokens`` above ``slot_prompt_similarity`` (0.1 by
    default); if none qualifies, the least recently used idle slot.
 2. Prompt cache (only with cache_ram): when the slot was chosen by LRU, or by
    similarity while keeping less than half of its sequence, the slot's
-   sequence is saved (unless the cache already holds a sequence containing
-   it; cached sequences it contains are dropped), then the cached sequence
-   that beats the slot's own on both kept share and similarity, among those
-   that keep at least a quarter of themselves, is loaded into the slot (and
-   leaves the cache). The oldest cached sequences are dropped past the
-   token limit.
-3. Reported cached tokens: ``min(LCP(slot sequence, prompt), prompt_tokens - 1)``.
+   sequence is saved, then the cached sequence that beats the slot's own on
+   both kept share and similarity, among those that keep at least a quarter
+   of themselves, is loaded into the slot (and leaves the cache).
+3. Idle slots (``--cache-idle-slots``, on by default with the RAM cache):
+   once a task is launched on its slot, every idle slot's sequence is saved
+   too, and with a unified KV cache (``--kv-unified``, what llama-server
+   picks when ``-np`` is not given) the idle slot is then cleared.
+4. A save is skipped when a cached sequence already contains it, or when it
+   alone is over the limit; cached sequences it contains are dropped, and the
+   oldest ones go until it fits.
+5. Reported cached tokens: ``min(LCP(slot sequence, prompt), prompt_tokens - 1)``.
+
+Not replayed, as they are off in the pinned build's defaults: chunk reuse by
+KV shifting (``--cache-reuse N``, default 0; a request may set
+``n_cache_reuse``), context shift (``--context-shift``, default off: a full
+context stops generation and keeps nothing more), and context checkpoints,
+which only SWA (without ``--swa-full``) and recurrent models need. A request
+with ``cache_prompt: false`` reuses nothing, which kvern does not see either.
 
 Sequences are kept as locked trie nodes: the trie already stores every token
 sequence, so a slot costs one reference, and the LCP of a sequence with a new
@@ -106,6 +118,8 @@ class LlamaCppSlots:
         slot_prompt_similarity: float = 0.1,
         cache_ram: bool = True,
         cache_ram_tokens: int | None = None,
+        cache_idle_slots: bool = True,
+        kv_unified: bool = False,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -113,6 +127,9 @@ class LlamaCppSlots:
         self.similarity = slot_prompt_similarity
         self.cache_ram = cache_ram
         self.cache_ram_tokens = cache_ram_tokens
+        # llama-server turns idle-slot saves off when there is no RAM cache.
+        self.cache_idle_slots = cache_idle_slots and cache_ram
+        self.kv_unified = kv_unified
         self.cached: deque[TrieNode] = deque()  # the RAM prompt cache, oldest first
         self._clock = 0
 
@@ -146,10 +163,19 @@ class LlamaCppSlots:
         return lru, lru is not None
 
     def _save(self, trie: RadixTrie, held: TrieNode) -> None:
-        """server_prompt_cache::alloc: store the slot's sequence unless already contained."""
+        """server_prompt_cache::alloc then update: store the slot's sequence.
+
+        Skipped when a cached sequence already contains it (its slot has not
+        moved on since the last save) or when it alone is over the limit;
+        cached sequences it contains are obsolete. The oldest entries go until
+        it fits, as the server drops them by bytes.
+        """
         for node in self.cached:
             if nodes_common_prefix(node, held) == held.depth:
                 return  # already contained in a cached sequence
+        limit = self.cache_ram_tokens
+        if limit is not None and held.depth > limit:
+            return
         kept: deque[TrieNode] = deque()
         for node in self.cached:
             if nodes_common_prefix(node, held) == node.depth:
@@ -157,18 +183,31 @@ class LlamaCppSlots:
             else:
                 kept.append(node)
         self.cached = kept
+        if limit is not None:
+            total = sum(n.depth for n in self.cached)
+            while self.cached and total + held.depth > limit:
+                oldest = self.cached.popleft()
+                total -= oldest.depth
+                trie.unlock(oldest)
         trie.lock(held)
         self.cached.append(held)
-        self._trim(trie)
 
-    def _trim(self, trie: RadixTrie) -> None:
-        if self.cache_ram_tokens is None:
-            return
-        total = sum(n.depth for n in self.cached)
-        while self.cached and total > self.cache_ram_tokens:
-            oldest = self.cached.popleft()
-            total -= oldest.depth
-            trie.unlock(oldest)
+    def _save_idle_slots(self, trie: RadixTrie) -> None:
+        """--cache-idle-slots: after a launch, every idle slot's sequence goes to the cache.
+
+        Why it matters: the copy outlives the slot's own sequence. Once that
+        slot moves on to another prompt, or when another slot is the LRU one
+        for a prompt too long for the similarity rule, the copy is still
+        there to be loaded. With a unified KV cache the idle slot is cleared,
+        its room given back to the shared pool.
+        """
+        for slot in self.slots:
+            if slot.busy or slot.held is None:
+                continue
+            self._save(trie, slot.held)
+            if self.kv_unified:
+                trie.unlock(slot.held)
+                slot.held = None
 
     def _load(self, trie: RadixTrie, slot: _Slot, path: PromptPath) -> None:
         """server_prompt_cache::load: move a better cached sequence into the slot."""
@@ -208,7 +247,9 @@ class LlamaCppSlots:
                 self._save(trie, slot.held)
             self._load(trie, slot, path)
         lcp = path.common_prefix(slot.held)
-        slot.busy = True
+        was_busy, slot.busy = slot.busy, True
+        if self.cache_idle_slots and not was_busy:
+            self._save_idle_slots(trie)
         return StartResult(min(lcp, len(prompt) - 1), slot)
 
     def finish(self, trie: RadixTrie, handle: Any, held: TrieNode | None, now_s: float) -> None:

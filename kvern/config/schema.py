@@ -88,6 +88,12 @@ class CacheModelConfig(_Section):
     # its trie, so this also bounds kvern's own memory. null: no limit.
     cache_ram: bool = True
     cache_ram_tokens: int | None = Field(1_000_000, ge=1)
+    # llamacpp: --cache-idle-slots (on by default, needs the RAM cache): each
+    # task launch also saves every idle slot's sequence to the RAM cache. With
+    # kv_unified (--kv-unified; llama-server's choice when -np is not given,
+    # then with 4 slots) those idle slots are cleared after the save.
+    cache_idle_slots: bool = True
+    kv_unified: bool = False
     # Backends keep the KV of generated tokens too; kvern then adds each answer
     # (re-tokenized) to the sequence the backend holds.
     cache_generated: bool = True
