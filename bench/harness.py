@@ -258,14 +258,15 @@ def stop(procs: list[subprocess.Popen[bytes]], timeout_s: float = 30) -> None:
 
 
 class Conversations:
-    """Multi-turn chats of 1-8k tokens: tenants share a system prompt, sessions grow by turn.
+    """Multi-turn chats (1-8k tokens at up to 8 turns): tenants share a system prompt.
 
     Every turn adds new random words, so every request brings a prefix no
     earlier request had: a trie fed by these keeps growing until its cap.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, max_turns: int = 8) -> None:
         self._rng = random.Random(seed)
+        self._max_turns = max_turns
         self._systems = [self._text(self._rng.randint(700, 1200)) for _ in range(8)]
         self._idle: list[dict[str, Any]] = []  # sessions whose last turn has ended
         self._count = 0
@@ -284,7 +285,7 @@ class Conversations:
                 "id": f"s{self._count}",
                 "messages": [{"role": "system", "content": self._systems[tenant]}],
                 "turns": 0,
-                "max_turns": self._rng.randint(1, 8),
+                "max_turns": self._rng.randint(1, self._max_turns),
             }
         session["messages"].append(
             {"role": "user", "content": self._text(self._rng.randint(80, 500))}

@@ -22,6 +22,7 @@ from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.records import Outcome, RequestContext
 from kvern.tracking.tracker import Tracker
+from kvern.tracking.views import describe
 from tests.assets import TokenizerFixture
 
 MODEL = "llama3.2:test"
@@ -159,3 +160,6 @@ async def test_answers_that_cannot_be_read_leave_the_trie_within_its_cap(
     assert locks == 0
     assert tokens <= 2000
     assert len(harness.rows) == 30
+    # What /trie/visualize shows of it.
+    view = await harness.tracker.in_thread(describe, harness.forest.get(MODEL), None, 1, 0)
+    assert view["stats"]["locks"] == 0 and view["stats"]["tokens"] == tokens

@@ -61,6 +61,10 @@ def describe(mt: ModelTrie, tok: ModelTokenizer | None, n: int, min_depth: int) 
             "tokens": stats.num_tokens,
             "estimated_bytes": stats.estimated_bytes,
             "max_tokens": mt.max_tokens,
+            # Locks held (the root counts every one): requests in flight, plus
+            # what a llama.cpp cache model keeps in its slots and RAM cache.
+            # More than that, once the load stops, is a leak that pins paths.
+            "locks": mt.trie.root.lock_ref,
             "block_size": mt.block_size,
         },
         "display": "\n".join(lines),
