@@ -37,19 +37,19 @@ class Harness:
         self.forest = forest
         self.rows = rows
 
-    async def request(self, prompt: str, answer: bytes) -> None:
+    async def request(self, prompt: str, answer: bytes, model: str = MODEL) -> None:
         """One streamed chat, from its first byte to its row."""
         ctx = RequestContext(
             request_id="kv-" + uuid.uuid4().hex[:20],
             ts_s=time.time(),
             start_s=time.perf_counter(),
             endpoint="chat",
-            model=MODEL,
+            model=model,
             tenant=None,
             stream=True,
             upstream="default",
         )
-        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": prompt}]}
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": prompt}]}
         self.tracker.begin(ctx, json.dumps(body).encode(), insert=True)
         outcome = Outcome(200, None, 1.0, 2.0)
         self.tracker.complete(ctx, outcome, body=answer, content_type="text/event-stream")
@@ -163,3 +163,17 @@ async def test_answers_that_cannot_be_read_leave_the_trie_within_its_cap(
     # What /trie/visualize shows of it.
     view = await harness.tracker.in_thread(describe, harness.forest.get(MODEL), None, 1, 0)
     assert view["stats"]["locks"] == 0 and view["stats"]["tokens"] == tokens
+
+
+@pytest.mark.parametrize("harness", [{"tracking": {"max_models": 3}}], indirect=True)
+async def test_model_names_past_max_models_pass_untracked(harness: Harness) -> None:
+    # Each model name gets a trie, a cache model and a tokenizer entry of its
+    # own: a client inventing a name per request grew the brain by ~14 KB a
+    # request (plus its prompt, never evicted) until it was restarted.
+    for i in range(20):
+        await harness.request(prompt(i), sse("ok"), model=f"llama3.2:x{i % 10}")
+    assert harness.forest.models() == ["llama3.2:x0", "llama3.2:x1", "llama3.2:x2"]
+    assert harness.tracker.stats.skipped == {"too_many_models": 14}
+    assert len(harness.rows) == 20  # every request keeps its row
+    tracked = [r for r in harness.rows if r.prompt_tokens is not None]
+    assert sorted({r.model for r in tracked}) == harness.forest.models()

@@ -266,6 +266,10 @@ class TrackingConfig(_Section):
     # How long /analytics and /trie/visualize wait for queued tracking to land
     # (?wait_s= overrides it per call); then they answer and say what is pending.
     drain_timeout_s: float = Field(1.0, ge=0)
+    # Distinct model names tracked, each with a trie, a cache model and a
+    # tokenizer entry of its own; a new name past this passes untracked
+    # (counted), so a client inventing names cannot grow the brain for ever.
+    max_models: int = Field(64, ge=1)
 
 
 class AnalyticsConfig(_Section):

@@ -88,7 +88,34 @@ class Tracker(TrackingQueue):
         # request id -> its answered routing question, until the relay commits it.
         self._asked: dict[str, _Asked] = {}
         self._max_body_bytes = config.tracking.max_context_tokens * _BODY_BYTES_PER_TOKEN
+        # Model names given per-model state (a trie, a cache model, a tokenizer
+        # entry), at most tracking.max_models: names come from clients.
+        self._models: set[str] = set()
+        self._max_models = config.tracking.max_models
         self._books = Bookkeeper(config, forest, presence, self.stats, clock)
+
+    def _admits(self, model: str, *, count: bool = True) -> bool:
+        """Whether ``model`` is tracked: a name seen before, or a new one within max_models.
+
+        A new name past the bound passes untracked, counted (``count``) and
+        logged once: every name would otherwise keep a trie and its prompts
+        for as long as the brain lives.
+        """
+        if model in self._models:
+            return True
+        if len(self._models) < self._max_models:
+            self._models.add(model)
+            return True
+        if count:
+            self.stats.skip("too_many_models")
+            if "too_many_models" not in self._logged_kinds:
+                self._logged_kinds.add("too_many_models")
+                logger.warning(
+                    "tracking.max_models (%d) model names are tracked; requests for other "
+                    "names pass untracked from now on (counted in /health)",
+                    self._max_models,
+                )
+        return False
 
     def _normalizer(self, model: str) -> Normalizer:
         norm = self._normalizers.get(model)
@@ -121,6 +148,8 @@ class Tracker(TrackingQueue):
             self.stats.num_skipped_backlog += 1
             return
         assert ctx.model is not None
+        if not self._admits(ctx.model):
+            return
         model, endpoint, upstream = ctx.model, ctx.endpoint, ctx.upstream
         job = self._new_prediction_job(ctx)
 
@@ -156,6 +185,8 @@ class Tracker(TrackingQueue):
         if self._pending >= self._max_pending:
             return None
         assert ctx.model is not None
+        if not self._admits(ctx.model, count=False):  # counted at its first byte
+            return None
         model, endpoint = ctx.model, ctx.endpoint
         tok = self._registry.loaded(model) if model not in self._waiting else None
         if tok is None:
