@@ -54,12 +54,15 @@ def upstream_app(
     asks for one huge answer instead (64 KiB chunks, no pauses).
     """
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     async def chat(request: Request) -> Response:
-        body = json.loads(await request.body())
+        try:
+            body = json.loads(await request.body())
+        except ClientDisconnect:  # the proxy gave up on it (its client left): no traceback
+            return Response(status_code=499)
         chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
         tokens = chars // 4
         await asyncio.sleep(min(tokens, prefill_max_tokens) * prefill_s_per_token)
