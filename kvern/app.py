@@ -40,6 +40,7 @@ from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
 from kvern.services import Services
 from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.backends import BackendWatch
 from kvern.tracking.client import BrainClient
 from kvern.upstream.client import build_client
 
@@ -78,21 +79,32 @@ def create_app(
                 clock=wall,
             )
             await store.start()
-        pool = UpstreamPool(config.upstream_entries(), config.routing.health)
+        client = build_client(config.upstream, transport)
+        # What each upstream says about its cache fills what the config leaves
+        # unset (cache_model.kind: auto); the brain starts with the result.
+        backends = await BackendWatch.start(config, client)
+        effective = backends.effective()
+        pool = UpstreamPool(effective.upstream_entries(), effective.routing.health)
         upstream = pool.replicas[0].upstream
         parity: ParityReports | None = None
         brain = BrainClient(
-            config,
+            effective,
             record=store.record if store is not None else None,
             registry=registry,
             clock=wall,
         )
+        backends.brain = brain
         if config.tokenizers.parity_check:
             parity = ParityReports(store, lambda: brain.call("parity_wait", timeout_s=600))
             brain.set_parity_sink(parity.receive)
         await brain.start()
-        client = build_client(config.upstream, transport)
-        monitor = HealthMonitor(pool, config.routing.health, client, on_down=brain.drop_upstream)
+        monitor = HealthMonitor(
+            pool,
+            config.routing.health,
+            client,
+            on_down=brain.drop_upstream,
+            on_up=backends.came_back,
+        )
         router = Router(pool, config.routing, config.routing_policy(), brain, clock=wall)
         inflight = InFlight()
         app.state.services = Services(
@@ -105,6 +117,7 @@ def create_app(
             tracker=brain,
             store=store,
             tenants=TenantIds(tenant_secret(config.analytics)),
+            backends=backends,
             inflight=inflight,
             clock=wall,
             started_s=wall(),
@@ -130,6 +143,7 @@ def create_app(
             if not await inflight.wait_empty(_LEAVE_TIMEOUT_S):
                 logger.warning("%d request(s) still in flight at shutdown", len(inflight))
             await monitor.close()
+            await backends.close()
             await brain.close()  # every row the brain holds comes back first
             if store is not None:
                 await store.close()

@@ -21,6 +21,7 @@ from kvern.routes.inflight import InFlight
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
+from kvern.tracking.backends import BackendWatch
 from kvern.tracking.client import BrainClient
 from kvern.upstream.client import Upstream
 
@@ -39,6 +40,7 @@ class Services:
     store: AnalyticsStore | None  # None when analytics are disabled
     tenants: TenantIds  # keyed tenant ids (the secret beside the db, or configured)
     inflight: InFlight  # requests from arrival to their row (graceful shutdown)
+    backends: BackendWatch  # what each upstream said about its cache (cache_model auto)
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off

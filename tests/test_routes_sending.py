@@ -29,7 +29,13 @@ def kvern_before(
     """kvern with one connection pool before ``base_url=`` (one upstream) or ``upstreams=``."""
     data: dict[str, Any] = {
         # One shard, so the second request reuses the first one's connection.
-        "upstream": {"max_keepalive_connections": 1, "read_timeout_s": 10.0},
+        "upstream": {
+            "max_keepalive_connections": 1,
+            "read_timeout_s": 10.0,
+            # Set, so kvern asks the upstream nothing at start-up: each
+            # connection's place in the script is the test's to decide.
+            "cache_model": {"kind": "radix", "block_size": 16},
+        },
         "tokenizers": {
             "models": {"*": str(tokenizer_fixtures["qwen2"].directory)},
             "parity_check": False,

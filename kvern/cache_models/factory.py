@@ -14,7 +14,11 @@ from kvern.config import CacheModelConfig
 
 
 def build_cache_model(config: CacheModelConfig, default_block_size: int) -> CacheModel:
-    """The cache model the config names (one per upstream and model)."""
+    """The cache model the config names (one per upstream and model).
+
+    ``auto`` is resolved before this (:mod:`kvern.cache_models.auto`); one
+    still ``auto`` here is an upstream that said nothing: the default radix.
+    """
     if config.kind == "llamacpp":
         return LlamaCppSlots(
             num_slots=config.slots,

@@ -133,6 +133,15 @@ class LlamaCppSlots:
         self.cached: deque[TrieNode] = deque()  # the RAM prompt cache, oldest first
         self._clock = 0
 
+    def release(self, trie: RadixTrie) -> None:
+        """Drop every slot's sequence and the RAM cache, unlocking their nodes."""
+        for slot in self.slots:
+            if slot.held is not None:
+                trie.unlock(slot.held)
+                slot.held = None
+        while self.cached:
+            trie.unlock(self.cached.popleft())
+
     # -- helpers ---------------------------------------------------------------
 
     @staticmethod

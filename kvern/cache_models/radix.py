@@ -40,3 +40,6 @@ class SharedPrefixCache:
 
     def finish(self, trie: RadixTrie, handle: Any, held: TrieNode | None, now_s: float) -> None:
         return None
+
+    def release(self, trie: RadixTrie) -> None:
+        return None  # it locks nothing: the trie is its whole state

@@ -69,14 +69,17 @@ class ProxyConfig(_Section):
 class CacheModelConfig(_Section):
     """How the upstream's own KV cache reuses prefixes, to predict what it will report.
 
+    ``auto`` (the default): asked of the upstream at start-up and when it
+    comes back (vLLM's ``/metrics``, llama.cpp's ``/props``, SGLang's
+    ``/get_server_info``, Ollama's ``/api/version``); fields set here win.
     ``radix``: one prefix cache shared by all requests, counted in whole KV
-    blocks (vLLM: block 16; SGLang: 1). ``llamacpp``: llama.cpp's server and
-    Ollama: ``slots`` sequences (its ``-np``), chosen by prompt similarity,
-    plus the RAM prompt cache of ``--cache-ram``.
+    blocks (vLLM: 16 on GPU, 128 on CPU; SGLang: 1). ``llamacpp``: llama.cpp's
+    server and Ollama: ``slots`` sequences (its ``-np``), chosen by prompt
+    similarity, plus the RAM prompt cache of ``--cache-ram``.
     """
 
-    kind: Literal["radix", "llamacpp"] = "radix"
-    # radix: KV block size; unset means trie.block_size.
+    kind: Literal["auto", "radix", "llamacpp"] = "auto"
+    # radix: KV block size; unset: what the upstream says (auto), else trie.block_size.
     block_size: int | None = Field(None, ge=1)
     # llamacpp: number of server slots (-np) and the slot similarity threshold (-sps).
     slots: int = Field(1, ge=1)

@@ -206,6 +206,8 @@ async def health(request: Request) -> Response:
         "routing": routing,
         "tokenizers": view["tokenizers"],
         "approximate_tokenizers": approximate,
+        # What each upstream said about its cache, and the cache model kvern runs for it.
+        "backends": services.backends.view(),
         # Whether hub ids can be fetched: "unreachable" names the endpoint and why.
         "tokenizer_hub": view.get("tokenizer_hub"),
         "tracking": tracking,

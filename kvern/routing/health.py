@@ -37,12 +37,14 @@ class HealthMonitor:
         client: httpx.AsyncClient,
         *,
         on_down: Callable[[str], None],
+        on_up: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.config = config
         self._client = client
         self._on_down = on_down
+        self._on_up = on_up
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
 
@@ -60,9 +62,17 @@ class HealthMonitor:
             self._on_down(replica.name)
 
     def succeeded(self, replica: Replica) -> None:
-        if replica.breaker.state != "closed":
+        breaker = replica.breaker
+        # Back: its circuit was open, or (one upstream: it never opens) it had
+        # failed as many times in a row as would have opened it.
+        back = breaker.state != "closed" or (
+            breaker.consecutive_failures >= self.config.failure_threshold
+        )
+        if back:
             logger.warning("upstream %s is back", replica.name)
         replica.breaker.success()
+        if back and self._on_up is not None:
+            self._on_up(replica.name)
 
     def acquire(self, replica: Replica) -> bool:
         """Permission to send to ``replica`` now (a half-open circuit lets one trial through)."""

@@ -66,15 +66,21 @@ class UpstreamTokenizer:
         return self._detect()
 
     def _detect(self) -> Method:
+        """llama.cpp's API or vLLM's, told by the shape of the answer, not just a 200.
+
+        A server that answers every POST alike (a gateway, a stub) is neither.
+        """
         if self.method is None:
+            probe = {"messages": [{"role": "user", "content": "x"}]}
             try:
-                self._post("/apply-template", {"messages": [{"role": "user", "content": "x"}]})
+                rendered = self._post("/apply-template", probe)
+                if not isinstance(rendered.get("prompt"), str):
+                    raise UpstreamTokenizerError("/apply-template: no 'prompt' in the answer")
                 self.method = "llamacpp"
             except UpstreamTokenizerError:
-                self._post(
-                    "/tokenize",
-                    {"model": self._model, "messages": [{"role": "user", "content": "x"}]},
-                )
+                tokens = self._post("/tokenize", {"model": self._model, **probe}).get("tokens")
+                if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                    raise UpstreamTokenizerError("/tokenize: no token ids in the answer") from None
                 self.method = "vllm"
         return self.method
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvern.config import KvernConfig
+from kvern.config import CacheModelConfig, KvernConfig
 from kvern.parity.checker import ParityChecker, ParityReport
 from kvern.routing.book import PresenceBook
 from kvern.routing.pool import UpstreamPool
@@ -213,6 +213,12 @@ class Brain:
                     describe, self.forest.get(name), tok, n, min_depth, urgent=True
                 )
             return {"models": out, "waiting": waiting}
+        if method == "reset_cache_model":
+            # The upstream came back with other cache settings (auto detection).
+            (settings,) = args
+            fresh = CacheModelConfig.model_validate(settings)
+            await tracker.in_thread(self.forest.reset_cache_model, fresh, urgent=True)
+            return None
         if method == "parity_wait":
             if self.parity is not None:
                 await self.parity.wait()

@@ -70,6 +70,13 @@ class TrieForest:
             self._tries[model] = found
         return found
 
+    def reset_cache_model(self, cache_model: CacheModelConfig) -> None:
+        """Replace every model's cache model (the upstream came back with other settings)."""
+        self._cache_model = cache_model
+        for mt in self._tries.values():
+            mt.cache_model.release(mt.trie)
+            mt.cache_model = build_cache_model(cache_model, mt.block_size)
+
     def peek(self, model: str) -> ModelTrie | None:
         return self._tries.get(model)
 
