@@ -41,7 +41,9 @@ class SpecialToken:
     # CONTROL or UNKNOWN: matched only when special tokens are parsed (as
     # llama-server parses prompts); USER_DEFINED tokens are matched always.
     control: bool
-    rstrip: bool = False  # whitespace after it is dropped (Phi-3)
+    # Whitespace after it is dropped (Phi-3). llama.cpp drops ASCII
+    # whitespace only; tokenizers' rstrip drops any (U+3000 too).
+    rstrip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
