@@ -166,7 +166,12 @@ def test_no_input_makes_kvern_answer_5xx_log_a_traceback_or_skip_a_row(
     with counting_upstream() as (up, received):
         config = parse_config(
             {
-                "upstream": {"base_url": up + "/v1"},
+                # Cache settings given, so kvern asks the upstream nothing of its
+                # own: every request it receives is one kvern forwarded.
+                "upstream": {
+                    "base_url": up + "/v1",
+                    "cache_model": {"kind": "radix", "block_size": 16},
+                },
                 "tokenizers": {
                     "models": {"*": str(tokenizer_fixtures["qwen2"].directory)},
                     "parity_check": False,
