@@ -9,6 +9,7 @@ tokenizer, while kvern uses the HF tokenizers derived from the same files.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import time
@@ -131,16 +132,35 @@ async def test_qwen2_matches_llama_server_on_nfc_text(
     assert report.first_diff is None
 
 
+async def test_qwen2_from_the_gguf_matches_llama_server_on_every_sample(
+    servers: dict[str, str], tokenizer_for: TokenizerFor
+) -> None:
+    """kvern's GGUF build follows llama.cpp, which applies no NFC.
+
+    So sample 2's combining accent (``e`` + U+0301) tokenizes alike too.
+    """
+    report = await check(servers["qwen2"], tokenizer_for("qwen2"))
+    assert (report.status, report.template_match, report.tokens_match) == ("match", True, True)
+
+
 async def test_qwen2_nfc_normalizer_differs_from_llama_server(
     servers: dict[str, str], tokenizer_for: TokenizerFor
 ) -> None:
-    """A real difference: Qwen2's HF tokenizer applies NFC, llama.cpp's does not.
+    """A real difference: Qwen2's own HF tokenizer applies NFC, llama.cpp's does not.
 
-    The third default sample holds ``e`` + U+0301 (combining acute): kvern's
-    tokenizer composes it into ``é`` before splitting; llama-server tokenizes
-    the two code points. The templates agree; only the ids differ.
+    transformers loads a Qwen2 model folder's tokenizer with an NFC step (as
+    vLLM runs it); the same vocabulary with that step, put in front of
+    llama-server, composes sample 2's ``e`` + U+0301 (combining acute) into
+    ``é`` before splitting, while llama-server tokenizes the two code points.
+    The templates agree; only the ids differ.
     """
-    report = await check(servers["qwen2"], tokenizer_for("qwen2"))
+    from tokenizers import normalizers
+
+    gguf_built = tokenizer_for("qwen2")
+    with_nfc = copy.deepcopy(gguf_built.hf)
+    with_nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    tokenizer = ModelTokenizer(with_nfc, source=gguf_built.source)
+    report = await check(servers["qwen2"], tokenizer)
     assert (report.status, report.template_match, report.tokens_match) == (
         "mismatch",
         True,
