@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -35,6 +37,14 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down, so the process
+        # dies of SIGTERM (status -15). A graceful stop is a clean exit: 0.
+        captured = self._captured_signals
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         cutter = asyncio.ensure_future(self._cut_after_grace())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import socket
 import sqlite3
 import time
@@ -382,3 +383,24 @@ def test_a_client_stalling_its_body_gets_a_408_and_its_connection_back(tmp_path:
     assert after.status_code == 200
     chats = [s for s in up.seen if s.path.endswith("/chat/completions")]
     assert len(chats) == 1  # the stalled request was never forwarded
+
+
+def test_a_client_leaving_while_sending_its_body_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    with raw_upstream() as up:
+        with kvern_before(tmp_path, int(up.url.rsplit(":", 1)[1])) as k:
+            host, port = k.url.removeprefix("http://").split(":")
+            for _ in range(3):
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(
+                        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                        b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+                    )
+                time.sleep(0.2)
+            after = chat(k.url)
+    assert after.status_code == 200
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    chats = [s for s in up.seen if s.path.endswith("/chat/completions")]
+    assert len(chats) == 1  # none of the cut requests was forwarded

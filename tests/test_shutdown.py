@@ -113,13 +113,14 @@ def test_sigterm_lets_short_streams_finish_and_ends_long_ones_with_an_event_and_
             proc.send_signal(signal.SIGTERM)
             for t in threads:
                 t.join(timeout=30)
-            proc.wait(timeout=30)
+            returncode = proc.wait(timeout=30)
             stopped_s = time.monotonic() - start
     long, short, stall = results["long"], results["short"], results["stall"]
     assert "[DONE]" in short["text"] and "error" not in short["text"]
     assert long["status"] == 200 and '"code": "shutting_down"' in long["text"]
     assert stall["status"] == 503
     assert stopped_s < 2 + 5 + 3  # the grace, the margin, and start-up noise
+    assert returncode == 0  # a graceful stop is a clean exit
     recorded = rows(tmp_path / "kvern.db")
     assert recorded[short["id"]]["error"] is None
     assert recorded[long["id"]]["error"] == "shutting_down"

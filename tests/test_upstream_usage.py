@@ -31,3 +31,12 @@ def test_a_negative_or_huge_count_is_no_figure_at_all() -> None:
         facts = parse_response(answer(broken, completion=broken), "application/json")
         assert facts.reported_cached_tokens is None, broken
         assert facts.completion_tokens is None, broken
+
+
+def test_one_event_nested_past_the_parser_loses_only_itself() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+    body = f"data: {deep}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+    facts = parse_response(body, "text/event-stream")
+    assert (facts.upstream_prompt_tokens, facts.completion_tokens) == (7, 2)
+    assert parse_response(deep.encode(), "application/json").completion_tokens is None

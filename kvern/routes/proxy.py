@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from kvern.errors import (
@@ -130,6 +130,10 @@ async def forward(request: Request) -> Response:
         return await _forward(services, request)
     except KvernError as exc:
         return error_response(exc)
+    except ClientDisconnect:
+        # The client left while sending its body: nothing was forwarded, and
+        # nobody is there to read an answer.
+        return Response(status_code=499)
 
 
 async def _forward(services: Services, request: Request) -> Response:

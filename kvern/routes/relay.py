@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -147,7 +147,23 @@ async def relay_whole(
     if length is not None:
         headers["content-length"] = length
     body = _relay_large(ctx, attempt, head, size, chunks, track, ttfb_ms)
-    return CutOnFailure(body, status_code=status, headers=headers)
+    return CutOnFailure(
+        body, status_code=status, headers=headers, settle=_abandoned(attempt, ctx, track)
+    )
+
+
+def _abandoned(
+    attempt: Attempt, ctx: RequestContext, track: RequestTrack
+) -> Callable[[], Awaitable[None]]:
+    """What settles a relay whose body never began: the client left first."""
+
+    async def settle() -> None:
+        if not track.finished:
+            attempt.end(ctx)
+            track.done(attempt.response.status_code, "client_disconnected", None, b"", "")
+            await attempt.response.aclose()
+
+    return settle
 
 
 class ResponseCut(Exception):
@@ -164,23 +180,39 @@ class CutOnFailure(Response):
     """
 
     def __init__(
-        self, body: AsyncIterator[bytes], *, status_code: int, headers: dict[str, str]
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        status_code: int,
+        headers: dict[str, str],
+        settle: Callable[[], Awaitable[None]],
     ) -> None:
         self.body_iterator = body
         self.status_code = status_code
         self.background = None
+        self._settle = settle
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
         try:
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except ResponseCut:
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            try:
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except ResponseCut:
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # However it ended (a client gone before the body began included),
+            # the body's own ending runs now, and one that never began is settled.
+            await self.body_iterator.aclose()
+            await self._settle()
 
 
 async def _relay_large(
@@ -191,7 +223,7 @@ async def _relay_large(
     chunks: AsyncIterator[bytes],
     track: RequestTrack,
     ttfb_ms: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     upstream_response = attempt.response
     replica = attempt.route.replica
     content_type = upstream_response.headers.get("content-type", "")
@@ -300,12 +332,7 @@ class _TrackedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._chunks.aclose()
-            if not self._track.finished:  # it never started: the client left first
-                self._attempt.end(self._ctx)
-                self._track.done(
-                    self._attempt.response.status_code, "client_disconnected", None, b"", ""
-                )
-                await self._attempt.response.aclose()
+            await _abandoned(self._attempt, self._ctx, self._track)()
 
 
 async def _stream_chunks(

@@ -112,19 +112,19 @@ def parse_response(body: bytes, content_type: str) -> ResponseFacts:
                 continue
             try:
                 _absorb(facts, json.loads(payload), counted, parts)
-            except ValueError:
+            except (ValueError, RecursionError):  # one bad event loses only itself
                 continue
     elif "ndjson" in content_type or ("\n{" in text and not text.lstrip().startswith("[")):
         for line in text.splitlines():
             if line.strip():
                 try:
                     _absorb(facts, json.loads(line), counted, parts)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
     else:
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return facts
         _absorb(facts, obj, counted, parts)
     facts.completion_text = "".join(parts)
