@@ -37,6 +37,7 @@ from tests.vllm_server import (
     SERVED_MODEL,
     VllmUnavailable,
     block_size_of,
+    capacity_tokens_of,
     install_vllm,
     reset_prefix_cache,
     tiny_model_dir,
@@ -49,12 +50,19 @@ MODEL = SERVED_MODEL
 PREAMBLE = "You work for Example Corp and answer tersely. Follow the company policy below. " * 6
 
 
+# The block-32 server gets a KV cache small enough to fill (8,192 tokens), the
+# default one its 1 GiB (1,048,576 tokens of this model). No other test comes
+# near 8,192 tokens between two resets.
+SMALL_KV_BLOCKS = 256
+
+
 @dataclass(frozen=True)
 class Vllm:
-    """A running vLLM and the KV block size it was started with."""
+    """A running vLLM and the KV cache it was started with."""
 
     url: str  # without /v1
     block_size: int
+    capacity_tokens: int  # what its KV cache holds, as its /metrics says
     model_dir: Path  # what it serves; kvern loads its tokenizer from here too
 
 
@@ -67,8 +75,13 @@ def vllm_session(request: pytest.FixtureRequest) -> Iterator[Vllm]:
     except VllmUnavailable as exc:
         pytest.skip(f"no real vLLM here: {exc}")
     block = int(request.param)
-    with vllm_server(block_size=None if block == DEFAULT_BLOCK_SIZE else block) as url:
-        yield Vllm(url, block, model_dir)
+    if block == DEFAULT_BLOCK_SIZE:
+        server = vllm_server()
+    else:
+        override = ("--num-gpu-blocks-override", str(SMALL_KV_BLOCKS))
+        server = vllm_server(block_size=block, extra=override)
+    with server as url:
+        yield Vllm(url, block, capacity_tokens_of(url), model_dir)
 
 
 @pytest.fixture
@@ -118,8 +131,10 @@ def predicted_and_reported(db: Path) -> tuple[list[int], list[int]]:
     )
 
 
-def test_vllm_reports_the_block_size_it_was_started_with(vllm: Vllm) -> None:
+def test_vllm_reports_the_kv_cache_it_was_started_with(vllm: Vllm) -> None:
     assert block_size_of(vllm.url) == vllm.block_size
+    small = vllm.block_size != DEFAULT_BLOCK_SIZE
+    assert vllm.capacity_tokens == (SMALL_KV_BLOCKS * 32 if small else 1024**3 // 1024)
 
 
 def test_scripted_history_agrees_request_by_request(tmp_path: Path, vllm: Vllm) -> None:
@@ -201,6 +216,54 @@ def test_tenants_sharing_a_preamble_share_vllm_blocks(tmp_path: Path, vllm: Vllm
     assert predicted == reported
 
 
+@pytest.mark.parametrize("vllm_session", [32], indirect=True, ids=["block32"])
+def test_a_full_kv_cache_evicts_and_the_replayed_block_pool_follows(
+    tmp_path: Path, vllm: Vllm
+) -> None:
+    """Ten tenants' prompts (about 1,000 tokens each) through 8,192 tokens of KV cache.
+
+    Tenant 0 comes back every other request and stays cached; the others
+    come back only after nine other prompts, by when vLLM's LRU has evicted
+    them, while kvern's trie still holds them all. Told vLLM's capacity,
+    kvern replays vLLM's block pool and predicts both.
+    """
+    data = config_for(tmp_path, vllm).model_dump()
+    data["upstream"]["cache_model"]["capacity_tokens"] = vllm.capacity_tokens
+    words = "ledger invoice refund shipping warranty account billing support order".split()
+    histories = [
+        [
+            {
+                "role": "system",
+                "content": f"Tenant {c}. "
+                + " ".join(f"{words[(c + i) % 9]}{i}" for i in range(330)),
+            },
+            {"role": "user", "content": f"Hello from tenant {c}"},
+        ]
+        for c in range(10)
+    ]
+    order = [t for turn in range(3) for c in range(1, 10) for t in (0, c)]
+    with serve(create_app(parse_config(data))) as kvern:
+        client = client_for(kvern)
+        for turn, c in enumerate(order):
+            messages = histories[c]
+            chat(client, MODEL, messages, user=f"tenant-{c}")
+            messages += [
+                {"role": "assistant", "content": f"Reply {turn} to tenant {c}."},
+                {"role": "user", "content": f"Tenant {c}, request {turn}: more."},
+            ]
+        flush(kvern)
+    table = rows(tmp_path / "kvern.db")
+    predicted, reported = predicted_and_reported(tmp_path / "kvern.db")
+    assert sum(r["prompt_tokens"] for r in table) > 5 * vllm.capacity_tokens
+    assert predicted == reported
+    # What the trie alone would have said: every prefix kvern ever saw.
+    block = vllm.block_size
+    trie_only = [min(r["matched_tokens"], r["prompt_tokens"] - 1) // block * block for r in table]
+    evicted = [i for i, (t, r) in enumerate(zip(trie_only, reported, strict=True)) if t > r]
+    assert len(evicted) >= 9, (trie_only, reported)
+    assert all(reported[i] > 0 for i in range(2, len(order), 2))  # tenant 0 stays cached
+
+
 def test_zero_config_asks_vllm_its_block_size_and_agrees(tmp_path: Path, vllm: Vllm) -> None:
     """No cache model configured (``kind: auto``): vLLM's /metrics says block and capacity."""
     data = config_for(tmp_path, vllm).model_dump()
@@ -215,7 +278,7 @@ def test_zero_config_asks_vllm_its_block_size_and_agrees(tmp_path: Path, vllm: V
         vllm.block_size,
         True,
     ), said
-    assert said["capacity_tokens"] == 1024**3 // 1024  # 1 GiB at 1 KiB of KV per token
+    assert said["capacity_tokens"] == vllm.capacity_tokens
     predicted, reported = predicted_and_reported(tmp_path / "kvern.db")
     assert reported[-1] >= vllm.block_size
     assert predicted == reported

@@ -274,15 +274,25 @@ def reset_prefix_cache(url: str) -> None:
     response.raise_for_status()
 
 
-def block_size_of(url: str) -> int:
-    """The KV block size vLLM says it uses (``vllm:cache_config_info`` in ``/metrics``)."""
+def cache_config_info(url: str) -> dict[str, str]:
+    """The labels of ``vllm:cache_config_info`` in vLLM's ``/metrics`` (block size, blocks...)."""
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         if line.startswith("vllm:cache_config_info{"):
-            for field in line[line.index("{") + 1 : line.rindex("}")].split(","):
-                key, _, value = field.partition("=")
-                if key.strip() == "block_size":
-                    return int(value.strip('"'))
-    raise AssertionError("vllm:cache_config_info has no block_size")
+            labels = line[line.index("{") + 1 : line.rindex("}")]
+            pairs = (field.partition("=") for field in labels.split(","))
+            return {key.strip(): value.strip('"') for key, _, value in pairs}
+    raise AssertionError("vLLM's /metrics has no vllm:cache_config_info")
+
+
+def block_size_of(url: str) -> int:
+    """The KV block size vLLM says it uses."""
+    return int(cache_config_info(url)["block_size"])
+
+
+def capacity_tokens_of(url: str) -> int:
+    """The tokens vLLM's KV cache holds: its blocks times their size."""
+    info = cache_config_info(url)
+    return int(info["num_gpu_blocks"]) * int(info["block_size"])
 
 
 if __name__ == "__main__":

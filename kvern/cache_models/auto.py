@@ -35,6 +35,10 @@ def resolve_cache_model(config: CacheModelConfig, facts: BackendFacts | None) ->
     if facts is not None:
         if kind == "radix" and "block_size" not in explicit and facts.block_size:
             update["block_size"] = facts.block_size
+        # vLLM's pool is what the radix model replays; SGLang evicts radix-tree leaves.
+        vllm = kind == "radix" and facts.kind == "vllm"
+        if vllm and "capacity_tokens" not in explicit and facts.capacity_tokens:
+            update["capacity_tokens"] = facts.capacity_tokens
         if kind == "llamacpp" and "slots" not in explicit and facts.slots:
             update["slots"] = facts.slots
     return config.model_copy(update=update)
@@ -87,6 +91,8 @@ def describe(config: CacheModelConfig, facts: BackendFacts | None) -> str:
     model = f"cache model {config.kind}"
     if config.kind == "radix" and config.block_size:
         model += f" block {config.block_size}"
+    if config.kind == "radix" and config.capacity_tokens:
+        model += f" capacity {config.capacity_tokens} tokens"
     if config.kind == "llamacpp":
         model += f" slots {config.slots}"
     return ", ".join(parts) + f" -> {model}"

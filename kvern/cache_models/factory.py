@@ -28,4 +28,4 @@ def build_cache_model(config: CacheModelConfig, default_block_size: int) -> Cach
             cache_idle_slots=config.cache_idle_slots,
             kv_unified=config.kv_unified,
         )
-    return SharedPrefixCache(config.block_size or default_block_size)
+    return SharedPrefixCache(config.block_size or default_block_size, config.capacity_tokens)

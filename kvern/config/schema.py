@@ -81,6 +81,11 @@ class CacheModelConfig(_Section):
     kind: Literal["auto", "radix", "llamacpp"] = "auto"
     # radix: KV block size; unset: what the upstream says (auto), else trie.block_size.
     block_size: int | None = Field(None, ge=1)
+    # radix: KV tokens the backend's cache holds (vLLM: num_gpu_blocks x
+    # block_size; auto reads it from vLLM's /metrics). Set, kvern replays vLLM's
+    # block pool and its LRU eviction; unset, it takes the backend to hold every
+    # prefix its trie holds.
+    capacity_tokens: int | None = Field(None, ge=1)
     # llamacpp: number of server slots (-np) and the slot similarity threshold (-sps).
     slots: int = Field(1, ge=1)
     slot_prompt_similarity: float = Field(0.1, ge=0.0, le=1.0)
