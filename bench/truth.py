@@ -1,18 +1,28 @@
-"""kvern's accuracy on a real backend: ``python bench/truth.py [--quick]``.
+"""kvern's accuracy on a real backend: ``python bench/truth.py [--backend vllm] [--quick]``.
 
-Starts llama.cpp's own llama-server (built once per machine from the PyPI sdist,
-see tests/llama_server.py) serving a tiny random-weight model with the real
-Qwen2 tokenizer and Qwen2.5 chat template, with 2 slots and its RAM prompt
-cache on (its defaults otherwise), and kvern in front of it told so. Then:
+Starts a real backend serving a tiny random-weight model with the real Qwen2
+tokenizer and Qwen2.5 chat template, and kvern in front of it told the
+backend's cache rules:
+
+- ``--backend llamacpp`` (the default): llama.cpp's own llama-server (built
+  once per machine from the PyPI sdist, see tests/llama_server.py) with 2
+  slots and its RAM prompt cache on (its defaults otherwise); kvern runs the
+  ``llamacpp`` cache model.
+- ``--backend vllm``: vLLM's CPU build (installed once per machine from PyPI,
+  see tests/vllm_server.py) with prefix caching, ``--block-size`` 32 (the
+  smallest its CPU attention takes; 128 is its default); kvern runs the
+  ``radix`` cache model with that block.
+
+Then, the same for both:
 
 1. A 300-request multi-tenant trace through kvern: 8 tenants with their own
    system prompts (some sharing a company preamble), Zipf popularity,
    multi-turn sessions interleaved 4 at a time, each turn re-sending the whole
    conversation with the model's own replies, streaming with usage. For every
-   request kvern predicts the cached tokens llama-server will report; the
+   request kvern predicts the cached tokens the backend will report; the
    calibration figures come from kvern's own ``/analytics``.
 2. kvern's added latency on this real backend: the same requests sent
-   alternately straight to llama-server and through kvern.
+   alternately straight to the backend and through kvern.
 
 The last line is machine-readable.
 """
@@ -28,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,59 @@ if str(ROOT) not in sys.path:
 
 MODEL = "tiny-qwen2"
 SLOTS = 2
+VLLM_BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A running backend and what kvern is told about it."""
+
+    url: str  # without /v1
+    cache_model: dict[str, Any]  # upstream.cache_model
+    tokenizer: str  # tokenizers.models[MODEL]
+    trie_block_size: int  # trie.block_size
+    title: str  # the heading of the printed table
+    reporter: str  # who reports the cached tokens, in the table
+
+
+@contextmanager
+def backend_serving(
+    backend: str, *, slots: int, cache_idle_slots: bool, block_size: int, kv_blocks: int | None
+) -> Iterator[Backend]:
+    """Start ``backend`` (``llamacpp`` or ``vllm``) with the settings kvern will be told."""
+    if backend == "vllm":
+        from tests.vllm_server import tiny_model_dir, vllm_server
+
+        model = tiny_model_dir()
+        extra = () if kv_blocks is None else ("--num-gpu-blocks-override", str(kv_blocks))
+        with vllm_server(block_size=block_size, extra=extra) as url:
+            cache_model: dict[str, Any] = {"kind": "radix", "block_size": block_size}
+            if kv_blocks is not None:  # small enough to evict: kvern replays vLLM's block pool
+                cache_model["capacity_tokens"] = kv_blocks * block_size
+            yield Backend(
+                url,
+                cache_model,
+                str(model),  # the tokenizer vLLM loads, as its users would point kvern at it
+                block_size,
+                f"vLLM (prefix caching, block {block_size}"
+                + (f", {kv_blocks} KV blocks)" if kv_blocks else ")"),
+                "vLLM",
+            )
+        return
+    from tests.assets import tokenizer_fixture
+    from tests.llama_server import llama_server, tiny_model
+
+    flags = () if cache_idle_slots else ("--no-cache-idle-slots",)
+    saves = "on" if cache_idle_slots else "off"
+    with llama_server(tiny_model("qwen2"), slots=slots, extra=flags) as url:
+        yield Backend(
+            url,
+            {"kind": "llamacpp", "slots": slots, "cache_idle_slots": cache_idle_slots},
+            str(tokenizer_fixture("qwen2").directory),
+            1,
+            f"llama-server ({slots} slots, RAM prompt cache on, idle-slot saves {saves})",
+            "llama-server",
+        )
 
 
 def zipf_choice(rng: random.Random, n: int, s: float = 1.2) -> int:
@@ -86,31 +150,36 @@ def kvern_serving(config: Any, tmp: Path) -> Iterator[str]:
         yield url
 
 
-def run(quick: bool, slots: int = SLOTS, cache_idle_slots: bool = True) -> dict[str, Any]:
+def run(
+    quick: bool,
+    slots: int = SLOTS,
+    cache_idle_slots: bool = True,
+    *,
+    backend: str = "llamacpp",
+    block_size: int = VLLM_BLOCK_SIZE,
+    kv_blocks: int | None = None,
+) -> dict[str, Any]:
     import httpx
 
     from kvern.config import parse_config
-    from tests.assets import tokenizer_fixture
-    from tests.llama_server import llama_server, tiny_model
 
     rng = random.Random(11)
     n_requests = 60 if quick else 300
     tenants = tenant_prompts(rng, 8)
     tmp = Path(tempfile.mkdtemp(prefix="kvern-truth-"))
-    flags = () if cache_idle_slots else ("--no-cache-idle-slots",)
-    with llama_server(tiny_model("qwen2"), slots=slots, extra=flags) as upstream:
+    with backend_serving(
+        backend,
+        slots=slots,
+        cache_idle_slots=cache_idle_slots,
+        block_size=block_size,
+        kv_blocks=kv_blocks,
+    ) as served:
+        upstream = served.url
         config = parse_config(
             {
-                "upstream": {
-                    "base_url": upstream + "/v1",
-                    "cache_model": {
-                        "kind": "llamacpp",
-                        "slots": slots,
-                        "cache_idle_slots": cache_idle_slots,
-                    },
-                },
-                "tokenizers": {"models": {MODEL: str(tokenizer_fixture("qwen2").directory)}},
-                "trie": {"block_size": 1},
+                "upstream": {"base_url": upstream + "/v1", "cache_model": served.cache_model},
+                "tokenizers": {"models": {MODEL: served.tokenizer}},
+                "trie": {"block_size": served.trie_block_size},
                 "analytics": {"db_path": str(tmp / "truth.db"), "flush_interval_ms": 20},
             }
         )
@@ -179,6 +248,8 @@ def run(quick: bool, slots: int = SLOTS, cache_idle_slots: bool = True) -> dict[
         "total_direct_p50_ms": statistics.median(total["direct"]),
         "total_kvern_p50_ms": statistics.median(total["kvern"]),
         "stale_retries": stale_retries,
+        "title": served.title,
+        "reporter": served.reporter,
     }
 
 
@@ -192,21 +263,40 @@ def main() -> None:
         default="on",
         help="llama-server --cache-idle-slots (on, its default) or --no-cache-idle-slots",
     )
+    parser.add_argument(
+        "--backend", choices=("llamacpp", "vllm"), default="llamacpp", help="the real backend"
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=VLLM_BLOCK_SIZE,
+        help="vLLM --block-size, a multiple of 32 (default 32)",
+    )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="vLLM --num-gpu-blocks-override: a KV cache this small evicts (default: 1 GiB)",
+    )
     args = parser.parse_args()
-    r = run(args.quick, args.slots, args.cache_idle_slots == "on")
+    r = run(
+        args.quick,
+        args.slots,
+        args.cache_idle_slots == "on",
+        backend=args.backend,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+    )
     diff = abs(r["predicted_cached"] - r["reported_cached"])
     abs_sum = round(r["mean_abs_error_tokens"] * r["requests"])
-    print(
-        f"\nkvern vs llama-server ({args.slots} slots, RAM prompt cache on, idle-slot saves "
-        f"{args.cache_idle_slots}), streaming, own replies"
-    )
+    print(f"\nkvern vs {r['title']}, streaming, own replies")
     print("-" * 76)
     rows = [
         ("requests", f"{r['requests']}"),
         ("prompt tokens (kvern's count)", f"{r['prompt_tokens']:,}"),
         ("trie prefix matches (any earlier prompt)", f"{r['trie_matched_tokens']:,}"),
-        ("predicted cached tokens (slot model)", f"{r['predicted_cached']:,}"),
-        ("reported cached tokens (llama-server)", f"{r['reported_cached']:,}"),
+        ("predicted cached tokens (cache model)", f"{r['predicted_cached']:,}"),
+        (f"reported cached tokens ({r['reporter']})", f"{r['reported_cached']:,}"),
         ("|predicted - reported| / reported", f"{diff / max(1, r['reported_cached']):.2%}"),
         (
             "sum of per-request |errors| / reported",
