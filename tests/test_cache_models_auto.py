@@ -33,7 +33,8 @@ from kvern.upstream.discovery import (
 from tests.llama_server import llama_server, tiny_model
 from tests.raw_upstream import CHAT
 from tests.servers import serve
-from tests.test_truth_llamacpp import MODEL, flush, rows, run_conversation
+from tests.test_truth_llamacpp import MODEL, run_conversation
+from tests.truth import flush, rows
 
 VLLM_METRICS = """\
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig

@@ -24,7 +24,8 @@ from kvern.config import parse_config
 from tests.llama_server import llama_server, tiny_model
 from tests.raw_upstream import CHAT
 from tests.servers import serve, serve_chat
-from tests.test_truth_llamacpp import MODEL, flush, rows, run_conversation
+from tests.test_truth_llamacpp import MODEL, run_conversation
+from tests.truth import flush, rows
 
 
 @pytest.fixture(scope="module")

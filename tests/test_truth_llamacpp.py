@@ -9,7 +9,6 @@ llama-server reports what it really reused.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from kvern.app import create_app
 from kvern.config import KvernConfig, parse_config
 from tests.llama_server import llama_server, tiny_model
 from tests.servers import serve
+from tests.truth import flush, rows
 
 MODEL = "tiny-qwen2"
 SYSTEM = "You are a terse assistant for the kvern test suite. " * 8
@@ -41,19 +41,6 @@ def config_for(
             "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
         }
     )
-
-
-def rows(db: Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    out = [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY rowid")]
-    con.close()
-    return out
-
-
-def flush(url: str) -> None:
-    params = {"window": "all", "wait_s": 60}
-    assert httpx.get(url + "/analytics", params=params, timeout=90).status_code == 200
 
 
 def chat(client: openai.OpenAI, messages: list[dict[str, str]], user: str | None = None) -> str:
