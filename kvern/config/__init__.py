@@ -2,15 +2,16 @@
 
 Underneath every other floor: no kvern module is imported from here, and the
 caller loads the file and hands the :class:`KvernConfig` to ``create_app``.
-``schema`` holds the core sections and the loading; ``routing`` the sections
-for several upstreams. This module is the package's public API.
+``schema`` holds the core sections, ``routing`` the sections for several
+upstreams, ``loading`` reading the file and the environment, ``urls`` the
+redaction of credentials in URLs. This module is the package's public API.
 """
 
+from kvern.config.loading import ConfigError, apply_env_overrides, load_config, parse_config
 from kvern.config.routing import HealthConfig, RoutingConfig, RoutingPolicy, UpstreamEntry
 from kvern.config.schema import (
     AnalyticsConfig,
     CacheModelConfig,
-    ConfigError,
     EvictionConfig,
     KvernConfig,
     NormalizationRule,
@@ -21,9 +22,6 @@ from kvern.config.schema import (
     TrieConfig,
     TrieOverride,
     UpstreamConfig,
-    apply_env_overrides,
-    load_config,
-    parse_config,
 )
 
 __all__ = [

@@ -3,8 +3,8 @@
 Why pydantic with ``extra="forbid"``: a typo in a key (``max_token`` for
 ``max_tokens``) must stop start-up with a message naming the key, not be
 silently ignored while the proxy runs with a default the user never chose.
-:func:`load_config` turns every validation problem into one
-:class:`ConfigError` whose message names the key path, the value and what was
+:mod:`kvern.config.loading` turns every validation problem into one
+``ConfigError`` whose message names the key path, the value and what was
 expected.
 
 Nothing here is read at import time: the caller loads the file and passes the
@@ -14,27 +14,14 @@ resulting :class:`KvernConfig` into ``create_app``.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvern.config.routing import RoutingConfig, UpstreamEntry
 from kvern.config.urls import host_port
-
-ENV_UPSTREAM_URL = "KVERN_UPSTREAM_URL"
-ENV_HOST = "KVERN_HOST"
-ENV_PORT = "KVERN_PORT"
-ENV_ADMIN_KEY = "KVERN_ADMIN_KEY"
-ENV_TENANT_SECRET = "KVERN_TENANT_SECRET"
-
-
-class ConfigError(ValueError):
-    """The configuration file (or an override) is invalid; the message says where and why."""
 
 
 class _Section(BaseModel):
@@ -343,86 +330,3 @@ class KvernConfig(_Section):
             if model == pattern or fnmatch.fnmatchcase(model, pattern):
                 rules.extend(entries)
         return rules
-
-
-def _format_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for err in exc.errors():
-        path = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (value {err['input']!r}); check the spelling")
-            continue
-        message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {path}: got {err['input']!r}; expected: {message}")
-    return "\n".join(lines)
-
-
-def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> KvernConfig:
-    """Validate a mapping (as read from YAML) into a :class:`KvernConfig`."""
-    try:
-        return KvernConfig.model_validate(dict(data or {}))
-    except ValidationError as exc:
-        raise ConfigError(_format_error(source, exc)) from None
-
-
-def apply_env_overrides(config: KvernConfig, env: Mapping[str, str]) -> KvernConfig:
-    """Return ``config`` with the ``KVERN_*`` environment variables applied.
-
-    ``KVERN_UPSTREAM_URL``, ``KVERN_HOST``, ``KVERN_PORT``, ``KVERN_ADMIN_KEY``
-    and ``KVERN_TENANT_SECRET``: secrets need not be written in the file.
-    """
-    data = config.model_dump()
-    if env.get(ENV_UPSTREAM_URL):
-        data["upstream"]["base_url"] = env[ENV_UPSTREAM_URL]
-    if env.get(ENV_HOST):
-        data["proxy"]["host"] = env[ENV_HOST]
-    if env.get(ENV_PORT):
-        data["proxy"]["port"] = env[ENV_PORT]
-    if env.get(ENV_ADMIN_KEY):
-        data["proxy"]["admin_api_key"] = env[ENV_ADMIN_KEY]
-    if env.get(ENV_TENANT_SECRET):
-        data["analytics"]["tenant_secret"] = env[ENV_TENANT_SECRET]
-    return parse_config(data, source="environment overrides")
-
-
-def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> KvernConfig:
-    """Read, validate and return the configuration at ``path`` (defaults when None).
-
-    ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
-    Relative tokenizer and template paths are resolved against the file's folder.
-    """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {loaded!r}")
-        data = _resolve_relative_paths(loaded or {}, Path(path).resolve().parent)
-    config = parse_config(data, source=source)
-    return apply_env_overrides(config, os.environ if env is None else env)
-
-
-def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make ``./``-relative tokenizer sources and template paths relative to the config file."""
-    models = (data.get("tokenizers") or {}).get("models")
-    if not isinstance(models, dict):
-        return data
-    for key, entry in list(models.items()):
-        if isinstance(entry, str):
-            entry = {"source": entry}
-            models[key] = entry
-        if not isinstance(entry, dict):
-            continue
-        for field in ("source", "chat_template"):
-            value = entry.get(field)
-            if isinstance(value, str) and value.startswith(("./", "../")):
-                entry[field] = str((base / value).resolve())
-    return data
