@@ -23,7 +23,7 @@ from kvern.analytics.calibration import calibration
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
 from kvern.services import Services
-from kvern.tracking.client import MAX_DRAIN_WAIT_S
+from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S
 
 router = APIRouter()
 

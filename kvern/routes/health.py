@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from kvern import __version__
 from kvern.routes.admin import is_admin
 from kvern.services import Services
-from kvern.tracking.client import BrainUnavailable
+from kvern.tracking.relay_view import BrainUnavailable
 
 router = APIRouter()
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from kvern.errors import BadRequest, TrackingUnavailable
 from kvern.services import Services
-from kvern.tracking.client import MAX_DRAIN_WAIT_S, BrainUnavailable
+from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S, BrainUnavailable
 
 router = APIRouter()
 

@@ -19,7 +19,8 @@ import httpx
 
 from kvern.cache_models.auto import describe, detected_config, resolve_cache_model
 from kvern.config import KvernConfig, UpstreamEntry
-from kvern.tracking.client import BrainClient, BrainUnavailable
+from kvern.tracking.client import BrainClient
+from kvern.tracking.relay_view import BrainUnavailable
 from kvern.upstream.client import Upstream
 from kvern.upstream.discovery import BackendFacts, discover
 
