@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from kvern.app import create_app
 from kvern.cache_models.auto import detected_config, resolve_cache_model
-from kvern.config import CacheModelConfig, parse_config
+from kvern.config import CacheModelConfig, KvernConfig, parse_config
 from kvern.upstream.discovery import (
     BackendFacts,
     parse_llamacpp_props,
@@ -133,6 +133,20 @@ def test_with_no_cache_settings_kvern_models_a_real_two_slot_llama_server_exactl
     ]
 
 
+def zero_config(up: str, tmp_path: Path, tokenizer_fixtures: dict[str, Any]) -> KvernConfig:
+    """kvern before ``up`` with no cache settings at all: what it runs, it asked for."""
+    return parse_config(
+        {
+            "upstream": {"base_url": up + "/v1"},
+            "tokenizers": {
+                "models": {"*": str(tokenizer_fixtures["qwen2"].directory)},
+                "parity_check": False,
+            },
+            "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
+        }
+    )
+
+
 def scripted(state: dict[str, Any]) -> Starlette:
     """A vLLM-like server whose block size and health the test changes as it goes."""
 
@@ -172,17 +186,7 @@ def test_an_upstream_back_with_another_block_size_is_modelled_with_it(
     state = {"block": 16, "down": False}
     body = {"model": "sim", "messages": [{"role": "user", "content": "hello " * 40}]}
     with serve(scripted(state)) as up:
-        config = parse_config(
-            {
-                "upstream": {"base_url": up + "/v1"},
-                "tokenizers": {
-                    "models": {"*": str(tokenizer_fixtures["qwen2"].directory)},
-                    "parity_check": False,
-                },
-                "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
-            }
-        )
-        with serve(create_app(config)) as kvern:
+        with serve(create_app(zero_config(up, tmp_path, tokenizer_fixtures))) as kvern:
             post = lambda: httpx.post(kvern + "/v1/chat/completions", json=body, timeout=30)  # noqa: E731
             assert post().status_code == 200
             flush(kvern)  # tracked (its tokenizer loaded) before the restart
@@ -217,17 +221,7 @@ def test_an_upstream_that_reports_no_cached_tokens_is_named_and_counted_unreport
     )
     body = {"model": "sim", "messages": [{"role": "user", "content": "hi there"}]}
     with serve(app) as up:
-        config = parse_config(
-            {
-                "upstream": {"base_url": up + "/v1"},
-                "tokenizers": {
-                    "models": {"*": str(tokenizer_fixtures["qwen2"].directory)},
-                    "parity_check": False,
-                },
-                "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
-            }
-        )
-        with serve(create_app(config)) as kvern:
+        with serve(create_app(zero_config(up, tmp_path, tokenizer_fixtures))) as kvern:
             for _ in range(2):
                 assert httpx.post(kvern + "/v1/chat/completions", json=body).status_code == 200
             report = httpx.get(kvern + "/analytics", params={"wait_s": 30}, timeout=60).json()
