@@ -26,7 +26,8 @@ FLOORS: list[set[str]] = [
     {"tokenize", "cache_models"},  # prompt -> ids; models of each backend's own KV cache
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
-    {"services", "routes", "app", "serving", "__main__"},  # HTTP handlers, the app, the CLI
+    {"metrics"},  # Prometheus instruments fed by rows, and what the other parts report
+    {"services", "routes", "app", "serving", "__main__", "doctor"},  # handlers, app, CLI, doctor
 ]
 TOP_LEVEL = {"__init__"}  # kvern/__init__.py: the version, importable from any floor
 
