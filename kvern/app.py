@@ -26,11 +26,14 @@ from kvern.analytics.store import AnalyticsStore
 from kvern.analytics.tenant_secret import tenant_secret
 from kvern.config import KvernConfig
 from kvern.errors import BadRequest, KvernError, error_response
+from kvern.metrics.requests import RequestMetrics
+from kvern.metrics.sink import row_sink
 from kvern.parity.reports import ParityReports
 from kvern.prompt.tenants import TenantIds
 from kvern.routes import access_log
 from kvern.routes import analytics as analytics_routes
 from kvern.routes import health as health_routes
+from kvern.routes import metrics as metrics_routes
 from kvern.routes import proxy as proxy_routes
 from kvern.routes import trie as trie_routes
 from kvern.routes.admin import require_admin
@@ -79,6 +82,7 @@ def create_app(
                 clock=wall,
             )
             await store.start()
+        metrics = RequestMetrics(config.metrics) if config.metrics.enabled else None
         client = build_client(config.upstream, transport)
         # What each upstream says about its cache fills what the config leaves
         # unset (cache_model.kind: auto); the brain starts with the result.
@@ -89,7 +93,7 @@ def create_app(
         parity: ParityReports | None = None
         brain = BrainClient(
             effective,
-            record=store.record if store is not None else None,
+            record=row_sink(store, metrics),
             registry=registry,
             clock=wall,
         )
@@ -122,6 +126,7 @@ def create_app(
             clock=wall,
             started_s=wall(),
             parity=parity,
+            metrics=metrics,
         )
         monitor.start()
         previous_interval = sys.getswitchinterval()
@@ -199,5 +204,6 @@ def create_app(
     app.include_router(health_routes.router)
     app.include_router(analytics_routes.router, dependencies=admin)
     app.include_router(trie_routes.router, dependencies=admin)
+    app.include_router(metrics_routes.router, dependencies=admin)
     proxy_routes.add_proxy_routes(app)
     return app

@@ -15,6 +15,7 @@ import httpx
 
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
+from kvern.metrics.requests import RequestMetrics
 from kvern.parity.reports import ParityReports
 from kvern.prompt.tenants import TenantIds
 from kvern.routes.inflight import InFlight
@@ -44,3 +45,4 @@ class Services:
     clock: Callable[[], float] = time.time  # wall clock (injected in tests)
     started_s: float = 0.0  # when the app started
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off
+    metrics: RequestMetrics | None = None  # None when metrics.enabled is off

@@ -32,6 +32,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -115,6 +116,9 @@ class AnalyticsStore:
         """Open the database, bring its schema up to date, prune, start the writer."""
         if self._conn is not None or self._closing:
             raise RuntimeError("AnalyticsStore.start() called twice or after close()")
+        if self._db_path != ":memory:" and not self._db_path.startswith("file:"):
+            # A fresh machine's /var/lib/kvern/: made, not a start-up failure.
+            Path(self._db_path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(self._db_path)
         try:
             # WAL: /analytics reads (and the sqlite3 shell) never block the writer.

@@ -140,6 +140,7 @@ async def _forward(services: Services, request: Request) -> Response:
     endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
     proxy = services.config.proxy
     raw = await _read_body(request, proxy.max_body_bytes, proxy.body_read_timeout_s)
+    received_s = time.perf_counter()
     if endpoint in ("chat", "completions"):
         body = _parse_body(raw)
     else:
@@ -159,12 +160,15 @@ async def _forward(services: Services, request: Request) -> Response:
     )
     # Every forwarded request gets its row; only one with a model and a known
     # endpoint goes through the brain (tokenized, walked through the trie).
+    metrics = services.metrics
+    if metrics is not None:
+        metrics.observe_phase("parse", ctx.start_s - received_s)
     entry = services.inflight.enter(ctx.request_id)
     track = RequestTrack(
         services, ctx, raw, entry, tracked=ctx.model is not None and endpoint != "other"
     )
     try:
-        return await _send_and_relay(services, request, ctx, body, raw, track)
+        return await _send_and_relay(services, request, ctx, body, raw, track, received_s)
     except asyncio.CancelledError:
         if not entry.cut:
             # The server cancelled it (its own shutdown timeout): still a row.
@@ -189,9 +193,11 @@ async def _send_and_relay(
     body: dict[str, Any] | None,
     raw: bytes,
     track: RequestTrack,
+    received_s: float,
 ) -> Response:
     if services.inflight.cutting:
         raise asyncio.CancelledError()  # arrived after the grace: ended as the others were
+    routing_s = time.perf_counter()
     try:
         route = await services.router.route(ctx, body, request.headers, raw)
     except KvernError as exc:  # no upstream to send it to: still one analytics row
@@ -201,6 +207,12 @@ async def _send_and_relay(
     ctx.route_reason = route.choice.reason
     ctx.route_load = route.choice.load
     headers_out = forward_headers(request.headers.raw)
+    metrics = services.metrics
+    if metrics is not None:
+        # kvern's own time before the upstream is asked: what it adds to TTFB.
+        sent_s = time.perf_counter()
+        metrics.observe_phase("route", sent_s - routing_s)
+        metrics.observe_phase("total", sent_s - received_s)
     try:
         attempt = await send_with_failover(services, request, ctx, route, headers_out, raw)
     except ClientGone:

@@ -10,6 +10,7 @@ to an approximate one and labels every result ``fallback``.
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class PromptTokens:
     incremental: bool  # ids came from the segment cache (verified exact)
     template_error: str | None = None  # why the model's template was not used
     text: str = ""  # the normalized rendered prompt
+    render_s: float = 0.0  # time spent rendering and normalizing (the rest is tokenizing)
 
 
 
@@ -88,6 +90,7 @@ class ModelTokenizer:
         template_kwargs: dict[str, Any] | None = None,
     ) -> PromptTokens:
         """Tokens of a chat request's prompt, as the backend renders and tokenizes it."""
+        started = time.perf_counter()
         norm = normalizer or Normalizer()
         prepared = prepare_messages(norm.messages(messages) if not norm.is_empty else messages)
         err: str | None
@@ -99,6 +102,7 @@ class ModelTokenizer:
             )
             text, used, err = rendered.text, rendered.used_model_template, rendered.error
         text = norm.prompt(text)
+        render_s = time.perf_counter() - started
         ids, incremental = self.encode_prompt(text)
         return PromptTokens(
             ids=ids,
@@ -108,6 +112,7 @@ class ModelTokenizer:
             incremental=incremental,
             template_error=err,
             text=text,
+            render_s=render_s,
         )
 
     def request(

@@ -91,7 +91,10 @@ class Bookkeeper:
             mt.trie.lock(result.node)
             if self.presence is not None and upstream in self.presence.caches:
                 self.presence.commit(mt, result.node, upstream, now)
-            mt.trie.maintain(mt.max_tokens, now)
+            mt.insertions += 1
+            nodes_before = mt.trie.num_nodes
+            mt.evicted_tokens += mt.trie.maintain(mt.max_tokens, now)
+            mt.evicted_nodes += max(0, nodes_before - mt.trie.num_nodes)
             matched, node = result.matched_tokens, result.node
         self._stats.num_tracked += 1
         return Prediction(

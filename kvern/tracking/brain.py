@@ -39,6 +39,7 @@ from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
+from kvern.tracking.metrics import BrainMetrics
 from kvern.tracking.tracker import Tracker
 from kvern.tracking.views import describe, health_view
 from kvern.upstream.client import build_client
@@ -96,6 +97,8 @@ class Brain:
             max_pending=config.tracking.max_pending,
             presence=presence,
         )
+        self.metrics = BrainMetrics()
+        self.tracker.on_phase = self.metrics.observe
         self._client = build_client(config.upstream, None)
         self.parity: ParityChecker | None = None
         if config.tokenizers.parity_check:
@@ -213,6 +216,16 @@ class Brain:
                     describe, self.forest.get(name), tok, n, min_depth, urgent=True
                 )
             return {"models": out, "waiting": waiting}
+        if method == "metrics":
+            # Read on the tracking thread, where the tries change; ahead of a backlog.
+            return await tracker.in_thread(
+                self.metrics.families,
+                self.forest,
+                tracker.stats,
+                tracker.backlog,
+                self.registry.states(),
+                urgent=True,
+            )
         if method == "reset_cache_model":
             # The upstream came back with other cache settings (auto detection).
             (settings,) = args

@@ -24,6 +24,9 @@ class ModelTrie:
     max_tokens: int  # memory cap in tokens
     block_size: int  # the backend's KV block size for aligned figures
     cache_model: CacheModel  # the upstream's own cache, replayed to predict its reuse
+    insertions: int = 0  # prompts inserted (for /metrics)
+    evicted_nodes: int = 0  # nodes removed by eviction or expiry (for /metrics)
+    evicted_tokens: int = 0  # tokens those nodes held
 
 
 def policy_from_config(eviction: EvictionConfig) -> EvictionPolicy:

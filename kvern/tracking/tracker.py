@@ -93,6 +93,8 @@ class Tracker(TrackingQueue):
         self._models: set[str] = set()
         self._max_models = config.tracking.max_models
         self._books = Bookkeeper(config, forest, presence, self.stats, clock)
+        # Told each request's time per phase (render, tokenize, trie) for /metrics.
+        self.on_phase: Callable[[str, float], None] | None = None
 
     def _admits(self, model: str, *, count: bool = True) -> bool:
         """Whether ``model`` is tracked: a name seen before, or a new one within max_models.
@@ -227,9 +229,7 @@ class Tracker(TrackingQueue):
             prediction: Prediction | None = None
             try:
                 if asked.prompt is not None:
-                    prediction = self._books.predict(
-                        asked.tok, asked.model, asked.prompt, True, upstream
-                    )
+                    prediction = self._predict(asked.tok, asked.model, asked.prompt, True, upstream)
             except Exception as exc:  # noqa: BLE001 - tracking never fails a request
                 self._count_error("commit", exc)
             finally:
@@ -250,10 +250,19 @@ class Tracker(TrackingQueue):
             prompt = self._tokenize(tok, model, endpoint, body)
             if prompt is None:
                 return None
-            return self._books.predict(tok, model, prompt, insert, upstream)
+            return self._predict(tok, model, prompt, insert, upstream)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
+
+    def _predict(
+        self, tok: ModelTokenizer, model: str, prompt: PromptTokens, insert: bool, upstream: str
+    ) -> Prediction:
+        started = time.perf_counter()
+        prediction = self._books.predict(tok, model, prompt, insert, upstream)
+        if self.on_phase is not None:
+            self.on_phase("trie", time.perf_counter() - started)
+        return prediction
 
     def _tokenize(
         self, tok: ModelTokenizer, model: str, endpoint: str, body: bytes
@@ -270,7 +279,12 @@ class Tracker(TrackingQueue):
         if asked is None:
             self.stats.num_untracked += 1
             return None
-        return tok.request(asked, normalizer=self._normalizer(model))
+        started = time.perf_counter()
+        prompt = tok.request(asked, normalizer=self._normalizer(model))
+        if self.on_phase is not None:
+            self.on_phase("render", prompt.render_s)
+            self.on_phase("tokenize", time.perf_counter() - started - prompt.render_s)
+        return prompt
 
     # -- completion (after the response) -------------------------------------------
 
