@@ -32,9 +32,11 @@ from kvern.parity.reports import ParityReports
 from kvern.prompt.tenants import TenantIds
 from kvern.routes import access_log
 from kvern.routes import analytics as analytics_routes
+from kvern.routes import dashboard as dashboard_routes
 from kvern.routes import health as health_routes
 from kvern.routes import metrics as metrics_routes
 from kvern.routes import proxy as proxy_routes
+from kvern.routes import tree as tree_routes
 from kvern.routes import trie as trie_routes
 from kvern.routes.admin import require_admin
 from kvern.routes.inflight import InFlight
@@ -204,6 +206,9 @@ def create_app(
     app.include_router(health_routes.router)
     app.include_router(analytics_routes.router, dependencies=admin)
     app.include_router(trie_routes.router, dependencies=admin)
+    app.include_router(tree_routes.router, dependencies=admin)
+    # The page holds no data (it asks the admin pages above, with the key): open.
+    app.include_router(dashboard_routes.router)
     app.include_router(metrics_routes.router, dependencies=admin)
     proxy_routes.add_proxy_routes(app)
     return app

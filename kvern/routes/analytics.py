@@ -10,6 +10,8 @@ reported in ``tracking`` instead of waited for. ``parity`` is the latest
 tokenizer/template parity check per model and upstream, whatever the window.
 Groups: ``by_tenant`` (the API key), ``by_end_user`` (the body's ``user``
 field), ``by_model``, ``by_upstream``; ``routing`` only with several upstreams.
+``ttfb_by_hit``: time to first byte of hits against misses (requests and
+percentiles), overall and, with ``bucket``, per bucket.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastapi import APIRouter, Query, Request
 
 from kvern.analytics import queries, routing_rows
 from kvern.analytics.calibration import calibration
+from kvern.analytics.latency import ttfb_by_hit
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
 from kvern.services import Services
@@ -67,6 +70,10 @@ async def analytics(
             store, by="upstream", window=window, model=model, now_s=now
         ),
         "calibration": await calibration(store, window=window, model=model, now_s=now),
+        # Time to first byte of hits against misses; per bucket with ?bucket=.
+        "ttfb_by_hit": await ttfb_by_hit(
+            store, window=window, model=model, bucket_s=bucket, now_s=now
+        ),
         "parity": await latest_parity(store, model=model),
         "store": store.stats(),
         "tracking_drained": tracking.drained,

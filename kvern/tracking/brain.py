@@ -41,6 +41,7 @@ from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.metrics import BrainMetrics
 from kvern.tracking.tracker import Tracker
+from kvern.tracking.tree_view import busiest_model, tree_of
 from kvern.tracking.views import describe, health_view
 from kvern.upstream.client import build_client
 
@@ -226,6 +227,21 @@ class Brain:
                 self.registry.states(),
                 urgent=True,
             )
+        if method == "tree":
+            # The dashboard's prefix tree; like "visualize", the relay drained first.
+            model, max_nodes, min_hits = args
+            names = await tracker.in_thread(self.forest.models, urgent=True)
+            waiting = tracker.waiting_for_tokenizer()
+            if model is None:
+                model = await tracker.in_thread(busiest_model, self.forest, urgent=True)
+            elif model not in names:
+                return {"unknown": names, "waiting": waiting}
+            tree = None
+            if model is not None:
+                tok = self.registry.loaded(model)
+                mt = self.forest.get(model)
+                tree = await tracker.in_thread(tree_of, mt, tok, max_nodes, min_hits, urgent=True)
+            return {"models": names, "tree": tree, "waiting": waiting}
         if method == "reset_cache_model":
             # The upstream came back with other cache settings (auto detection).
             (settings,) = args
