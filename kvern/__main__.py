@@ -1,4 +1,4 @@
-"""Command line: ``python -m kvern serve [--config PATH] [--host H] [--port P]``."""
+"""Command line: ``python -m kvern serve [--config PATH] [--host H] [--port P]``; ``doctor``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from kvern.config import ConfigError, KvernConfig, load_config
 from kvern.config.urls import redact_url
+from kvern.doctor import cli as doctor_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     add_serve_arguments(serve)
+    doctor = sub.add_parser("doctor", help="check a set-up, one line per check (exit 1 on ✗)")
+    doctor_cli.add_arguments(doctor)
     return parser
 
 
@@ -112,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "doctor":
+        return doctor_cli.run(args, doctor_cli.CliHooks(load_for_serve, exposure_warning))
     return 2  # pragma: no cover - argparse enforces the choices
 
 
