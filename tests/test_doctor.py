@@ -364,18 +364,34 @@ def test_no_requests_sends_no_chat_and_says_so(
     assert "sending 2 one-token requests" not in err
 
 
+@pytest.mark.parametrize(
+    ("cache_model", "said"),
+    [
+        (
+            {"kind": "radix"},
+            "kvern will model a radix cache, but llama.cpp's server caches as llamacpp "
+            "→ set upstream.cache_model.kind: llamacpp (or auto)",
+        ),
+        (
+            {"kind": "llamacpp", "slots": 3},
+            "kvern will model 3 slot(s), but the upstream has 1 slot(s): its predicted cached "
+            "tokens will be off → set upstream.cache_model.slots: 1",
+        ),
+    ],
+)
 def test_a_cache_model_that_contradicts_the_backend_is_a_warning(
-    tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    server: str,
+    capsys: pytest.CaptureFixture[str],
+    cache_model: dict[str, Any],
+    said: str,
 ) -> None:
     data = good_config(tmp_path, server)
-    data["upstream"]["cache_model"] = {"kind": "radix"}
-    code, out, _ = doctor(capsys, write_config(tmp_path, data))
+    data["upstream"]["cache_model"] = cache_model
+    code, out, _ = doctor(capsys, write_config(tmp_path, data), "--no-requests")
     assert code == 0
     warnings = [line for line in lines_of(out, "!") if "kvern will model" in line]
-    assert warnings == [
-        f"! upstream {server.removeprefix('http://')}: kvern will model a radix cache, but "
-        "llama.cpp's server caches as llamacpp → set upstream.cache_model.kind: llamacpp (or auto)"
-    ]
+    assert warnings == [f"! upstream {server.removeprefix('http://')}: {said}"]
 
 
 def test_a_listed_model_without_a_tokenizer_warns_and_strict_fails_on_it(
@@ -492,3 +508,49 @@ def test_doctor_help_lists_its_switches() -> None:
     text = parser.format_help()
     for switch in ("--config", "--no-requests", "--strict", "--timeout-s", "--api-key"):
         assert switch in text
+
+
+# -- a real vLLM started without --enable-prompt-tokens-details ---------------
+
+
+def test_vllm_without_prompt_token_details_is_told_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vLLM reports cached tokens only with --enable-prompt-tokens-details; it says nothing else.
+
+    One real vLLM (about a minute to start, 4 GiB) with that flag turned off
+    again (its flags are ``BooleanOptionalAction``: the later ``--no-`` wins).
+    """
+    from tests.vllm_server import (
+        SERVED_MODEL,
+        VllmUnavailable,
+        install_vllm,
+        tiny_model_dir,
+        vllm_server,
+    )
+
+    try:
+        install_vllm()
+        model_dir = tiny_model_dir()
+    except VllmUnavailable as exc:
+        pytest.skip(f"no real vLLM here: {exc}")
+    with vllm_server(block_size=32, extra=("--no-enable-prompt-tokens-details",)) as url:
+        data = {
+            "upstream": {"base_url": url + "/v1"},
+            "tokenizers": {"models": {SERVED_MODEL: str(model_dir)}},
+            "analytics": {"db_path": str(tmp_path / "kvern.db")},
+            "proxy": {"port": free_port()},
+        }
+        code, out, _ = doctor(capsys, write_config(tmp_path, data))
+    assert code == 0, out
+    up = url.removeprefix("http://")
+    kind = lines_about(out, f"upstream {up}")[1]
+    assert kind.startswith(f"✓ upstream {up}: vLLM (from /metrics vllm:cache_config_info)")
+    assert "block 32" in kind
+    parity = line_about(out, f"parity of {SERVED_MODEL} with {up}")
+    assert parity == f"✓ parity of {SERVED_MODEL} with {up}: tokens match (vllm, 3 sample chats)"
+    assert line_about(out, f"upstream {up} cached tokens") == (
+        f"! upstream {up} cached tokens: its answers for {SERVED_MODEL} carry no cached-token "
+        "figure: kvern's predictions for it are counted as unreported, never checked "
+        "→ restart vLLM with --enable-prompt-tokens-details"
+    )

@@ -42,7 +42,9 @@ class ModelFindings:
 
 
 def hub_ids(config: KvernConfig) -> list[str]:
-    return sorted({e.source for e in config.tokenizers.models.values() if is_hub_id(e.source)})
+    """The sources that are hub ids (``upstream`` looks like one, and is not)."""
+    sources = {e.source for e in config.tokenizers.models.values()} - {UPSTREAM_SOURCE}
+    return sorted(s for s in sources if is_hub_id(s))
 
 
 def check_hub(config: KvernConfig, probe: HubProbe, progress: Progress) -> Check:

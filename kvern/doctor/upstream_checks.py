@@ -214,22 +214,36 @@ def _disagreements(
             )
         ]
     out: list[Check] = []
-    runs: list[tuple[str, object, object]] = []
+    # (key, what kvern will model, what the upstream said), each worded.
+    runs: list[tuple[str, int | None, int | None, str, str]] = []
     if resolved.kind == "radix":
         block = resolved.block_size or config.trie.block_size
-        runs.append(("block_size", block, facts.block_size))
+        said_block = facts.block_size
+        runs.append(
+            (
+                "block_size",
+                block,
+                said_block,
+                f"{block}-token KV blocks",
+                f"{said_block}-token ones",
+            )
+        )
         if facts.kind == "vllm":
-            runs.append(("capacity_tokens", resolved.capacity_tokens, facts.capacity_tokens))
+            capacity, said_capacity = resolved.capacity_tokens, facts.capacity_tokens
+            ours = "an unbounded cache" if capacity is None else f"{capacity} KV tokens"
+            runs.append(
+                ("capacity_tokens", capacity, said_capacity, ours, f"{said_capacity} KV tokens")
+            )
     else:
-        runs.append(("slots", resolved.slots, facts.slots))
-    for name, kvern_value, said in runs:
+        slots, said_slots = resolved.slots, facts.slots
+        runs.append(("slots", slots, said_slots, f"{slots} slot(s)", f"{said_slots} slot(s)"))
+    for name, kvern_value, said, ours, theirs in runs:
         if said is not None and kvern_value != said:
-            held = "every prefix (no limit)" if kvern_value is None else kvern_value
             out.append(
                 warn(
                     subject,
-                    f"kvern will model {name} {held}, but the upstream says {said}: "
-                    "predicted cached tokens will be off",
+                    f"kvern will model {ours}, but the upstream has {theirs}: "
+                    "its predicted cached tokens will be off",
                     f"set {key}.{name}: {said}",
                 )
             )
