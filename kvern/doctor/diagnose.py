@@ -21,7 +21,7 @@ from kvern.doctor.local_checks import ExposureWarning, check_local
 from kvern.doctor.parity_checks import check_model_parity
 from kvern.doctor.report import Progress, Report
 from kvern.doctor.tokenizer_checks import check_hub, check_model, models_to_check, unconfigured
-from kvern.doctor.upstream_checks import check_upstreams
+from kvern.doctor.upstream_checks import check_upstreams, findings_for
 from kvern.doctor.usage_checks import check_cached_tokens
 from kvern.tokenize.hub import HubProbe
 from kvern.tokenize.registry import TokenizerRegistry
@@ -44,36 +44,46 @@ async def diagnose(
     exposure_warning: ExposureWarning,
     options: Options,
 ) -> None:
-    """Run every check after the configuration's, adding each line to ``report``."""
-    report.extend(await asyncio.to_thread(check_local, config, exposure_warning))
+    """Run every check after the configuration's, adding each line to ``report``.
+
+    A check that raises is reported as a failure of its own part; the rest still run.
+    """
+    with report.guard("this machine"):
+        report.extend(await asyncio.to_thread(check_local, config, exposure_warning))
     headers = {"authorization": f"Bearer {options.api_key}"} if options.api_key else None
     timeout = httpx.Timeout(options.timeout_s, connect=config.upstream.connect_timeout_s)
     async with httpx.AsyncClient(
         timeout=timeout, headers=headers, trust_env=False, follow_redirects=False
     ) as client:
-        upstreams, checks = await check_upstreams(
-            config, client, timeout_s=config.routing.health.timeout_s
-        )
-        report.extend(checks)
+        upstreams = findings_for(config)  # none reachable, unless the check says so
+        with report.guard("upstreams"):
+            upstreams, checks = await check_upstreams(
+                config, client, timeout_s=config.routing.health.timeout_s
+            )
+            report.extend(checks)
         hub = options.hub or HubProbe()
-        report.add(await asyncio.to_thread(check_hub, config, hub, progress))
+        with report.guard("tokenizer hub"):
+            report.add(await asyncio.to_thread(check_hub, config, hub, progress))
         registry = TokenizerRegistry(config.tokenizers, hub=hub)
         first = upstreams[0] if upstreams else None
         for found in models_to_check(config, upstreams):
-            report.add(await check_model(found, registry, first, progress))
+            with report.guard(f"tokenizer for {found.model}"):
+                report.add(await check_model(found, registry, first, progress))
+                report.extend(
+                    await check_model_parity(
+                        client, found, upstreams, progress, timeout_s=options.timeout_s
+                    )
+                )
+        with report.guard("models without a tokenizer"):
+            report.extend(await asyncio.to_thread(unconfigured, config, upstreams))
+        with report.guard("cached tokens"):
             report.extend(
-                await check_model_parity(
-                    client, found, upstreams, progress, timeout_s=options.timeout_s
+                await check_cached_tokens(
+                    client,
+                    config,
+                    upstreams,
+                    progress,
+                    send=options.send_requests,
+                    timeout_s=options.timeout_s,
                 )
             )
-        report.extend(await asyncio.to_thread(unconfigured, config, upstreams))
-        report.extend(
-            await check_cached_tokens(
-                client,
-                config,
-                upstreams,
-                progress,
-                send=options.send_requests,
-                timeout_s=options.timeout_s,
-            )
-        )

@@ -94,6 +94,21 @@ class Report:
         for check in checks:
             self.add(check)
 
+    @contextmanager
+    def guard(self, subject: str) -> Iterator[None]:
+        """A check that raises becomes a ✗ line of its own, not a traceback ending the run."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - the doctor reports, it does not crash
+            said = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+            self.add(
+                fail(
+                    subject,
+                    f"the check itself failed: {said}",
+                    "rerun with --verbose and report it as a kvern bug",
+                )
+            )
+
     def count(self, status: Status) -> int:
         return sum(1 for c in self.checks if c.status == status)
 

@@ -79,25 +79,30 @@ def models_to_check(config: KvernConfig, upstreams: list[UpstreamFindings]) -> l
     return out
 
 
-def _rescue(upstream: UpstreamFindings | None, model: str) -> tuple[str, bool]:
-    """What kvern does for a model with no tokenizer of its own; (text, exact)."""
+def _upstream_method(upstream: UpstreamFindings | None, model: str) -> tuple[str | None, str]:
+    """(the tokenizer API the upstream speaks for ``model``, or None; why it speaks none)."""
     if upstream is None or not upstream.reachable:
-        return "kvern would use its APPROXIMATE tokenizer (figures are estimates)", False
+        return None, "the upstream is unreachable"
     asker = UpstreamTokenizer(upstream.upstream.origin, model, timeout_s=5.0)
     try:
-        method = asker.probe()
-    except UpstreamTokenizerError:
-        return (
-            f"upstream {upstream.upstream.name} cannot tokenize, so kvern would use its "
-            "APPROXIMATE tokenizer (figures are estimates)",
-            False,
-        )
+        return asker.probe(), ""
+    except UpstreamTokenizerError as exc:
+        return None, f"upstream {upstream.upstream.name} cannot tokenize ({exc})"
     finally:
         asker.close()
+
+
+_APPROXIMATE = "kvern would use its APPROXIMATE tokenizer (figures are estimates)"
+
+
+def _rescue(upstream: UpstreamFindings | None, model: str) -> str:
+    """What kvern does for a model with no tokenizer of its own (the registry's ``_instead``)."""
+    method, why = _upstream_method(upstream, model)
+    if method is None or upstream is None:
+        return f"{why}, so {_APPROXIMATE}"
     return (
         f"kvern would ask upstream {upstream.upstream.name} to tokenize instead ({method} API: "
-        "exact, 2 requests per tracked request)",
-        True,
+        "exact, 2 requests per tracked request)"
     )
 
 
@@ -127,18 +132,22 @@ async def check_model(
     key = f"tokenizers.models.{found.key}"
     source = found.entry.source
     if source == UPSTREAM_SOURCE:
-        said, exact = await asyncio.to_thread(_rescue, first, found.model)
-        if exact:
-            return ok(subject, said.replace("kvern would ask", "source: upstream; kvern asks"))
+        method, why = await asyncio.to_thread(_upstream_method, first, found.model)
+        if method is not None and first is not None:
+            return ok(
+                subject,
+                f"source: upstream: exact, tokenized by upstream {first.upstream.name} "
+                f"({method} API, 2 requests per tracked request)",
+            )
         return fail(
             subject,
-            f"source: upstream, but {said.removeprefix('kvern would use ')}",
+            f"source: upstream, but {why}, so {_APPROXIMATE}",
             f"start the upstream, or set {key}.source to a local directory or .gguf file",
         )
     with progress.step(f"loading tokenizer for {found.model} from {source}"):
         tokenizer = await asyncio.to_thread(registry.get_sync, found.model)
     if tokenizer.kind != "exact" or tokenizer.hf is None:
-        said, _ = await asyncio.to_thread(_rescue, first, found.model)
+        said = await asyncio.to_thread(_rescue, first, found.model)
         fix = f"make {key}.source load here: a local directory with tokenizer.json, or a .gguf"
         if is_hub_id(source):
             fix = (
@@ -169,7 +178,7 @@ def unconfigured(config: KvernConfig, upstreams: list[UpstreamFindings]) -> list
             if model in seen or config.tokenizers.entry_for(model) is not None:
                 continue
             seen.add(model)
-            said, _ = _rescue(first, model)
+            said = _rescue(first, model)
             checks.append(
                 warn(
                     f"tokenizer for {model}",
