@@ -473,6 +473,35 @@ def test_a_backend_that_reports_no_cached_tokens_gets_a_warning(
     assert len(seen[0]["messages"][0]["content"].split()) >= 256
 
 
+def test_a_wrong_tokenizer_is_told_the_server_s_own_gguf_and_that_fix_passes(
+    tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Llama 3's tokenizer in front of a Qwen2 server: both template and ids differ.
+
+    The fix names the .gguf llama-server loaded (its /props ``model_path``,
+    present on this machine); kvern rebuilds the tokenizer and template from
+    it, and the same check then passes.
+    """
+    data = good_config(tmp_path, server)
+    data["tokenizers"] = {"models": {MODEL: str(assets.tokenizer_fixture("llama3").directory)}}
+    code, out, _ = doctor(capsys, write_config(tmp_path, data), "--no-requests")
+    assert code == 1
+    up = server.removeprefix("http://")
+    parity = line_about(out, f"parity of {MODEL} with {up}")
+    assert parity.startswith(f"✗ parity of {MODEL} with {up}: MISMATCH: template differs")
+    served = tiny_model("qwen2")
+    assert parity.endswith(
+        f"→ set tokenizers.models.{MODEL}.source to the backend's own tokenizer "
+        f"(its .gguf file: {served}): template and tokens differ"
+    )
+    data["tokenizers"] = {"models": {MODEL: str(served)}}
+    code, out, _ = doctor(capsys, write_config(tmp_path, data), "--no-requests")
+    assert code == 0
+    assert line_about(out, f"parity of {MODEL} with {up}") == (
+        f"✓ parity of {MODEL} with {up}: template and tokens match (llamacpp, 3 sample chats)"
+    )
+
+
 def test_source_upstream_is_exact_when_the_upstream_tokenizes(
     tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

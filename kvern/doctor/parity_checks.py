@@ -9,6 +9,8 @@ model is routed to, and words the outcome with what to change.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
 from kvern.doctor.report import Check, Progress, fail, ok, warn
@@ -24,9 +26,27 @@ def _describe_diff(report: ParityReport) -> str:
     return rest if sep else said.partition(": ")[2]
 
 
-def _fix(report: ParityReport, key: str) -> str:
+async def served_gguf(client: httpx.AsyncClient, upstream: UpstreamFindings) -> str | None:
+    """The .gguf llama-server loaded (``/props`` ``model_path``), when this machine has it too.
+
+    kvern rebuilds a tokenizer from a .gguf file, so pointing ``source`` at the
+    server's own file makes the two agree by construction.
+    """
+    try:
+        props = (await client.get(upstream.upstream.origin + "/props", timeout=5.0)).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    path = props.get("model_path") if isinstance(props, dict) else None
+    if isinstance(path, str) and path.endswith(".gguf") and Path(path).is_file():
+        return path
+    return None
+
+
+def _fix(report: ParityReport, key: str, gguf: str | None) -> str:
     """What to change: the template when only it differs, else the tokenizer files."""
     own = "its .gguf file" if report.method == "llamacpp" else "the model folder it loads"
+    if gguf is not None:
+        own = f"its .gguf file: {gguf}"
     if report.template_match is False and report.tokens_match:
         where = (
             "the template its GGUF carries (GET /props: chat_template)"
@@ -41,8 +61,13 @@ def _fix(report: ParityReport, key: str) -> str:
     return f"set {key}.source to the backend's own tokenizer ({own})"
 
 
-def parity_check(report: ParityReport, found: ModelFindings, upstream: UpstreamFindings) -> Check:
-    """One report as a line of the doctor's."""
+def parity_check(
+    report: ParityReport,
+    found: ModelFindings,
+    upstream: UpstreamFindings,
+    gguf: str | None = None,
+) -> Check:
+    """One report as a line of the doctor's (``gguf``: the server's model file, found here)."""
     subject = f"parity of {found.model} with {upstream.upstream.name}"
     key = f"tokenizers.models.{found.key}"
     if report.status == "match":
@@ -53,7 +78,7 @@ def parity_check(report: ParityReport, found: ModelFindings, upstream: UpstreamF
         return fail(
             subject,
             f"MISMATCH: {_describe_diff(report)}; kvern's cache figures for it would be wrong",
-            _fix(report, key),
+            _fix(report, key, gguf),
         )
     if report.status == "unsupported":
         return warn(
@@ -107,5 +132,8 @@ async def check_model_parity(
             report = await check_parity(
                 client, upstream.upstream, found.model, tokenizer, timeout_s=timeout_s
             )
-        checks.append(parity_check(report, found, upstream))
+        gguf = None
+        if report.status == "mismatch" and report.method == "llamacpp":
+            gguf = await served_gguf(client, upstream)
+        checks.append(parity_check(report, found, upstream, gguf))
     return checks
