@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from kvern.config import ConfigError, KvernConfig, load_config
+from kvern.config.loading import with_overrides
 from kvern.config.urls import redact_url
 from kvern.doctor import cli as doctor_cli
 
@@ -50,11 +51,9 @@ def load_for_serve(args: argparse.Namespace) -> KvernConfig:
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
-    if overrides:
-        data = config.model_dump()
-        data["proxy"].update(overrides)
-        config = KvernConfig.model_validate(data)
-    return config
+    return with_overrides(
+        config, [("proxy", key, value) for key, value in overrides.items()], source="flags"
+    )
 
 
 def is_loopback(host: str) -> bool:

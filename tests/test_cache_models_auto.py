@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -32,7 +33,7 @@ from kvern.upstream.discovery import (
 )
 from tests.llama_server import llama_server, tiny_model
 from tests.raw_upstream import CHAT
-from tests.servers import serve
+from tests.servers import kvern_process, serve
 from tests.test_truth_llamacpp import MODEL, run_conversation
 from tests.truth import flush, rows
 
@@ -131,6 +132,28 @@ def test_with_no_cache_settings_kvern_models_a_real_two_slot_llama_server_exactl
     assert [r["predicted_cached_tokens"] for r in recorded] == [
         r["reported_cached_tokens"] for r in recorded
     ]
+
+
+def test_kvern_serve_with_a_config_file_and_env_overrides_still_detects_the_upstream(
+    tmp_path: Path, two_slots: str, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    """As users run it: the file, then KVERN_* and the flags, and what is unset stays auto."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "tokenizers": {"models": {MODEL: str(tokenizer_fixtures["qwen2"].directory)}},
+                "analytics": {"db_path": str(tmp_path / "kvern.db")},
+            }
+        )
+    )
+    env = {"KVERN_UPSTREAM_URL": two_slots + "/v1", "KVERN_HOST": "127.0.0.1"}
+    args = ["-m", "kvern", "serve", "--config", str(path), "--host", "127.0.0.1"]
+    with kvern_process(args, cwd=tmp_path, env=env) as (_, kvern):
+        health = httpx.get(kvern + "/health", timeout=30).json()
+    (said,) = health["backends"].values()
+    assert said["kind"] == "llamacpp" and said["slots"] == 2
+    assert "cache model llamacpp slots 2" in said["summary"]
 
 
 def zero_config(up: str, tmp_path: Path, tokenizer_fixtures: dict[str, Any]) -> KvernConfig:

@@ -152,3 +152,23 @@ def test_rules_of_every_matching_key_apply_in_file_order() -> None:
     )
     assert [r.replacement for r in config.rules_for("llama3")] == ["1", "2"]
     assert [r.replacement for r in config.rules_for("mistral")] == ["1"]
+
+
+def test_environment_and_flag_overrides_leave_unset_fields_unset_for_auto_detection(
+    tmp_path: Path,
+) -> None:
+    """cache_model.kind auto fills what the operator left unset: an override must not set it all."""
+    from kvern.config.loading import with_overrides
+
+    path = tmp_path / "config.yaml"
+    path.write_text("upstream:\n  base_url: http://127.0.0.1:9/v1\ntrie:\n  block_size: 4\n")
+    env = {"KVERN_PORT": "9999", "KVERN_ADMIN_KEY": "an-admin-key-of-some-length"}
+    config = with_overrides(
+        load_config(path, env=env), [("proxy", "host", "0.0.0.0")], source="flags"
+    )
+    assert (config.proxy.port, config.proxy.host) == (9999, "0.0.0.0")
+    assert config.proxy.admin_api_key == "an-admin-key-of-some-length"
+    assert config.upstream.cache_model.model_fields_set == set()
+    assert "block_size" not in config.upstream.model_fields_set - {"base_url"}
+    assert config.trie.model_fields_set == {"block_size"}
+    assert with_overrides(config, [], source="flags") is config

@@ -56,18 +56,36 @@ def apply_env_overrides(config: KvernConfig, env: Mapping[str, str]) -> KvernCon
     ``KVERN_UPSTREAM_URL``, ``KVERN_HOST``, ``KVERN_PORT``, ``KVERN_ADMIN_KEY``
     and ``KVERN_TENANT_SECRET``: secrets need not be written in the file.
     """
-    data = config.model_dump()
-    if env.get(ENV_UPSTREAM_URL):
-        data["upstream"]["base_url"] = env[ENV_UPSTREAM_URL]
-    if env.get(ENV_HOST):
-        data["proxy"]["host"] = env[ENV_HOST]
-    if env.get(ENV_PORT):
-        data["proxy"]["port"] = env[ENV_PORT]
-    if env.get(ENV_ADMIN_KEY):
-        data["proxy"]["admin_api_key"] = env[ENV_ADMIN_KEY]
-    if env.get(ENV_TENANT_SECRET):
-        data["analytics"]["tenant_secret"] = env[ENV_TENANT_SECRET]
-    return parse_config(data, source="environment overrides")
+    overrides: list[tuple[str, str, str]] = [
+        (section, key, env[name])
+        for name, section, key in (
+            (ENV_UPSTREAM_URL, "upstream", "base_url"),
+            (ENV_HOST, "proxy", "host"),
+            (ENV_PORT, "proxy", "port"),
+            (ENV_ADMIN_KEY, "proxy", "admin_api_key"),
+            (ENV_TENANT_SECRET, "analytics", "tenant_secret"),
+        )
+        if env.get(name)
+    ]
+    return with_overrides(config, overrides, source="environment overrides")
+
+
+def with_overrides(
+    config: KvernConfig, overrides: list[tuple[str, str, Any]], *, source: str
+) -> KvernConfig:
+    """``config`` with ``(section, key, value)`` set, every other field as set (or unset) as it was.
+
+    Why not a plain ``model_dump()`` round trip: what the operator left unset
+    must stay unset -- ``cache_model.kind: auto`` and the routed upstreams
+    fill exactly those fields from what each upstream says, and a dump of
+    every default would read as the operator having set them all.
+    """
+    if not overrides:
+        return config
+    data = config.model_dump(exclude_unset=True)
+    for section, key, value in overrides:
+        data.setdefault(section, {})[key] = value
+    return parse_config(data, source=source)
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> KvernConfig:
