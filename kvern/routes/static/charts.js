@@ -156,12 +156,15 @@ export function sparkline(values, cls) {
   const h = 26;
   const top = niceMax(Math.max(1, ...values));
   const step = values.length > 1 ? w / (values.length - 1) : 0;
-  const d = values
-    .map((v, i) => `${i ? "L" : "M"}${(i * step).toFixed(1)},${(h - 2 - (v / top) * (h - 4)).toFixed(1)}`)
-    .join("");
+  const yOf = (v) => (h - 2 - (v / top) * (h - 4)).toFixed(1);
+  // One sample (the page just opened) is a level line: the load now.
+  const d =
+    values.length > 1
+      ? values.map((v, i) => `${i ? "L" : "M"}${(i * step).toFixed(1)},${yOf(v)}`).join("")
+      : `M0,${yOf(values[0] || 0)}L${w},${yOf(values[0] || 0)}`;
   return svg(
     "svg",
     { viewBox: `0 0 ${w} ${h}`, class: "spark", "data-samples": values.length },
-    svg("path", { d: d || `M0,${h - 2}L${w},${h - 2}`, class: `line ${cls}` }),
+    svg("path", { d, class: `line ${cls}` }),
   );
 }

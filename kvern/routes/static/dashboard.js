@@ -61,6 +61,7 @@ function askForKey(message) {
   $("login-message").textContent = message;
   $("login-key").focus();
   document.body.dataset.auth = "required";
+  $("updated").textContent = "waiting for the admin key";
 }
 
 function setupLogin() {
@@ -89,7 +90,7 @@ function points(series, pick, note) {
 function chartOrEmpty(id, series, opts) {
   const target = $(id);
   if (!series.some((s) => s.points.length)) {
-    show(target, opts.empty || noRequests("requests"));
+    show(target, (opts.empty && opts.empty()) || noRequests("requests"));
     return;
   }
   show(target, lineChart({ id: id.replace("chart-", ""), series, ...opts }));
@@ -97,7 +98,8 @@ function chartOrEmpty(id, series, opts) {
 
 function drawCharts(a, bucketS) {
   const ts = a.timeseries || [];
-  const empty = a.summary.requests === 0 ? noRequests("requests") : null;
+  // A fresh element for each panel that has nothing to show.
+  const empty = () => (a.summary.requests === 0 ? noRequests("requests") : null);
   const reqs = (p) => `${p.requests} requests`;
   chartOrEmpty(
     "chart-reuse",
@@ -119,7 +121,9 @@ function drawCharts(a, bucketS) {
     {
       bucketS,
       fmt: tokens,
-      empty: empty || el("div", { class: "empty", text: "No backend has reported cached tokens yet: llama.cpp and vLLM (--enable-prompt-tokens-details) do; Ollama's OpenAI API does not." }),
+      empty: () =>
+        empty() ||
+        el("div", { class: "empty", text: "No backend has reported cached tokens yet: llama.cpp and vLLM (--enable-prompt-tokens-details) do; Ollama's OpenAI API does not." }),
     },
   );
   const lat = a.ttfb_by_hit?.timeseries || [];
@@ -134,7 +138,7 @@ function drawCharts(a, bucketS) {
   );
   const cal = a.calibration || [];
   if (!cal.length) {
-    show($("chart-calibration-upstreams"), el("div", { class: "empty small", text: "No calibration per upstream yet." }));
+    show($("chart-calibration-upstreams"), empty() || el("div", { class: "empty small", text: "No backend has reported cached tokens yet." }));
   } else {
     show(
       $("chart-calibration-upstreams"),
@@ -213,8 +217,9 @@ function drawTreePanel(tree) {
     $("tree-detail").replaceChildren();
     return;
   }
-  const { svg, caption } = drawTree(tree, $("tree-detail"));
-  const note = `${tree.model}: ${tree.stats.shown} of ${tree.stats.nodes} nodes shown (most hit), ${tokens(tree.stats.tokens)} tokens held`;
+  const { svg, caption, broken } = drawTree(tree, $("tree-detail"));
+  const squeezed = broken === null ? "" : ` The spine is drawn shorter than to scale: the axis changes scale at ${broken} tokens (dashed line).`;
+  const note = `${tree.model}: ${tree.stats.shown} of ${tree.stats.nodes} nodes shown (most hit), ${tokens(tree.stats.tokens)} tokens held.${squeezed}`;
   show(target, caption, svg, el("p", { class: "note", text: note }));
   if (!$("tree-detail").childElementCount) {
     $("tree-detail").append(el("p", { class: "note", text: "Hover a node for its depth, hits and decoded text." }));

@@ -14,6 +14,15 @@ function tile(id, label, value, sub) {
   );
 }
 
+/** "12.5 / 40.1 ms": two latencies sharing one unit when both are under a second. */
+function pair(a, b) {
+  const under = (v) => v === null || v === undefined || v < 1000;
+  if (under(a) && under(b) && (a ?? b) !== null && (a ?? b) !== undefined) {
+    return `${ms(a).replace(" ms", "")} / ${ms(b)}`;
+  }
+  return `${ms(a)} / ${ms(b)}`;
+}
+
 /** The window's headline figures (from /analytics). */
 export function tiles(analytics) {
   const s = analytics.summary;
@@ -41,7 +50,7 @@ export function tiles(analytics) {
     tile(
       "ttfb",
       "TTFB p50 hit / miss",
-      `${ms(ttfb?.hit?.p50)} / ${ms(ttfb?.miss?.p50)}`,
+      pair(ttfb?.hit?.p50, ttfb?.miss?.p50),
       `p90 ${ms(ttfb?.hit?.p90)} / ${ms(ttfb?.miss?.p90)}`,
     ),
   ];

@@ -12,7 +12,26 @@ import { count, oneLine, shorten } from "./format.js";
 
 const W = 1100;
 const ROW_H = 24;
-const PAD = { left: 8, right: 8, top: 6, bottom: 26 };
+const PAD = { left: 8, right: 28, top: 6, bottom: 26 };
+// A spine longer than this share of the deepest prefix is drawn at this
+// share (the axis breaks where it ends), so the branches keep room to read.
+const SPINE_SHARE = 0.4;
+
+/** Token depth -> x: linear, or two linear pieces broken at the spine's end. */
+function scale(maxDepth, spineDepth) {
+  const width = W - PAD.left - PAD.right;
+  if (spineDepth <= SPINE_SHARE * maxDepth || spineDepth >= maxDepth) {
+    return { x: (d) => PAD.left + (d / maxDepth) * width, broken: null };
+  }
+  const split = SPINE_SHARE * width;
+  return {
+    x: (d) =>
+      d <= spineDepth
+        ? PAD.left + (d / spineDepth) * split
+        : PAD.left + split + ((d - spineDepth) / (maxDepth - spineDepth)) * (width - split),
+    broken: spineDepth,
+  };
+}
 
 /** Row spans: leaves one row each, in order; a parent spans its children. */
 function layout(nodes) {
@@ -46,7 +65,9 @@ function hoverText(n) {
   const start = n.depth - n.edge_tokens;
   return (
     `tokens ${start}–${n.depth} (${n.edge_tokens} on this edge) · ${n.hits} hits` +
-    `${n.spine ? " · spine" : ""}\n\nedge: ${n.text}\n\nprefix: ${n.prefix_text}`
+    `${n.spine ? " · spine" : ""}` +
+    `${n.hidden_children ? ` · ${n.hidden_children} less hit branch(es) not shown` : ""}` +
+    `\n\nedge: ${n.text}\n\nprefix: ${n.prefix_text}`
   );
 }
 
@@ -57,7 +78,10 @@ export function drawTree(tree, detail) {
   const maxDepth = Math.max(...nodes.map((n) => n.depth));
   const maxHits = Math.max(...nodes.map((n) => n.hits));
   const height = PAD.top + rows * ROW_H + PAD.bottom;
-  const x = (d) => PAD.left + (d / maxDepth) * (W - PAD.left - PAD.right);
+  const shownBelow = new Set(nodes.map((n) => n.parent));
+  const spine = nodes.filter((n) => n.spine);
+  const spineDepth = spine.length ? spine[spine.length - 1].depth : 0;
+  const { x, broken } = scale(maxDepth, spineDepth);
   const root = svg("svg", {
     viewBox: `0 0 ${W} ${height}`,
     class: "tree",
@@ -121,7 +145,8 @@ export function drawTree(tree, detail) {
         ),
       );
     }
-    if (n.hidden_children > 0) {
+    if (n.hidden_children > 0 && !shownBelow.has(n.id)) {
+      // Only past a shown leaf: elsewhere a shown child sits where the mark would.
       group.append(
         svg(
           "text",
@@ -132,7 +157,8 @@ export function drawTree(tree, detail) {
     }
     root.append(group);
   }
-  for (const [i, d] of [0, maxDepth / 2, maxDepth].entries()) {
+  const ticks = broken === null ? [0, maxDepth / 2, maxDepth] : [0, broken, maxDepth];
+  for (const [i, d] of ticks.entries()) {
     root.append(
       svg(
         "text",
@@ -141,7 +167,14 @@ export function drawTree(tree, detail) {
       ),
     );
   }
-  return { svg: root, caption: spineCaption(tree) };
+  if (broken !== null) {
+    // The break: two slashes on the axis where the scale changes.
+    const bx = x(broken);
+    root.append(
+      svg("line", { x1: bx, x2: bx, y1: PAD.top, y2: height - PAD.bottom + 4, class: "axis-break" }),
+    );
+  }
+  return { svg: root, caption: spineCaption(tree), broken };
 }
 
 function spineCaption(tree) {
