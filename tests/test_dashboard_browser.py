@@ -330,3 +330,63 @@ def test_with_an_admin_key_the_page_asks_for_it_and_then_shows_the_data(
             print(f"screenshots: {tmp_path / 'login.png'}, {tmp_path / 'dashboard-with-key.png'}")
             assert console.errors() == [], console.messages
             browser.close()
+
+
+def test_a_model_without_a_tokenizer_is_a_visible_warning_with_one_upstream(
+    tmp_path: Path,
+) -> None:
+    """A scripted upstream that cannot tokenize: kvern falls back, and the page warns."""
+    from playwright.sync_api import sync_playwright
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from kvern.app import create_app
+    from kvern.config import parse_config
+    from tests.servers import serve, serve_chat
+
+    async def answer(request: Request) -> JSONResponse:
+        body = await request.json()
+        message = {"role": "assistant", "content": "Fine."}
+        return JSONResponse(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+            }
+        )
+
+    with serve_chat(answer, "mystery-model") as upstream:
+        config = parse_config(
+            {
+                "upstream": {"base_url": upstream + "/v1"},
+                "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 20},
+            }
+        )
+        with serve(create_app(config)) as kvern:
+            client = client_for(kvern)
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+            for _ in range(3):
+                client.chat.completions.create(model="mystery-model", messages=messages)  # type: ignore[arg-type]
+            flush(kvern)
+            with sync_playwright() as p:
+                browser = launch(p)
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                console = Console(page)
+                page.goto(kvern + "/dashboard")
+                page.wait_for_selector("body[data-loaded='true']", timeout=30_000)
+                warning = page.text_content("[data-warning='fallback']") or ""
+                assert "mystery-model" in warning and "estimates" in warning
+                assert page.is_visible("#warnings") and page.is_visible("[data-tracking='warn']")
+                assert page.text_content("#status") == "degraded"
+                # One upstream: its card says it is reachable and what it served.
+                card = page.query_selector(".upstream")
+                assert card is not None and card.get_attribute("data-healthy") == "true"
+                assert "requests (window)3" in (card.text_content() or "")
+                assert page.query_selector_all("circle.point[data-chart='reuse']")
+                page.screenshot(path=str(tmp_path / "fallback.png"), full_page=True)
+                print(f"screenshot: {tmp_path / 'fallback.png'}")
+                assert console.errors() == [], console.messages
+                browser.close()
