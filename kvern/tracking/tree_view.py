@@ -57,15 +57,16 @@ def _kept(mt: ModelTrie, max_nodes: int, min_hits: int) -> list[TrieNode]:
     """The ``max_nodes`` most hit nodes with at least ``min_hits``, parents first."""
     candidates = (n for n in mt.trie.iter_nodes() if n.hit_count >= min_hits)
     top = heapq.nsmallest(max_nodes, candidates, key=lambda n: (-n.hit_count, n.depth))
-    chosen = {id(n) for n in top}
+    chosen = {id(n): n for n in top}
     root = mt.trie.root
-    for node in top:  # ancestors rank first (see the module docstring): a no-op check
+    for node in top:
+        # Ancestors rank first (see the module docstring), so this adds nothing;
+        # it is what keeps every node shown reachable from the root regardless.
         walk = node.parent
-        while walk is not None and walk is not root:
-            assert id(walk) in chosen, "an ancestor ranked below its descendant"
+        while walk is not None and walk is not root and id(walk) not in chosen:
+            chosen[id(walk)] = walk
             walk = walk.parent
-    top.sort(key=lambda n: n.depth)  # a parent ends above its children
-    return top
+    return sorted(chosen.values(), key=lambda n: n.depth)  # a parent ends above its children
 
 
 def _spine(nodes: list[TrieNode], root: TrieNode) -> list[TrieNode]:
