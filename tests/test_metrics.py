@@ -306,3 +306,21 @@ def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.rstrip().endswith("# EOF")
+
+
+def test_one_upstreams_load_and_circuit_are_in_health_and_metrics_alike(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    with serve_chat(_answer, "m") as upstream:
+        with serve(create_app(_scripted_config(tmp_path, upstream, tokenizer_fixtures))) as kvern:
+            assert _post(kvern, "m").status_code == 200
+            flush(kvern)
+            health = httpx.get(kvern + "/health", timeout=30).json()
+            m = scrape(kvern)
+    one = health["upstream"]
+    assert one["circuit"] == "closed"
+    assert one["load"] == {"in_flight": 0, "prefill_tokens": 0, "decoding": 0, "tokens": 0}
+    name = one["name"]
+    assert total(m, "kvern_upstream_circuit_state", upstream=name, state="closed") == 1
+    assert total(m, "kvern_upstream_in_flight_requests", upstream=name) == 0
+    assert total(m, "kvern_upstream_attempts_total", upstream=name, outcome="ok") == 1

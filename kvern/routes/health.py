@@ -166,7 +166,17 @@ async def health(request: Request) -> Response:
         }
     else:
         upstream = await probing
-        upstream["stale_retries"] = services.pool.replicas[0].counters.stale_retries
+        only = services.pool.replicas[0]
+        upstream["stale_retries"] = only.counters.stale_retries
+        # Load and circuit as with several upstreams (the dashboard's card, /metrics agree).
+        snap = only.load.snapshot()
+        upstream["circuit"] = only.breaker.state
+        upstream["load"] = {
+            "in_flight": snap.in_flight,
+            "prefill_tokens": snap.prefill_tokens,
+            "decoding": snap.decoding,
+            "tokens": snap.tokens(services.config.routing.decode_load_tokens),
+        }
         status = "ok" if upstream["reachable"] else "degraded"
         routing = None
     if brain.stats.state != "up" and status == "ok":

@@ -78,13 +78,20 @@ export function upstreams(health, analytics, history) {
       el(
         "div",
         { class: "upstream", "data-upstream": u.name, "data-healthy": String(!!u.reachable) },
-        el("div", { class: "up-head" }, el("b", { text: u.name }), pill(u.reachable ? "ok" : "bad", u.reachable ? "reachable" : "unreachable")),
+        el(
+          "div",
+          { class: "up-head" },
+          el("b", { text: u.name }),
+          pill(u.reachable ? "ok" : "bad", u.reachable ? "reachable" : "unreachable"),
+          u.circuit ? pill(u.circuit === "closed" ? "ok" : u.circuit === "open" ? "bad" : "warn", `circuit ${u.circuit}`) : null,
+        ),
         el("div", { class: "up-url", text: u.url || "" }),
         kv("probe", u.reachable ? `${u.status} in ${ms(u.latency_ms)}` : u.error || "—"),
+        u.load ? kv("in flight", `${count(u.load.in_flight)} · ${count(u.load.decoding)} decoding · ${tokens(u.load.prefill_tokens)} prefill tokens`) : null,
         kv("requests (window)", count(a.requests ?? 0)),
         kv("hit rate", pct(a.hit_rate)),
         kv("stale retries", count(u.stale_retries ?? 0)),
-        el("p", { class: "note", text: "One upstream: list replicas under upstreams: in config.yaml for load, circuits and cache-aware routing." }),
+        el("p", { class: "note", text: "One upstream: list replicas under upstreams: in config.yaml for cache-aware routing among them." }),
       ),
     ];
   }
