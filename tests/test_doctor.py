@@ -49,23 +49,13 @@ from kvern.tokenize.hub import HubProbe
 from tests import assets
 from tests.llama_server import llama_server, tiny_model
 from tests.servers import blackhole, free_port, serve
+from tests.test_parity import WRONG_CHATML  # a template override that makes figures wrong
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
 HUB_ID = "meta-llama/Llama-3.2-1B-Instruct"
-# A ChatML template like Qwen2.5's, but with another default system prompt:
-# the kind of override that silently makes every figure wrong.
-WRONG_CHATML = (
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for m in messages %}"
-    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 @pytest.fixture(scope="module")

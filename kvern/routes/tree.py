@@ -19,9 +19,10 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from kvern.errors import BadRequest, TrackingUnavailable
+from kvern.errors import BadRequest
+from kvern.routes.trie_ask import ask_trie_view
 from kvern.services import Services
-from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S, BrainUnavailable
+from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S
 
 router = APIRouter()
 
@@ -53,18 +54,9 @@ async def tree(
     wait_s: float | None = Query(None, ge=0, le=MAX_DRAIN_WAIT_S),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
-    brain = services.tracker
-    tracking = await brain.drain_state(wait_s)
-    response.headers["x-kvern-tracking-drained"] = "true" if tracking.drained else "false"
-    response.headers["x-kvern-tracking-pending"] = str(tracking.pending)
-    if tracking.error is not None:
-        raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {tracking.error}")
-    try:
-        result: dict[str, Any] = await brain.call(
-            "tree", model, max_nodes, min_hits, timeout_s=_TREE_TIMEOUT_S
-        )
-    except BrainUnavailable as exc:
-        raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {exc}") from None
+    result, tracking = await ask_trie_view(
+        services, response, wait_s, "tree", model, max_nodes, min_hits, timeout_s=_TREE_TIMEOUT_S
+    )
     waiting: dict[str, int] = result.get("waiting", {})
     if "unknown" in result:
         if model is not None and model in waiting:

@@ -18,9 +18,10 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from kvern.errors import BadRequest, TrackingUnavailable
+from kvern.errors import BadRequest
+from kvern.routes.trie_ask import ask_trie_view
 from kvern.services import Services
-from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S, BrainUnavailable
+from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S
 
 router = APIRouter()
 
@@ -49,19 +50,10 @@ async def visualize(
     wait_s: float | None = Query(None, ge=0, le=MAX_DRAIN_WAIT_S),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
-    brain = services.tracker
     # Requests already answered are in the trie first (bounded wait).
-    tracking = await brain.drain_state(wait_s)
-    response.headers["x-kvern-tracking-drained"] = "true" if tracking.drained else "false"
-    response.headers["x-kvern-tracking-pending"] = str(tracking.pending)
-    if tracking.error is not None:  # it did not answer the drain: nor would it this
-        raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {tracking.error}")
-    try:
-        result: dict[str, Any] = await brain.call(
-            "visualize", model, n, min_depth, timeout_s=_VIEW_TIMEOUT_S
-        )
-    except BrainUnavailable as exc:
-        raise TrackingUnavailable(f"the trie lives in kvern's tracking process: {exc}") from None
+    result, _ = await ask_trie_view(
+        services, response, wait_s, "visualize", model, n, min_depth, timeout_s=_VIEW_TIMEOUT_S
+    )
     waiting: dict[str, int] = result.get("waiting", {})
     if "unknown" in result:
         if model is not None and model in waiting:
