@@ -23,7 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "kvern"
 FLOORS: list[set[str]] = [
     {"config", "errors"},  # settings and the error tree everything shares
     {"trie", "analytics", "upstream", "prompt"},  # pure tries, the store, HTTP to backends, bodies
-    {"tokenize", "cache_models"},  # prompt -> ids; models of each backend's own KV cache
+    # prompt -> ids; models of each backend's own KV cache; why requests missed
+    {"tokenize", "cache_models", "diagnosis"},
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
     {"metrics"},  # Prometheus instruments fed by rows, and what the other parts report
