@@ -8,6 +8,7 @@ the upstream client closes.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import sys
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
+from kvern.analytics.capture import Capture
 from kvern.analytics.store import AnalyticsStore
 from kvern.analytics.tenant_secret import tenant_secret
 from kvern.config import KvernConfig
@@ -84,6 +86,12 @@ def create_app(
                 clock=wall,
             )
             await store.start()
+        capture: Capture | None = None
+        if config.analytics.capture is not None:
+            capture = Capture.from_config(
+                config.analytics.capture.path, config.analytics.capture.max_mb
+            )
+            capture.start()  # a file it cannot open turns capture off (logged), not kvern
         metrics = RequestMetrics(config.metrics) if config.metrics.enabled else None
         client = build_client(config.upstream, transport)
         # What each upstream says about its cache fills what the config leaves
@@ -129,6 +137,7 @@ def create_app(
             started_s=wall(),
             parity=parity,
             metrics=metrics,
+            capture=capture,
         )
         monitor.start()
         previous_interval = sys.getswitchinterval()
@@ -149,6 +158,8 @@ def create_app(
             # that stopped early) hand their rows over before tracking closes.
             if not await inflight.wait_empty(_LEAVE_TIMEOUT_S):
                 logger.warning("%d request(s) still in flight at shutdown", len(inflight))
+            if capture is not None:
+                await asyncio.to_thread(capture.close)  # what is queued is written first
             await monitor.close()
             await backends.close()
             await brain.close()  # every row the brain holds comes back first

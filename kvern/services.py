@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from kvern.analytics.capture import Capture
 from kvern.analytics.store import AnalyticsStore
 from kvern.config import KvernConfig
 from kvern.metrics.requests import RequestMetrics
@@ -46,3 +47,4 @@ class Services:
     started_s: float = 0.0  # when the app started
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off
     metrics: RequestMetrics | None = None  # None when metrics.enabled is off
+    capture: Capture | None = None  # None unless analytics.capture is set (prompt text!)

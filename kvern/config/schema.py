@@ -267,6 +267,18 @@ class TrackingConfig(_Section):
     max_models: int = Field(64, ge=1)
 
 
+class CaptureConfig(_Section):
+    """Forwarded request bodies appended as JSONL (OpenAI Batch input lines) for ``kvern analyze``.
+
+    The file holds prompt text (system prompts included): it is written with
+    mode 0600, and capture is off unless this section is set.
+    """
+
+    path: str
+    # The file is renamed to ``<path>.1`` (the previous one replaced) before it would pass this.
+    max_mb: float = Field(512.0, gt=0)
+
+
 class AnalyticsConfig(_Section):
     """The asynchronous SQLite store of per-request records."""
 
@@ -282,6 +294,8 @@ class AnalyticsConfig(_Section):
     # None: a random secret generated once and kept beside the db
     # (``<db_path>.tenant-secret``, mode 0600). Also from KVERN_TENANT_SECRET.
     tenant_secret: str | None = Field(None, min_length=16)
+    # Opt-in capture of forwarded request bodies (prompt text!); None: off.
+    capture: CaptureConfig | None = None
 
 
 class MetricsConfig(_Section):

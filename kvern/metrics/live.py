@@ -16,6 +16,7 @@ from typing import get_args
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvern import __version__
+from kvern.analytics.capture import Capture
 from kvern.analytics.store import AnalyticsStore
 from kvern.parity.reports import ParityReports
 from kvern.routing.breaker import BreakerState
@@ -36,6 +37,7 @@ class LiveSources:
     parity: ParityReports | None
     decode_load_tokens: int
     started_s: float
+    capture: Capture | None = None  # analytics.capture, when set
 
 
 def live_families(src: LiveSources, *, brain_answered: bool) -> list[Metric]:
@@ -47,6 +49,8 @@ def live_families(src: LiveSources, *, brain_answered: bool) -> list[Metric]:
         out.extend(_store_families(src.store))
     if src.parity is not None:
         out.append(_parity_family(src.parity))
+    if src.capture is not None:
+        out.extend(_capture_families(src.capture))
     in_flight = GaugeMetricFamily(
         "kvern_in_flight_requests", "Requests kvern holds, from arrival to their row"
     )
@@ -163,6 +167,23 @@ def _store_families(store: AnalyticsStore) -> Iterable[Metric]:
     errors = CounterMetricFamily("kvern_analytics_write_errors", "Failed SQLite batch writes")
     errors.add_metric([], s["write_errors"])
     return (depth, written, dropped, errors)
+
+
+def _capture_families(capture: Capture) -> Iterable[Metric]:
+    s = capture.stats()
+    written = CounterMetricFamily(
+        "kvern_capture_written", "Request bodies appended to the capture file (analytics.capture)"
+    )
+    written.add_metric([], s["written"])
+    dropped = CounterMetricFamily(
+        "kvern_capture_dropped",
+        "Request bodies not captured, by reason (queue_full: the writer fell behind; "
+        "disabled: a write error turned capture off)",
+        labels=["reason"],
+    )
+    dropped.add_metric(["queue_full"], s["dropped_queue_full"])
+    dropped.add_metric(["disabled"], s["dropped_disabled"])
+    return (written, dropped)
 
 
 def _parity_family(parity: ParityReports) -> Metric:

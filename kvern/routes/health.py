@@ -221,7 +221,7 @@ async def health(request: Request) -> Response:
         # Whether hub ids can be fetched: "unreachable" names the endpoint and why.
         "tokenizer_hub": view.get("tokenizer_hub"),
         "tracking": tracking,
-        "analytics": services.store.stats() if services.store is not None else None,
+        "analytics": _analytics(services),
         "parity": (
             {m: r.to_dict() for m, r in services.parity.reports().items()}
             if services.parity is not None
@@ -231,3 +231,11 @@ async def health(request: Request) -> Response:
     # 503 only when no upstream can take a request: load balancers and
     # readiness probes in front of kvern then stop sending to it.
     return JSONResponse(body, status_code=503 if status == "down" else 200)
+
+
+def _analytics(services: Services) -> dict[str, Any] | None:
+    """The store's counters, and capture's when it is on (None when neither runs)."""
+    out: dict[str, Any] | None = services.store.stats() if services.store is not None else None
+    if services.capture is not None:
+        out = {**(out or {"enabled": False}), "capture": services.capture.stats()}
+    return out

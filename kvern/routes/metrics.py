@@ -30,6 +30,7 @@ async def metrics(request: Request) -> Response:
         parity=services.parity,
         decode_load_tokens=services.config.routing.decode_load_tokens,
         started_s=services.started_s,
+        capture=services.capture,
     )
     body, content_type = await scrape(
         services.metrics, sources, services.tracker, request.headers.get("accept")

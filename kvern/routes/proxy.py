@@ -158,6 +158,8 @@ async def _forward(services: Services, request: Request) -> Response:
         upstream=services.upstream.name,
         end_user=services.tenants.end_user(body),
     )
+    if services.capture is not None and body is not None:
+        services.capture.offer(ctx, raw)  # opt-in; queued for its own thread, never in the way
     # Every forwarded request gets its row; only one with a model and a known
     # endpoint goes through the brain (tokenized, walked through the trie).
     metrics = services.metrics
