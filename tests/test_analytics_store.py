@@ -101,9 +101,16 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> N
 
 def test_columns_follow_the_record_fields_in_order() -> None:
     assert COLUMNS[:3] == ("request_id", "ts_s", "model")
-    assert len(COLUMNS) == 28
-    assert COLUMNS[-7:-4] == ("predicted_cached_tokens", "backend_model", "block_size")
-    assert COLUMNS[-4:] == ("route_reason", "route_attempts", "route_load_tokens", "end_user")
+    assert len(COLUMNS) == 39
+    assert COLUMNS[-18:-15] == ("predicted_cached_tokens", "backend_model", "block_size")
+    assert COLUMNS[-15:-11] == ("route_reason", "route_attempts", "route_load_tokens", "end_user")
+    assert COLUMNS[-11:-6] == (
+        "miss_reason",
+        "miss_tokens",
+        "lost_reason",
+        "lost_tokens",
+        "novel_tokens",
+    )
     assert to_row(full_record())[COLUMNS.index("stream")] == 1
 
 
@@ -355,6 +362,7 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
     assert indexes == {
         "requests_ts",
         "requests_end_user_ts",
+        "requests_diverge_site",
         "requests_model_ts",
         "requests_tenant_ts",
         "requests_upstream_ts",

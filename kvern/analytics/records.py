@@ -4,7 +4,8 @@ Why a flat record of plain values: the request path builds it once, hands it to
 :meth:`kvern.analytics.store.AnalyticsStore.record` and forgets it; the writer
 turns a whole batch into tuples for one ``executemany``. Nothing in it refers
 to a live object (no request, no trie node), so a queued record keeps nothing
-else alive, and nothing in it is the prompt or an API key.
+else alive, and nothing in it is an API key. Of the prompt it holds only the
+short windows around a divergence (``diagnosis.window_chars``; 0 keeps none).
 
 Why ``kw_only``: the figures a request learns late (status, latency, usage) all
 default to None, so the proxy can fill in what it knows without positional
@@ -106,6 +107,25 @@ class RequestRecord:
     # A keyed hash of the body's ``user`` field (the end user within a
     # tenant); None when the body had none.
     end_user: str | None = None
+    # Why the prompt tokens not reused were not (kvern.diagnosis.reasons):
+    # prompt_tokens = reused + lost_tokens + miss_tokens + novel_tokens.
+    # The prompt side: cold, below_block or diverged, and its tokens.
+    miss_reason: str | None = None
+    miss_tokens: int | None = None
+    # The backend side: evicted, routed_away or unreported, and its tokens.
+    lost_reason: str | None = None
+    lost_tokens: int | None = None
+    # Past every earlier prompt: nothing could have been reused.
+    novel_tokens: int | None = None
+    # A divergence: its token, where it falls ("message 3 (user)"), a hash of
+    # the shared ids before it (the site), and text windows around it
+    # (diagnosis.window_chars; empty when text is not kept).
+    diverge_at: int | None = None
+    diverge_place: str | None = None
+    diverge_prefix: str | None = None
+    diverge_before: str | None = None
+    diverge_ours: str | None = None
+    diverge_theirs: str | None = None
 
 
 # The analytics column names, in table and row-tuple order: the record's fields.

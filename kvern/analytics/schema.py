@@ -91,6 +91,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE requests ADD COLUMN end_user TEXT;
     CREATE INDEX requests_end_user_ts ON requests (end_user, ts_s);
     """,
+    # 6: why the prompt tokens not reused were not (kvern.diagnosis.reasons), and
+    # where a diverged prompt parted from an earlier one (its site: the shared
+    # prefix's hash and the place), with short text windows around it.
+    """
+    ALTER TABLE requests ADD COLUMN miss_reason TEXT;
+    ALTER TABLE requests ADD COLUMN miss_tokens INTEGER;
+    ALTER TABLE requests ADD COLUMN lost_reason TEXT;
+    ALTER TABLE requests ADD COLUMN lost_tokens INTEGER;
+    ALTER TABLE requests ADD COLUMN novel_tokens INTEGER;
+    ALTER TABLE requests ADD COLUMN diverge_at INTEGER;
+    ALTER TABLE requests ADD COLUMN diverge_place TEXT;
+    ALTER TABLE requests ADD COLUMN diverge_prefix TEXT;
+    ALTER TABLE requests ADD COLUMN diverge_before TEXT;
+    ALTER TABLE requests ADD COLUMN diverge_ours TEXT;
+    ALTER TABLE requests ADD COLUMN diverge_theirs TEXT;
+    CREATE INDEX requests_diverge_site ON requests (model, diverge_prefix, diverge_place);
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

@@ -8,13 +8,13 @@ redaction of credentials in URLs. This module is the package's public API.
 """
 
 from kvern.config.loading import ConfigError, apply_env_overrides, load_config, parse_config
+from kvern.config.observe import DiagnosisConfig, MetricsConfig
 from kvern.config.routing import HealthConfig, RoutingConfig, RoutingPolicy, UpstreamEntry
 from kvern.config.schema import (
     AnalyticsConfig,
     CacheModelConfig,
     EvictionConfig,
     KvernConfig,
-    MetricsConfig,
     NormalizationRule,
     ProxyConfig,
     TokenizerEntry,
@@ -38,6 +38,7 @@ __all__ = [
     "RoutingPolicy",
     "TokenizerEntry",
     "TokenizersConfig",
+    "DiagnosisConfig",
     "MetricsConfig",
     "TrackingConfig",
     "TrieConfig",

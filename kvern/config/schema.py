@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvern.config.observe import DiagnosisConfig, MetricsConfig
 from kvern.config.routing import RoutingConfig, UpstreamEntry
 from kvern.config.urls import host_port
 
@@ -298,23 +299,6 @@ class AnalyticsConfig(_Section):
     capture: CaptureConfig | None = None
 
 
-class MetricsConfig(_Section):
-    """``GET /metrics``: Prometheus series, their label bounds, and per-tenant opt-in.
-
-    Label values that come from clients (model names, tenants) are capped so
-    a client inventing names cannot grow the series without bound: past the
-    cap a new value is counted under ``__other__``.
-    """
-
-    enabled: bool = True
-    # Distinct model names given series of their own.
-    max_models: int = Field(32, ge=1)
-    # Per-tenant series (keyed tenant ids, never the API key): off by default.
-    tenant_series: bool = False
-    # Distinct tenants given series of their own when tenant_series is on.
-    max_tenants: int = Field(20, ge=1)
-
-
 class KvernConfig(_Section):
     """The whole ``config.yaml``."""
 
@@ -328,6 +312,7 @@ class KvernConfig(_Section):
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)  # type: ignore[arg-type]
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]
+    diagnosis: DiagnosisConfig = Field(default_factory=DiagnosisConfig)  # type: ignore[arg-type]
     # Several replicas to route among; empty: ``upstream.base_url`` alone.
     # Timeouts, pool limits and the cache model still come from ``upstream``.
     upstreams: list[UpstreamEntry] = Field(default_factory=list)

@@ -37,6 +37,10 @@ class PromptTokens:
     template_error: str | None = None  # why the model's template was not used
     text: str = ""  # the normalized rendered prompt
     render_s: float = 0.0  # time spent rendering and normalizing (the rest is tokenizing)
+    # The chat as rendered (normalized, template-shaped) and its tools: where a
+    # divergence falls is found in them (kvern.diagnosis.layout).
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 
@@ -113,7 +117,15 @@ class ModelTokenizer:
             template_error=err,
             text=text,
             render_s=render_s,
+            messages=prepared.messages,
+            tools=tools,
         )
+
+    def render_without_tools(self, messages: list[dict[str, Any]]) -> str:
+        """The chat rendered with no tools (the text that differs is the tools')."""
+        if self.hf is None:
+            return render_generic(messages)
+        return render_chat(self.hf, messages, tools=None).text
 
     def request(
         self, prompt: RequestPrompt, *, normalizer: Normalizer | None = None

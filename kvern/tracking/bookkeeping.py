@@ -22,6 +22,7 @@ from kvern.prompt.requests import plain_text
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import PresenceMatch
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
+from kvern.tracking.divergence import DivergenceFinder, Finding
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackerStats
 from kvern.tracking.records import Prediction
@@ -58,6 +59,7 @@ class Bookkeeper:
         self._stats = stats
         self._clock = clock
         self._max_answer_tokens = config.tracking.max_context_tokens
+        self.divergence = DivergenceFinder(config.diagnosis)
 
     def predict(
         self,
@@ -73,6 +75,8 @@ class Bookkeeper:
         node: TrieNode | None = None
         predicted: int | None = None
         handle: Any = None
+        finding = Finding(False, 0)
+        best_elsewhere = 0
         backend_model, block_size = mt.cache_model.name, mt.cache_model.block_size
         if not insert:
             matched = mt.trie.match(prompt.ids).matched_tokens
@@ -82,6 +86,10 @@ class Bookkeeper:
                 match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
                 handle = self.presence.handle(match, upstream, now)
                 predicted = handle.predicted
+                best_elsewhere = max(
+                    (match.cached(c) for n, c in self.presence.caches.items() if n != upstream),
+                    default=0,
+                )
                 backend_model = "routed"
                 block_size = self.presence.caches[upstream].block_size
             else:
@@ -89,6 +97,7 @@ class Bookkeeper:
                 predicted, handle = start.predicted_cached_tokens, start.handle
             result = mt.trie.insert(prompt.ids, now)
             mt.trie.lock(result.node)
+            finding = self.divergence.find(tok, prompt, result)
             if self.presence is not None and upstream in self.presence.caches:
                 self.presence.commit(mt, result.node, upstream, now)
             mt.insertions += 1
@@ -110,6 +119,10 @@ class Bookkeeper:
             ids=prompt.ids if insert else None,
             tokenizer=tok,
             handle=handle,
+            continued=finding.continued,
+            reach=finding.reach,
+            best_elsewhere=best_elsewhere,
+            divergence=finding.divergence,
         )
 
     def settle(self, model: str, p: Prediction, facts: ResponseFacts, served: Served) -> None:

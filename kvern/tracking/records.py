@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.analytics.records import RequestRecord
+from kvern.diagnosis.reasons import assign
+from kvern.diagnosis.sites import Divergence
 from kvern.tokenize.model_tokenizer import ModelTokenizer
 from kvern.trie.node import TrieNode
 from kvern.upstream.usage import ResponseFacts
@@ -35,6 +37,10 @@ class Prediction:
     ids: array[int] | None = None  # the prompt's ids (to extend with the answer)
     tokenizer: ModelTokenizer | None = None  # to tokenize the answer
     handle: Any = None  # the cache model's handle (a slot)
+    continued: bool = False  # an earlier prompt went on past the match (diverged)
+    reach: int = 0  # how far that earlier prompt went (tokens)
+    best_elsewhere: int = 0  # the longest prefix another upstream held (routing)
+    divergence: Divergence | None = None  # where it diverged, when it did
 
 
 @dataclass(slots=True)
@@ -69,6 +75,34 @@ class Outcome:
     error: str | None  # kvern's error code (client_disconnected, upstream_timeout, ...)
     ttfb_ms: float | None  # arrival to the first relayed byte
     latency_ms: float  # arrival to the end of the answer
+
+
+def _breakdown(p: Prediction, reported: int | None) -> dict[str, Any]:
+    """The row's miss columns: every prompt token reused or given a reason."""
+    b = assign(
+        prompt_tokens=p.prompt_tokens,
+        matched=p.matched_tokens,
+        block_size=p.block_size or 1,
+        continued=p.continued,
+        reach=p.reach,
+        predicted=p.predicted_cached_tokens,
+        reported=reported,
+        best_elsewhere=p.best_elsewhere,
+    )
+    d = p.divergence if b.miss_reason == "diverged" else None
+    return {
+        "miss_reason": b.miss_reason,
+        "miss_tokens": b.miss_tokens,
+        "lost_reason": b.lost_reason,
+        "lost_tokens": b.lost_tokens,
+        "novel_tokens": b.novel_tokens,
+        "diverge_at": d.at_token if d else None,
+        "diverge_place": d.place if d else None,
+        "diverge_prefix": d.prefix_id if d else None,
+        "diverge_before": d.before if d else None,
+        "diverge_ours": d.ours if d else None,
+        "diverge_theirs": d.theirs if d else None,
+    }
 
 
 def to_record(
@@ -111,4 +145,5 @@ def to_record(
         route_attempts=ctx.route_attempts,
         route_load_tokens=ctx.route_load,
         end_user=ctx.end_user,
+        **(_breakdown(p, reported) if p is not None else {}),
     )

@@ -1,0 +1,107 @@
+"""Where a token of a rendered prompt comes from: system prompt, tools, message i, template.
+
+Why: "diverged at token 212" tells a user nothing; "diverged inside message 3
+(user), 40 characters in" or "inside text the template injected" names what
+to fix. A chat template interleaves the messages' contents with its own
+text (role headers, separators, an injected date, the rendered tools), so a
+position in the rendered text is placed by finding each message's content
+in order, and the tools by rendering once without them: the text that
+differs is theirs. Everything else is the template's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Roles whose content is the system prompt.
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A part of the rendered prompt: [start, end) in characters."""
+
+    start: int
+    end: int
+    kind: str  # "system", "message", "tools"
+    index: int | None = None  # the message's index in the request
+    role: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where one character of the rendered prompt came from."""
+
+    kind: str  # "system", "message", "tools", "template", "prompt" (a raw completion prompt)
+    index: int | None = None  # the message's index
+    role: str | None = None
+    offset: int = 0  # characters into that part
+
+    def describe(self) -> str:
+        """A short label people read and sites group by (``message 3 (user)``)."""
+        if self.kind in ("system", "message") and self.index is not None:
+            name = "system prompt" if self.kind == "system" else f"message {self.index}"
+            return f"{name} ({self.role})" if self.kind == "message" else name
+        if self.kind == "tools":
+            return "tool definitions"
+        if self.kind == "template":
+            return "template text"
+        return "prompt"
+
+
+def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
+    """Each message's content located in ``text``, in order (a content not found is skipped)."""
+    spans: list[Span] = []
+    pos = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            continue
+        found = text.find(content, pos)
+        if found < 0:
+            continue
+        role = str(message.get("role", ""))
+        kind = "system" if role in _SYSTEM_ROLES else "message"
+        spans.append(Span(found, found + len(content), kind, index, role))
+        pos = found + len(content)
+    return spans
+
+
+def tools_span(with_tools: str, without_tools: str) -> Span | None:
+    """The part of ``with_tools`` that rendering without the tools does not have."""
+    if with_tools == without_tools:
+        return None
+    head = 0
+    limit = min(len(with_tools), len(without_tools))
+    while head < limit and with_tools[head] == without_tools[head]:
+        head += 1
+    tail = 0
+    while (
+        tail < limit - head
+        and with_tools[len(with_tools) - 1 - tail] == without_tools[len(without_tools) - 1 - tail]
+    ):
+        tail += 1
+    return Span(head, len(with_tools) - tail, "tools")
+
+
+def place_of(char: int, spans: Sequence[Span]) -> Place:
+    """The part ``char`` falls in; a character in no span is the template's."""
+    # Tools first: a template may render them inside the system turn.
+    for span in sorted(spans, key=lambda s: s.kind != "tools"):
+        if span.start <= char < span.end:
+            return Place(span.kind, span.index, span.role, char - span.start)
+    return Place("template")
+
+
+def char_of_token(k: int, ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int:
+    """The character offset where token ``k`` starts in the rendered text.
+
+    Decoding the first ``k`` ids gives the text before it: exact for a
+    tokenizer that decodes what it encoded (byte-level BPE, SentencePiece
+    with the prompt's special tokens kept), which kvern's exact tokenizers are.
+    """
+    return len(decode(ids[:k])) if k > 0 else 0

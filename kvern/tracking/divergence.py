@@ -1,0 +1,147 @@
+"""Finding, beside each insert, whether and where a prompt parted from an earlier one.
+
+Why at insert: the trie just walked the prompt, and the node where the new
+leaf hangs is the divergence -- if that node has other children, an earlier
+prompt went on with other tokens (``diverged``); if not, the request only
+goes past what was seen (``novel``). How far the earlier prompt went (its
+most-hit path down to a leaf) is what the divergence cost at most. Only a
+diverged request pays for more (decoding its prefix to find where the
+divergence falls in the text, a render without tools); the rest is a look at
+one node. Runs on the tracking thread, like every trie access.
+
+A few recent prompts per site are kept in memory (bounded by
+``diagnosis.*``) so a suggested rule can be replayed over them on request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from kvern.config import DiagnosisConfig
+from kvern.diagnosis.layout import Place, Span, char_of_token, message_spans, place_of, tools_span
+from kvern.diagnosis.replay import Sample
+from kvern.diagnosis.sites import Divergence, prefix_id
+from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
+from kvern.trie.node import TrieNode
+from kvern.trie.records import InsertResult
+
+# Tokens of the earlier prompt decoded for its side of the window, at most.
+_THEIR_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What one insert says about the prompt's divergence."""
+
+    continued: bool  # an earlier prompt went on past the match with other tokens
+    reach: int  # how far (tokens from the start) that earlier prompt went
+    divergence: Divergence | None = None  # where, when it diverged past a shared prefix
+
+
+class SiteSamples:
+    """Recent prompts per divergence site, least recently seen site dropped first."""
+
+    def __init__(self, max_sites: int, per_site: int, max_chars: int) -> None:
+        self._max_sites = max_sites
+        self._per_site = per_site
+        self._max_chars = max_chars
+        self._sites: OrderedDict[str, deque[Sample]] = OrderedDict()
+
+    def add(self, site: str, text: str, diverge_char: int) -> None:
+        if self._per_site == 0:
+            return
+        samples = self._sites.get(site)
+        if samples is None:
+            samples = self._sites[site] = deque(maxlen=self._per_site)
+            while len(self._sites) > self._max_sites:
+                self._sites.popitem(last=False)
+        else:
+            self._sites.move_to_end(site)
+        samples.append(Sample(text[: self._max_chars], diverge_char))
+
+    def get(self, site: str) -> list[Sample]:
+        return list(self._sites.get(site, ()))
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
+def _most_hit(children: Any) -> TrieNode | None:
+    best: TrieNode | None = None
+    for child in children:
+        if best is None or child.hit_count > best.hit_count:
+            best = child
+    return best
+
+
+def _path_tokens(start: TrieNode, limit: int) -> tuple[list[int], int]:
+    """Tokens along ``start``'s most-hit path (up to ``limit``) and the depth of its leaf."""
+    tokens: list[int] = []
+    node = start
+    while True:
+        if len(tokens) < limit:
+            tokens.extend(node.key[: limit - len(tokens)])
+        nxt = _most_hit(node.children.values())
+        if nxt is None:
+            return tokens, node.depth
+        node = nxt
+
+
+class DivergenceFinder:
+    """Per insert: continued or not, how far, and for a divergence, where (tracking thread)."""
+
+    def __init__(self, config: DiagnosisConfig) -> None:
+        self._config = config
+        self.samples = SiteSamples(
+            config.max_sites, config.samples_per_site, config.max_sample_chars
+        )
+
+    def find(self, tok: ModelTokenizer, prompt: PromptTokens, result: InsertResult) -> Finding:
+        matched = result.matched_tokens
+        leaf = result.node
+        parent = leaf.parent
+        if result.new_tokens == 0 or parent is None:
+            return Finding(False, matched)
+        earlier = _most_hit(c for c in parent.children.values() if c is not leaf)
+        if earlier is None:
+            return Finding(False, matched)
+        theirs_ids, reach = _path_tokens(earlier, _THEIR_TOKENS)
+        if matched == 0 or not self._config.enabled:
+            return Finding(True, reach)
+        return Finding(True, reach, self._locate(tok, prompt, matched, theirs_ids))
+
+    def _locate(
+        self, tok: ModelTokenizer, prompt: PromptTokens, k: int, theirs_ids: list[int]
+    ) -> Divergence:
+        text = prompt.text
+        char = min(char_of_token(k, prompt.ids, tok.decode), len(text))
+        place = self._place(tok, prompt, char)
+        width = self._config.window_chars
+        before = ours = theirs = ""
+        if width:
+            before = text[max(0, char - width) : char]
+            ours = text[char : char + width]
+            theirs = tok.decode(theirs_ids)[:width]
+        found = Divergence(
+            at_token=k,
+            place=place.describe(),
+            place_kind=place.kind,
+            prefix_id=prefix_id(prompt.ids, k),
+            before=before,
+            ours=ours,
+            theirs=theirs,
+        )
+        self.samples.add(found.site, text, char)
+        return found
+
+    def _place(self, tok: ModelTokenizer, prompt: PromptTokens, char: int) -> Place:
+        if prompt.messages is None:
+            return Place("prompt", offset=char)
+        spans: list[Span] = message_spans(prompt.text, prompt.messages)
+        if prompt.tools:
+            found = tools_span(prompt.text, tok.render_without_tools(prompt.messages))
+            if found is not None:
+                spans.append(found)
+        return place_of(char, spans)
