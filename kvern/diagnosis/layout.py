@@ -11,12 +11,15 @@ differs is theirs. Everything else is the template's own.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 # Roles whose content is the system prompt.
 _SYSTEM_ROLES = frozenset({"system", "developer"})
+# Characters (both renderings together) up to which the tools are found by a diff.
+_DIFF_LIMIT = 40_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +74,24 @@ def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
     return spans
 
 
-def tools_span(with_tools: str, without_tools: str) -> Span | None:
-    """The part of ``with_tools`` that rendering without the tools does not have."""
+def tools_spans(with_tools: str, without_tools: str) -> list[Span]:
+    """The parts of ``with_tools`` that rendering without the tools does not have.
+
+    A template may render tools in more than one place (Llama 3.1 adds an
+    "Environment" line to the system turn and the definitions to the first
+    user turn), so every inserted or replaced run counts. Past
+    ``_DIFF_LIMIT`` characters, one span from the first to the last
+    difference stands in (a character diff of very long prompts is slow).
+    """
     if with_tools == without_tools:
-        return None
+        return []
+    if len(with_tools) + len(without_tools) <= _DIFF_LIMIT:
+        matcher = difflib.SequenceMatcher(None, without_tools, with_tools, autojunk=False)
+        return [
+            Span(j1, j2, "tools")
+            for tag, _, _, j1, j2 in matcher.get_opcodes()
+            if tag in ("insert", "replace") and j2 > j1
+        ]
     head = 0
     limit = min(len(with_tools), len(without_tools))
     while head < limit and with_tools[head] == without_tools[head]:
@@ -85,7 +102,7 @@ def tools_span(with_tools: str, without_tools: str) -> Span | None:
         and with_tools[len(with_tools) - 1 - tail] == without_tools[len(without_tools) - 1 - tail]
     ):
         tail += 1
-    return Span(head, len(with_tools) - tail, "tools")
+    return [Span(head, len(with_tools) - tail, "tools")]
 
 
 def place_of(char: int, spans: Sequence[Span]) -> Place:

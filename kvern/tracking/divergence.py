@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.config import DiagnosisConfig
-from kvern.diagnosis.layout import Place, Span, char_of_token, message_spans, place_of, tools_span
+from kvern.diagnosis.layout import Place, Span, char_of_token, message_spans, place_of, tools_spans
 from kvern.diagnosis.replay import Sample
 from kvern.diagnosis.sites import Divergence, prefix_id
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
@@ -141,7 +141,5 @@ class DivergenceFinder:
             return Place("prompt", offset=char)
         spans: list[Span] = message_spans(prompt.text, prompt.messages)
         if prompt.tools:
-            found = tools_span(prompt.text, tok.render_without_tools(prompt.messages))
-            if found is not None:
-                spans.append(found)
+            spans.extend(tools_spans(prompt.text, tok.render_without_tools(prompt.messages)))
         return place_of(char, spans)
