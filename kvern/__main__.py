@@ -8,10 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvern.config import ConfigError, KvernConfig, load_config
 from kvern.config.loading import with_overrides
 from kvern.config.urls import redact_url
+from kvern.config.watch import ConfigSource
 from kvern.doctor import cli as doctor_cli
 
 
@@ -40,12 +42,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_path(args: argparse.Namespace) -> str | None:
+    """``--config``, else ./config.yaml if there is one, else None (the defaults)."""
+    if args.config is None and os.path.exists("config.yaml"):
+        return "config.yaml"
+    return str(args.config) if args.config is not None else None
+
+
 def load_for_serve(args: argparse.Namespace) -> KvernConfig:
     """Config file, then KVERN_* environment, then command-line flags."""
-    path = args.config
-    if path is None and os.path.exists("config.yaml"):
-        path = "config.yaml"
-    config = load_config(path)
+    config = load_config(config_path(args))
     overrides = {}
     if args.host is not None:
         overrides["host"] = args.host
@@ -91,7 +97,10 @@ def serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = create_app(config)
+    path = config_path(args)
+    # Edits of the file are watched for (and SIGHUP): loaded again exactly as now.
+    source = ConfigSource(Path(path), lambda: load_for_serve(args)) if path is not None else None
+    app = create_app(config, source=source)
     warning = exposure_warning(config)
     if warning is not None:
         logging.getLogger("kvern").warning(warning)

@@ -24,9 +24,11 @@ from starlette.responses import JSONResponse, Response
 
 from kvern import __version__
 from kvern.analytics.capture import Capture
+from kvern.analytics.events import INSERT_EVENT_SQL, rules_changed
 from kvern.analytics.store import AnalyticsStore
 from kvern.analytics.tenant_secret import tenant_secret
 from kvern.config import KvernConfig
+from kvern.config.watch import Changes, ConfigSource, ConfigWatcher, listen_for_sighup, rules_hash
 from kvern.errors import BadRequest, KvernError, error_response
 from kvern.metrics.requests import RequestMetrics
 from kvern.metrics.sink import row_sink
@@ -63,11 +65,15 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] | None = None,
     registry: TokenizerRegistry | None = None,
+    source: ConfigSource | None = None,
 ) -> FastAPI:
     """Build the app. ``transport`` and ``clock`` are for tests (fault injection, time).
 
     ``registry`` (a tokenizer registry of the caller's) or a ``clock`` runs
     the brain on a thread of this process, where those objects live.
+    ``source`` (``kvern serve --config``): the file ``config`` was loaded
+    from, and how; it is watched (and reloaded on SIGHUP) and edits of the
+    normalization rules apply live.
     """
     wall = clock or time.time
     access_log.install()
@@ -140,6 +146,25 @@ def create_app(
             capture=capture,
         )
         monitor.start()
+        watcher: ConfigWatcher | None = None
+        stop_listening: Callable[[], object] | None = None
+        if source is not None:
+
+            async def apply_rules(running: KvernConfig, found: Changes) -> None:
+                """New rules for requests from now on; the mark in /analytics is this moment."""
+                services = app.state.services
+                ts_s = wall()
+                services.config = services.config.model_copy(
+                    update={"normalization": running.normalization}
+                )
+                await brain.set_normalization(running.normalization)
+                if store is not None:
+                    row = rules_changed(ts_s, found.rules_models, rules_hash(running))
+                    await store.write_one(INSERT_EVENT_SQL, row)
+
+            watcher = ConfigWatcher(source, config, apply_rules, poll_s=config.proxy.config_poll_s)
+            watcher.start()
+            stop_listening = listen_for_sighup(watcher.trigger)
         previous_interval = sys.getswitchinterval()
         if brain.stats.isolation == "thread":
             # Tracking then shares this process's GIL: hand it back to the relay sooner.
@@ -158,6 +183,10 @@ def create_app(
             # that stopped early) hand their rows over before tracking closes.
             if not await inflight.wait_empty(_LEAVE_TIMEOUT_S):
                 logger.warning("%d request(s) still in flight at shutdown", len(inflight))
+            if stop_listening is not None:
+                stop_listening()
+            if watcher is not None:
+                await watcher.close()
             if capture is not None:
                 await asyncio.to_thread(capture.close)  # what is queued is written first
             await monitor.close()

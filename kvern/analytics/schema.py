@@ -108,6 +108,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE requests ADD COLUMN diverge_theirs TEXT;
     CREATE INDEX requests_diverge_site ON requests (model, diverge_prefix, diverge_place);
     """,
+    # 7: moments that change how later rows read (see kvern.analytics.events):
+    # kind "rules_changed" when config.yaml's normalization rules were reloaded;
+    # detail is JSON (which models' rules changed, a short hash of the new rules).
+    """
+    CREATE TABLE events (
+        ts_s REAL NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX events_kind_ts ON events (kind, ts_s);
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

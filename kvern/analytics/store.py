@@ -18,8 +18,8 @@ for; the queue is FIFO, so once the writer reaches the marker every earlier row
 is committed. The bound on rows is kept by a counter rather than by the
 queue's ``maxsize``, so a marker never takes a row's place nor waits for room.
 
-Parity checks (one row per model and upstream per process) skip the queue:
-:meth:`AnalyticsStore.write_parity` inserts and commits directly. A lock
+Parity checks and events (a few rows per process) skip the queue:
+:meth:`AnalyticsStore.write_one` inserts and commits directly. A lock
 keeps that INSERT and commit from landing between a batch's ``executemany``
 and its commit or rollback on the shared connection.
 """
@@ -171,10 +171,14 @@ class AnalyticsStore:
         return True
 
     async def write_parity(self, row: ParityRow) -> bool:
-        """Insert one parity-check row and commit; False (counted) if not written.
+        """Insert one parity-check row and commit (see :meth:`write_one`)."""
+        return await self.write_one(INSERT_PARITY_SQL, row.to_row())
 
-        Rare and off the request path, so one direct write instead of the
-        batching queue. Never raises on a write error.
+    async def write_one(self, sql: str, values: Sequence[SqlValue]) -> bool:
+        """Insert one row and commit; False (counted) if not written.
+
+        For rare rows off the request path (parity checks, events): one direct
+        write instead of the batching queue. Never raises on a write error.
         """
         conn = self._conn
         if conn is None or self._closing:
@@ -182,7 +186,7 @@ class AnalyticsStore:
             return False
         async with self._write_lock:
             try:
-                await conn.execute(INSERT_PARITY_SQL, row.to_row())
+                await conn.execute(sql, values)
                 await conn.commit()
             except Exception as exc:
                 self._note_error(exc)

@@ -52,6 +52,9 @@ class ProxyConfig(_Section):
     # A client that sends headers and then stalls its body past this gets a
     # 408 and its connection back; the time between two body chunks counts.
     body_read_timeout_s: float = Field(30.0, gt=0)
+    # How often ``kvern serve`` looks at its config file for an edit (mtime,
+    # size, inode); normalization rules then apply live. 0: only on SIGHUP.
+    config_poll_s: float = Field(1.0, ge=0)
 
 
 class CacheModelConfig(_Section):

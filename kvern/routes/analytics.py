@@ -8,6 +8,9 @@ so a user sees the request they just made; whatever tracking still holds
 then (a tokenizer still loading, a backlog, a hung tracking process) is
 reported in ``tracking`` instead of waited for. ``parity`` is the latest
 tokenizer/template parity check per model and upstream, whatever the window.
+``rules_changes``: each live reload of the normalization rules in the window
+(``ts_s``, the model keys whose rules changed, ``rules_hash``), to compare
+the figures before and after.
 Groups: ``by_tenant`` (the API key), ``by_end_user`` (the body's ``user``
 field), ``by_model``, ``by_upstream``; ``routing`` only with several upstreams.
 ``ttfb_by_hit``: time to first byte of hits against misses (requests and
@@ -22,6 +25,7 @@ from fastapi import APIRouter, Query, Request
 
 from kvern.analytics import queries, routing_rows
 from kvern.analytics.calibration import calibration
+from kvern.analytics.events import rules_changes
 from kvern.analytics.latency import ttfb_by_hit
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
@@ -75,6 +79,8 @@ async def analytics(
             store, window=window, model=model, bucket_s=bucket, now_s=now
         ),
         "parity": await latest_parity(store, model=model),
+        # When config.yaml's normalization rules were reloaded (the dashboard marks each).
+        "rules_changes": await rules_changes(store, window=window, now_s=now),
         "store": store.stats(),
         "tracking_drained": tracking.drained,
         "tracking": tracking.to_dict(),

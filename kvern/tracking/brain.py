@@ -28,7 +28,7 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvern.config import CacheModelConfig, KvernConfig
@@ -157,6 +157,13 @@ class Brain:
         elif isinstance(header, m.Drop):
             if tracker.presence is not None:
                 tracker.in_thread_soon(tracker.presence.drop_upstream, header.upstream)
+        elif isinstance(header, m.Call) and header.method == "set_normalization":
+            # Queued here, in arrival order: requests handed over before it keep
+            # the old rules, every later one gets the new (config.yaml reloaded).
+            (rules,) = header.args
+            self._config = self._config.model_copy(update={"normalization": rules})
+            swapped = asyncio.wrap_future(tracker.set_normalization(rules))
+            self._spawn(self._reply(header, swapped))
         elif isinstance(header, m.Call):
             self._spawn(self._reply(header))
         else:
@@ -167,9 +174,9 @@ class Brain:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reply(self, call: m.Call) -> None:
+    async def _reply(self, call: m.Call, queued: Awaitable[Any] | None = None) -> None:
         try:
-            value = await self._call(call.method, *call.args)
+            value = await (queued if queued is not None else self._call(call.method, *call.args))
         except Exception as exc:  # noqa: BLE001 - the caller gets the error's text
             self._send(m.Reply(call.call_id, False, f"{type(exc).__name__}: {exc}"), force=True)
         else:
@@ -327,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     # a signal to the whole process group must not cut rows short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the relay's: reload config.yaml
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s kvern-brain %(name)s: %(message)s"
     )

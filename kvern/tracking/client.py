@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvern.analytics.records import RequestRecord
-from kvern.config import KvernConfig
+from kvern.config import KvernConfig, NormalizationRule
 from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
@@ -327,6 +327,19 @@ class BrainClient:
     def record_plain(self, ctx: RequestContext, outcome: Outcome) -> None:
         """The row of a forwarded request with no prompt to track, written here at once."""
         self.pending.write_plain(ctx, outcome)
+
+    async def set_normalization(self, rules: dict[str, list[NormalizationRule]]) -> None:
+        """New normalization rules for every request handed over from now on (config reloaded).
+
+        Brains started later (after a crash or a hang) start with them too.
+        A brain that cannot be told now is left to the supervisor: one that
+        is down is restarted with these rules, one that hangs is killed.
+        """
+        self._config = self._config.model_copy(update={"normalization": rules})
+        try:
+            await self.call("set_normalization", rules)
+        except BrainUnavailable as exc:
+            logger.warning("new normalization rules wait for the next tracking process: %s", exc)
 
     def drop_upstream(self, name: str) -> None:
         link = self._link

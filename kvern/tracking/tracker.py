@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.analytics.records import RequestRecord
-from kvern.config import KvernConfig
+from kvern.config import KvernConfig, NormalizationRule
 from kvern.prompt.normalize import Normalizer
 from kvern.prompt.requests import TRACKED_ENDPOINTS, read_prompt
 from kvern.routing.book import PresenceBook
@@ -118,6 +118,21 @@ class Tracker(TrackingQueue):
                     self._max_models,
                 )
         return False
+
+    def set_normalization(self, rules: dict[str, list[NormalizationRule]]) -> Future[None]:
+        """New normalization rules, swapped in on the tracking thread behind every queued job.
+
+        Requests handed over before the change are tokenized with the old
+        rules, every later one with the new; the cached normalizers go with
+        the old rules (segments cached by the incremental tokenizer are keyed
+        by their normalized text, so they stay right).
+        """
+
+        def swap() -> None:
+            self._config = self._config.model_copy(update={"normalization": rules})
+            self._normalizers.clear()
+
+        return self._executor.submit(swap)
 
     def _normalizer(self, model: str) -> Normalizer:
         norm = self._normalizers.get(model)

@@ -33,13 +33,20 @@ function legend(series) {
 /**
  * Lines over time. ``series``: [{key, label, cls, points: [{ts, value, note}]}];
  * ``bucketS``: the bucket's width (points sit at its middle); ``fmt``: axis and
- * tooltip format; ``yMax``: a fixed top (ratios) instead of the data's.
+ * tooltip format; ``yMax``: a fixed top (ratios) instead of the data's;
+ * ``marks``: [{ts, kind, label, note}] moments drawn as dashed vertical lines
+ * (the normalization rules changed), each with data-mark and data-ts.
  */
-export function lineChart({ id, series, bucketS, fmt, yMax }) {
+export function lineChart({ id, series, bucketS, fmt, yMax, marks = [] }) {
   const all = series.flatMap((s) => s.points);
   const tsList = all.map((p) => p.ts);
   let t0 = Math.min(...tsList);
   let t1 = Math.max(...tsList) + bucketS;
+  // A mark sits at its own time (not a bucket's middle): the axis reaches it.
+  for (const m of marks) {
+    t0 = Math.min(t0, m.ts);
+    t1 = Math.max(t1, m.ts);
+  }
   if (t1 - t0 < 2 * bucketS) {
     t0 -= bucketS; // a lone bucket sits in the middle, not on an edge
     t1 += bucketS;
@@ -68,6 +75,18 @@ export function lineChart({ id, series, bucketS, fmt, yMax }) {
       svg("text", { x: px, y: H - 8, class: "tick", "text-anchor": anchor }, clock(ts)),
     );
   });
+  for (const m of marks) {
+    const px = x(m.ts - bucketS / 2).toFixed(1);
+    root.append(
+      svg(
+        "g",
+        { class: "mark", "data-chart": id, "data-mark": m.kind, "data-ts": m.ts },
+        svg("line", { x1: px, x2: px, y1: PAD.top, y2: H - PAD.bottom }),
+        svg("text", { x: Number(px) + 3, y: PAD.top + 9 }, m.label),
+        svg("title", {}, `${m.label} at ${clock(m.ts)}${m.note ? ` (${m.note})` : ""}`),
+      ),
+    );
+  }
   for (const s of series) {
     // A bucket with no requests breaks the line: nothing happened there.
     let run = [];

@@ -101,13 +101,20 @@ function drawCharts(a, bucketS) {
   // A fresh element for each panel that has nothing to show.
   const empty = () => (a.summary.requests === 0 ? noRequests("requests") : null);
   const reqs = (p) => `${p.requests} requests`;
+  // Each live reload of the normalization rules, on every time chart: reuse before and after.
+  const marks = (a.rules_changes || []).map((c) => ({
+    ts: c.ts_s,
+    kind: "rules_changed",
+    label: "rules changed",
+    note: `${c.models.join(", ")}; rules ${c.rules_hash}`,
+  }));
   chartOrEmpty(
     "chart-reuse",
     [
       { key: "hit_rate", label: "hit rate", cls: "s-hit", points: points(ts, (p) => p.hit_rate, reqs) },
       { key: "token_reuse_ratio", label: "token reuse", cls: "s-reuse", points: points(ts, (p) => p.token_reuse_ratio, reqs) },
     ],
-    { bucketS, fmt: pct, yMax: 1, empty },
+    { bucketS, fmt: pct, yMax: 1, empty, marks },
   );
   const reported = ts.filter((p) => p.predicted_vs_reported.requests_with_report > 0);
   const pvr = (k) => (p) => p.predicted_vs_reported[k];
@@ -121,6 +128,7 @@ function drawCharts(a, bucketS) {
     {
       bucketS,
       fmt: tokens,
+      marks,
       empty: () =>
         empty() ||
         el("div", { class: "empty", text: "No backend has reported cached tokens yet: llama.cpp and vLLM (--enable-prompt-tokens-details) do; Ollama's OpenAI API does not." }),
@@ -134,7 +142,7 @@ function drawCharts(a, bucketS) {
       { key: "hit", label: "hits, p50", cls: "s-hit", points: points(lat, (p) => p.hit.p50, n("hit")) },
       { key: "miss", label: "misses, p50", cls: "s-miss", points: points(lat, (p) => p.miss.p50, n("miss")) },
     ],
-    { bucketS, fmt: ms, empty },
+    { bucketS, fmt: ms, empty, marks },
   );
   const cal = a.calibration || [];
   if (!cal.length) {
