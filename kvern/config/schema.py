@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from kvern.config.observe import DiagnosisConfig, MetricsConfig
 from kvern.config.routing import RoutingConfig, UpstreamEntry
@@ -269,6 +269,13 @@ class TrackingConfig(_Section):
     # tokenizer entry of its own; a new name past this passes untracked
     # (counted), so a client inventing names cannot grow the brain for ever.
     max_models: int = Field(64, ge=1)
+    # The live capacity curve (/analytics capacity_curve): distinct KV blocks
+    # tracked per model, about 270 bytes each as they are seen (262,144: ~70 MB,
+    # 4.2M tokens of 16-token blocks); capacities up to this are exact. 0: off.
+    capacity_curve_max_blocks: int = Field(262_144, ge=0)
+    # Model name or glob -> KV cache bytes per token, for the curve's GiB
+    # (2 * layers * KV heads * head_dim * dtype bytes; Llama-3.1-8B bf16: 131072).
+    capacity_curve_kv_bytes_per_token: dict[str, PositiveInt] = Field(default_factory=dict)
 
 
 class CaptureConfig(_Section):

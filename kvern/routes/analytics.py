@@ -15,6 +15,10 @@ Groups: ``by_tenant`` (the API key), ``by_end_user`` (the body's ``user``
 field), ``by_model``, ``by_upstream``; ``routing`` only with several upstreams.
 ``ttfb_by_hit``: time to first byte of hits against misses (requests and
 percentiles), overall and, with ``bucket``, per bucket.
+``capacity_curve``: per model, the token reuse an LRU prefix cache of each
+capacity would reach on the prompts tracked since the tracking process
+started (not windowed; see :mod:`kvern.tracking.capacity`); null, with
+``capacity_curve_error`` saying why, when the brain does not answer in time.
 """
 
 from __future__ import annotations
@@ -30,9 +34,25 @@ from kvern.analytics.latency import ttfb_by_hit
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
 from kvern.services import Services
-from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S
+from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S, BrainUnavailable
 
 router = APIRouter()
+
+# How long the capacity curve is waited for: it is read ahead of any backlog.
+CAPACITY_CURVE_TIMEOUT_S = 2.0
+
+
+async def capacity_curve(services: Services, model: str | None) -> tuple[Any, str | None]:
+    """The brain's live capacity curve, or None and why not (off, down, slow): never a 5xx."""
+    if not services.config.tracking.capacity_curve_max_blocks:
+        return None, "off (tracking.capacity_curve_max_blocks is 0)"
+    try:
+        found = await services.tracker.call(
+            "capacity_curve", model, timeout_s=CAPACITY_CURVE_TIMEOUT_S
+        )
+    except BrainUnavailable as exc:
+        return None, str(exc)
+    return found, None
 
 
 @router.get("/analytics")
@@ -85,6 +105,7 @@ async def analytics(
         "tracking_drained": tracking.drained,
         "tracking": tracking.to_dict(),
     }
+    out["capacity_curve"], out["capacity_curve_error"] = await capacity_curve(services, model)
     if len(services.pool) > 1:  # with one upstream there is no choice to report on
         out["routing"] = await routing_rows.routing(
             store, window=window, model=model, now_s=now

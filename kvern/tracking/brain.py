@@ -37,6 +37,7 @@ from kvern.routing.book import PresenceBook
 from kvern.routing.pool import UpstreamPool
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
+from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.metrics import BrainMetrics
@@ -100,6 +101,14 @@ class Brain:
         )
         self.metrics = BrainMetrics()
         self.tracker.on_phase = self.metrics.observe
+        self.capacity: CapacityCurves | None = None
+        if config.tracking.capacity_curve_max_blocks:
+            self.capacity = CapacityCurves(
+                lambda model: self.forest.get(model).block_size,
+                max_blocks=config.tracking.capacity_curve_max_blocks,
+                kv_bytes_per_token=config.tracking.capacity_curve_kv_bytes_per_token,
+            )
+            self.tracker.on_prompt = self.capacity.observe
         self._client = build_client(config.upstream, None)
         self.parity: ParityChecker | None = None
         if config.tokenizers.parity_check:
@@ -234,6 +243,12 @@ class Brain:
                 self.registry.states(),
                 urgent=True,
             )
+        if method == "capacity_curve":
+            # The live miss-ratio curve per model, read where it is fed; ahead of a backlog.
+            (model,) = args or (None,)
+            if self.capacity is None:
+                return {"models": {}}
+            return await tracker.in_thread(self.capacity.view, model, urgent=True)
         if method == "tree":
             # The dashboard's prefix tree; like "visualize", the relay drained first.
             model, max_nodes, min_hits = args

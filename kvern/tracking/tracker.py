@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +95,8 @@ class Tracker(TrackingQueue):
         self._books = Bookkeeper(config, forest, presence, self.stats, clock)
         # Told each request's time per phase (render, tokenize, trie) for /metrics.
         self.on_phase: Callable[[str, float], None] | None = None
+        # Told each inserted prompt's ids (model, ids): the live capacity curve.
+        self.on_prompt: Callable[[str, Sequence[int]], None] | None = None
 
     def _admits(self, model: str, *, count: bool = True) -> bool:
         """Whether ``model`` is tracked: a name seen before, or a new one within max_models.
@@ -277,6 +279,8 @@ class Tracker(TrackingQueue):
         prediction = self._books.predict(tok, model, prompt, insert, upstream)
         if self.on_phase is not None:
             self.on_phase("trie", time.perf_counter() - started)
+        if insert and self.on_prompt is not None:
+            self.on_prompt(model, prompt.ids)
         return prediction
 
     def _tokenize(
