@@ -22,9 +22,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "kvern"
 # below it, never one above. Top-level names are packages or modules of kvern.
 FLOORS: list[set[str]] = [
     {"config", "errors"},  # settings and the error tree everything shares
-    {"trie", "analytics", "upstream", "prompt"},  # pure tries, the store, HTTP to backends, bodies
-    # prompt -> ids; models of each backend's own KV cache; why requests missed
-    {"tokenize", "cache_models", "diagnosis"},
+    # pure tries, the store, HTTP to backends, bodies; why requests missed (pure)
+    {"trie", "analytics", "upstream", "prompt", "diagnosis"},
+    {"tokenize", "cache_models"},  # prompt -> ids; models of each backend's own KV cache
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
     {"metrics"},  # Prometheus instruments fed by rows, and what the other parts report

@@ -54,6 +54,19 @@ class Place:
         return "prompt"
 
 
+def kind_of_place(label: str) -> str:
+    """The kind of a :meth:`Place.describe` label (rows store the label)."""
+    if label == "system prompt":
+        return "system"
+    if label.startswith("message "):
+        return "message"
+    if label == "tool definitions":
+        return "tools"
+    if label == "template text":
+        return "template"
+    return "prompt"
+
+
 def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
     """Each message's content located in ``text``, in order (a content not found is skipped)."""
     spans: list[Span] = []

@@ -16,10 +16,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvern.diagnosis.continuation import continuation
+from kvern.diagnosis.reasons import assign
 from kvern.trie import RadixTrie
 
 # Examples of other rewrites kept per replay.
 _MAX_OTHERS = 5
+# Characters after a divergence within which a match is the site's own.
+_NEAR = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,8 @@ class Replay:
     prompt_tokens: int = 0
     reused_before: int = 0  # block-aligned shared prefix tokens, as the prompts were
     reused_after: int = 0  # the same with the rule applied
+    diverged_before: int = 0  # tokens lost to divergences, as the prompts were
+    diverged_after: int = 0  # the same with the rule applied
     other_rewrites: int = 0  # matches away from the divergence
     others: list[str] = field(default_factory=list)  # a few of them, with context
     merges_beyond_span: bool = False  # some of those differ between prompts
@@ -47,14 +53,11 @@ class Replay:
         return self.reused_after - self.reused_before
 
     @property
-    def lost_before(self) -> int:
-        return self.prompt_tokens - self.reused_before
-
-    @property
     def recovered_share(self) -> float | None:
-        """Of the tokens not reused before, the share the rule brings back."""
-        lost = self.lost_before
-        return self.saved_tokens / lost if lost > 0 else None
+        """Of the tokens lost to divergences before, the share the rule brings back."""
+        if self.diverged_before <= 0:
+            return None
+        return 1.0 - self.diverged_after / self.diverged_before
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -63,6 +66,8 @@ class Replay:
             "reused_before": self.reused_before,
             "reused_after": self.reused_after,
             "saved_tokens": self.saved_tokens,
+            "diverged_before": self.diverged_before,
+            "diverged_after": self.diverged_after,
             "recovered_share": self.recovered_share,
             "other_rewrites": self.other_rewrites,
             "other_examples": list(self.others),
@@ -72,16 +77,33 @@ class Replay:
 
 def reuse(
     texts: Sequence[str], tokenize: Callable[[str], Sequence[int]], block_size: int
-) -> tuple[int, int]:
-    """(prompt tokens, block-aligned tokens each prompt shares with an earlier one), in order."""
+) -> tuple[int, int, int]:
+    """(prompt tokens, block-aligned tokens shared with an earlier prompt, diverged tokens).
+
+    Diverged tokens are the prompt side's ``diverged`` share of
+    :func:`~kvern.diagnosis.reasons.assign` with the backend taken to keep
+    everything: what parting from an earlier prompt cost, novel text apart.
+    """
     trie = RadixTrie()
-    total = shared = 0
+    total = shared = diverged = 0
     for now, text in enumerate(texts):
         ids = tokenize(text)
+        result = trie.insert(ids, float(now))
+        cont = continuation(result)
+        aligned = RadixTrie.aligned(result.matched_tokens, block_size)
+        b = assign(
+            prompt_tokens=len(ids),
+            matched=result.matched_tokens,
+            block_size=block_size,
+            continued=cont.continued,
+            reach=cont.reach,
+            predicted=aligned,
+            reported=aligned,
+        )
         total += len(ids)
-        shared += RadixTrie.aligned(trie.match(ids).matched_tokens, block_size)
-        trie.insert(ids, float(now))
-    return total, shared
+        shared += aligned
+        diverged += b.miss_tokens if b.miss_reason == "diverged" else 0
+    return total, shared, diverged
 
 
 def replay(
@@ -97,9 +119,17 @@ def replay(
     rewritten: list[str] = []
     elsewhere: dict[str, set[str]] = {}  # context before a match away from the site -> texts
     for sample in samples:
-        for m in regex.finditer(sample.text):
-            if m.start() <= sample.diverge_char <= max(m.end(), m.start() + 1):
-                continue
+        matches = list(regex.finditer(sample.text))
+        # The site's own value: the match at the divergence (which may sit on
+        # the space or the shared first characters just before it).
+        here = {
+            m.group(0)
+            for m in matches
+            if m.end() > sample.diverge_char and m.start() <= sample.diverge_char + _NEAR
+        }
+        for m in matches:
+            if m.group(0) in here:
+                continue  # the site's own value, here or repeated (the same id twice)
             out.other_rewrites += 1
             context = sample.text[max(0, m.start() - 24) : m.start()]
             elsewhere.setdefault(context, set()).add(m.group(0))
@@ -108,6 +138,8 @@ def replay(
         rewritten.append(regex.sub(replacement, sample.text))
     # The same place (same text before it) with different values: different content merged.
     out.merges_beyond_span = any(len(values) > 1 for values in elsewhere.values())
-    out.prompt_tokens, out.reused_before = reuse([s.text for s in samples], tokenize, block_size)
-    _, out.reused_after = reuse(rewritten, tokenize, block_size)
+    out.prompt_tokens, out.reused_before, out.diverged_before = reuse(
+        [s.text for s in samples], tokenize, block_size
+    )
+    _, out.reused_after, out.diverged_after = reuse(rewritten, tokenize, block_size)
     return out

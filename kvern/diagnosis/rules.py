@@ -179,3 +179,18 @@ def literal(text: str) -> str:
     """
     escaped = re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", text)
     return escaped.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def marked(example: Example) -> tuple[str, str]:
+    """Both sides' text with the differing span in brackets, for people to read side by side."""
+    found = varying_spans(example)
+    if found is None:
+        return example.ours, example.theirs
+    anchor, our_span, their_span = found
+    common = len(anchor) - len(example.before)
+    ours, theirs = example.ours, example.theirs
+    head = ours[:common]
+    return (
+        f"{head}[{our_span}]{ours[common + len(our_span) :]}",
+        f"{head}[{their_span}]{theirs[common + len(their_span) :]}",
+    )

@@ -163,6 +163,20 @@ class RequestMetrics:
             ["upstream", "reason"],
             registry=r,
         )
+        self.miss_reasons = Counter(
+            "kvern_cache_miss_reasons",
+            "Requests by why their unreused prompt tokens were not reused: cold, below_block, "
+            "diverged (prompt side); evicted, routed_away, unreported (backend side)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.miss_tokens = Counter(
+            "kvern_cache_miss_tokens",
+            "Prompt tokens not reused, by reason; novel: past every earlier prompt. With the "
+            "reused tokens they add up to kvern_prompt_tokens_total over the tracked requests",
+            ["model", "reason"],
+            registry=r,
+        )
         self.phase = Histogram(
             PHASE_METRIC, PHASE_HELP, ["phase"], buckets=PHASE_BUCKETS, registry=r
         )
@@ -217,6 +231,15 @@ class RequestMetrics:
         if rec.hit is not None:
             self.lookups.labels(model, upstream, outcome).inc()
         self._observe_prediction(rec, model, upstream)
+        for reason, tokens in (
+            (rec.miss_reason, rec.miss_tokens),
+            (rec.lost_reason, rec.lost_tokens),
+        ):
+            if reason is not None:
+                self.miss_reasons.labels(model, reason).inc()
+                self.miss_tokens.labels(model, reason).inc(tokens or 0)
+        if rec.novel_tokens:
+            self.miss_tokens.labels(model, "novel").inc(rec.novel_tokens)
         if rec.route_reason is not None:
             self.routing.labels(upstream, rec.route_reason).inc()
         if self._tenants is not None:

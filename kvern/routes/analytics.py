@@ -15,6 +15,13 @@ Groups: ``by_tenant`` (the API key), ``by_end_user`` (the body's ``user``
 field), ``by_model``, ``by_upstream``; ``routing`` only with several upstreams.
 ``ttfb_by_hit``: time to first byte of hits against misses (requests and
 percentiles), overall and, with ``bucket``, per bucket.
+``miss_reasons``: prompt tokens reused, novel, and per reason (cold,
+below_block, diverged; evicted, routed_away, unreported) the requests and
+tokens -- they add up (``adds_up``). ``misses``: the ``top_sites`` (10)
+divergence sites by tokens lost, each with where it falls, two examples
+side by side (the differing span in brackets) and ``advice``: a suggested
+normalization rule in config.yaml's form, measured by replaying the site's
+recent prompts (see :mod:`kvern.diagnosis`).
 ``capacity_curve``: per model, the token reuse an LRU prefix cache of each
 capacity would reach on the prompts tracked since the tracking process
 started (not windowed; see :mod:`kvern.tracking.capacity`); null, with
@@ -31,8 +38,10 @@ from kvern.analytics import queries, routing_rows
 from kvern.analytics.calibration import calibration
 from kvern.analytics.events import rules_changes
 from kvern.analytics.latency import ttfb_by_hit
+from kvern.analytics.misses import miss_reasons
 from kvern.analytics.parity_rows import latest_parity
 from kvern.errors import BadRequest
+from kvern.routes.misses import TOP_SITES, misses_view
 from kvern.services import Services
 from kvern.tracking.relay_view import MAX_DRAIN_WAIT_S, BrainUnavailable
 
@@ -62,6 +71,7 @@ async def analytics(
     model: str | None = None,
     bucket: int | None = Query(None, ge=1, le=30 * 86400),
     wait_s: float | None = Query(None, ge=0, le=MAX_DRAIN_WAIT_S),
+    top_sites: int = Query(TOP_SITES, ge=0, le=100),
 ) -> dict[str, Any]:
     services: Services = request.app.state.services
     if window not in queries.WINDOWS:
@@ -99,6 +109,11 @@ async def analytics(
             store, window=window, model=model, bucket_s=bucket, now_s=now
         ),
         "parity": await latest_parity(store, model=model),
+        # Why tokens were not reused (they add up), and the costliest divergence sites.
+        "miss_reasons": await miss_reasons(store, window=window, model=model, now_s=now),
+        "misses": await misses_view(
+            store, services.tracker, window=window, model=model, now_s=now, top=top_sites
+        ),
         # When config.yaml's normalization rules were reloaded (the dashboard marks each).
         "rules_changes": await rules_changes(store, window=window, now_s=now),
         "store": store.stats(),

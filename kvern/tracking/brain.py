@@ -41,6 +41,7 @@ from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.metrics import BrainMetrics
+from kvern.tracking.site_advice import advise_sites
 from kvern.tracking.tracker import Tracker
 from kvern.tracking.tree_view import busiest_model, tree_of
 from kvern.tracking.views import describe, health_view
@@ -264,6 +265,14 @@ class Brain:
                 mt = self.forest.get(model)
                 tree = await tracker.in_thread(tree_of, mt, tok, max_nodes, min_hits, urgent=True)
             return {"models": names, "tree": tree, "waiting": waiting}
+        if method == "advise_sites":
+            # /analytics' divergence sites: rules replayed over the prompts kept here.
+            (asked,) = args
+            tokenizers = {model: self.registry.loaded(model) for model, *_ in asked}
+            samples = tracker.divergence.samples
+            return await tracker.in_thread(
+                advise_sites, asked, samples, self.forest, tokenizers, urgent=True
+            )
         if method == "reset_cache_model":
             # The upstream came back with other cache settings (auto detection).
             (settings,) = args

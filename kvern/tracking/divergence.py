@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvern.config import DiagnosisConfig
+from kvern.diagnosis.continuation import continuation
 from kvern.diagnosis.layout import Place, Span, char_of_token, message_spans, place_of, tools_spans
 from kvern.diagnosis.replay import Sample
 from kvern.diagnosis.sites import Divergence, prefix_id
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
-from kvern.trie.node import TrieNode
 from kvern.trie.records import InsertResult
 
 # Tokens of the earlier prompt decoded for its side of the window, at most.
 _THEIR_TOKENS = 64
+# Tokens a divergence is moved back, at most, to the start of its word.
+_MAX_BACKOFF = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,25 +70,24 @@ class SiteSamples:
         return len(self._sites)
 
 
-def _most_hit(children: Any) -> TrieNode | None:
-    best: TrieNode | None = None
-    for child in children:
-        if best is None or child.hit_count > best.hit_count:
-            best = child
-    return best
+def word_start(tok: ModelTokenizer, ids: Any, k: int) -> int:
+    """The token where the word holding token ``k`` starts (``k`` itself at a word's start).
 
-
-def _path_tokens(start: TrieNode, limit: int) -> tuple[list[int], int]:
-    """Tokens along ``start``'s most-hit path (up to ``limit``) and the depth of its leaf."""
-    tokens: list[int] = []
-    node = start
-    while True:
-        if len(tokens) < limit:
-            tokens.extend(node.key[: limit - len(tokens)])
-        nxt = _most_hit(node.children.values())
-        if nxt is None:
-            return tokens, node.depth
-        node = nxt
+    Two ids that begin alike ("2ee4..." and "2ab1...") part a token or two
+    into the word; the site is where the word begins, so one cause is one
+    site whatever its values share by chance.
+    """
+    start = k
+    while start > 0 and k - start < _MAX_BACKOFF:
+        piece = tok.decode(ids[start - 1 : start])
+        if not piece or not piece[-1].isalnum():
+            break
+        start -= 1
+        if not piece[0].isalnum():
+            break  # this token begins the word (" e9", "-4d68" stops earlier)
+    if start > 0 and tok.decode(ids[start - 1 : start]).isspace():
+        start -= 1  # a tokenizer that splits digits keeps the space apart: one site still
+    return start
 
 
 class DivergenceFinder:
@@ -100,21 +101,19 @@ class DivergenceFinder:
 
     def find(self, tok: ModelTokenizer, prompt: PromptTokens, result: InsertResult) -> Finding:
         matched = result.matched_tokens
-        leaf = result.node
-        parent = leaf.parent
-        if result.new_tokens == 0 or parent is None:
-            return Finding(False, matched)
-        earlier = _most_hit(c for c in parent.children.values() if c is not leaf)
-        if earlier is None:
-            return Finding(False, matched)
-        theirs_ids, reach = _path_tokens(earlier, _THEIR_TOKENS)
-        if matched == 0 or not self._config.enabled:
-            return Finding(True, reach)
-        return Finding(True, reach, self._locate(tok, prompt, matched, theirs_ids))
+        cont = continuation(result, _THEIR_TOKENS)
+        if not cont.continued or matched == 0 or not self._config.enabled:
+            return Finding(cont.continued, cont.reach)
+        return Finding(True, cont.reach, self._locate(tok, prompt, matched, cont.theirs))
 
     def _locate(
         self, tok: ModelTokenizer, prompt: PromptTokens, k: int, theirs_ids: list[int]
     ) -> Divergence:
+        start = word_start(tok, prompt.ids, k)
+        if start < k:
+            # The shared tokens of the word the divergence is in are the other side's too.
+            theirs_ids = list(prompt.ids[start:k]) + theirs_ids
+            k = start
         text = prompt.text
         char = min(char_of_token(k, prompt.ids, tok.decode), len(text))
         place = self._place(tok, prompt, char)

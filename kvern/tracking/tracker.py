@@ -36,6 +36,7 @@ from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.bookkeeping import Bookkeeper, Served
+from kvern.tracking.divergence import DivergenceFinder
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackingQueue
 from kvern.tracking.records import Outcome, Prediction, RequestContext, to_record
@@ -97,6 +98,11 @@ class Tracker(TrackingQueue):
         self.on_phase: Callable[[str, float], None] | None = None
         # Told each inserted prompt's ids (model, ids): the live capacity curve.
         self.on_prompt: Callable[[str, Sequence[int]], None] | None = None
+
+    @property
+    def divergence(self) -> DivergenceFinder:
+        """Where prompts parted from earlier ones, and a few prompts per site."""
+        return self._books.divergence
 
     def _admits(self, model: str, *, count: bool = True) -> bool:
         """Whether ``model`` is tracked: a name seen before, or a new one within max_models.
