@@ -11,6 +11,7 @@ import { barChart, lineChart } from "./charts.js";
 import { el, noRequests, show } from "./dom.js";
 import { clock, ms, pct, tokens } from "./format.js";
 import { tiles, trackingRows, upstreams, warnings } from "./panels.js";
+import { drawMisses } from "./misses.js";
 import { drawTree } from "./tree.js";
 
 const REFRESH_MS = 5000;
@@ -256,6 +257,7 @@ async function refresh() {
   show($("tiles"), tiles(analytics));
   drawCharts(analytics, bucket);
   drawUpstreams(health, analytics);
+  drawMisses($("misses"), analytics);
   if (tree.error) show($("tree"), el("div", { class: "empty", text: `The prefix tree is not available: ${tree.error}` }));
   else drawTreePanel(tree);
   $("updated").textContent = `updated ${clock(Date.now() / 1000)} · kvern ${health.version} · ${analytics.summary.requests} requests in window ${window}`;
