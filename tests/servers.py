@@ -63,6 +63,32 @@ def serve_chat(chat: Any, model: str) -> Iterator[str]:
         yield url
 
 
+async def chat_answer(request: Any) -> Any:
+    """A scripted ``/v1/chat/completions`` answer: "ok", one token, the model echoed.
+
+    For :func:`serve_chat` where the test is about kvern, not the backend.
+    """
+    import json
+
+    from starlette.responses import JSONResponse
+
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {}
+    message = {"role": "assistant", "content": "ok"}
+    return JSONResponse(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "model": body.get("model") if isinstance(body, dict) else None,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
+    )
+
+
 @contextmanager
 def blackhole() -> Iterator[str]:
     """A URL whose server completes every connect and then never says a byte (a hung peer)."""

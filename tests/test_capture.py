@@ -24,21 +24,9 @@ from starlette.routing import Route
 from kvern.analytics.capture import Capture, CaptureFile
 from kvern.app import create_app
 from kvern.config import KvernConfig, parse_config
-from tests.servers import serve
+from tests.servers import chat_answer, serve
 
 API_KEY = "sk-capture-test-secret-key"
-
-
-async def _answer(request: Request) -> Response:
-    await request.body()
-    return JSONResponse(
-        {
-            "id": "x",
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        }
-    )
 
 
 async def _models(request: Request) -> Response:
@@ -47,7 +35,7 @@ async def _models(request: Request) -> Response:
 
 def upstream_app() -> Starlette:
     paths = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat")
-    routes = [Route(p, _answer, methods=["POST"]) for p in paths]
+    routes = [Route(p, chat_answer, methods=["POST"]) for p in paths]
     return Starlette(routes=[*routes, Route("/v1/models", _models, methods=["GET"])])
 
 
@@ -243,9 +231,7 @@ def test_bodies_are_dropped_and_counted_while_the_writer_is_stuck(tmp_path: Path
 def test_a_queue_over_its_byte_bound_drops_too(tmp_path: Path) -> None:
     stuck = _StuckFile(tmp_path / "requests.jsonl")
     big = _body(0, 1000)
-    capture = Capture(
-        str(stuck.path), max_bytes=1 << 20, queue_bytes=len(big) * 2, file=stuck
-    )
+    capture = Capture(str(stuck.path), max_bytes=1 << 20, queue_bytes=len(big) * 2, file=stuck)
     capture.start()
     assert capture.offer(_Ctx(0), big)
     assert stuck.entered.wait(30)

@@ -22,13 +22,11 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from kvern.app import create_app
 from kvern.config import load_config, parse_config
 from kvern.config.watch import ConfigSource, ConfigWatcher, changes, rules_hash
-from tests.servers import kvern_process, serve, serve_chat
+from tests.servers import chat_answer, kvern_process, serve, serve_chat
 from tests.truth import flush, rows
 
 MODEL = "m"
@@ -40,24 +38,6 @@ SYSTEM = (
 ID_RULE = {"pattern": r"Request id: [0-9a-f]+", "replacement": "Request id: <ID>"}
 CHROMIUM = shutil.which("chromium")
 T = TypeVar("T")
-
-
-async def _answer(request: Request) -> Response:
-    await request.body()
-    return JSONResponse(
-        {
-            "id": "x",
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        }
-    )
 
 
 def settings(
@@ -127,7 +107,7 @@ def test_an_edited_rule_applies_live_and_a_bad_edit_keeps_the_running_rules(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
     path, log = tmp_path / "config.yaml", tmp_path / "kvern.log"
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         data = settings(tmp_path, upstream, tokenizer_fixtures)
         write(path, data)
         args = ["-m", "kvern", "serve", "--config", str(path)]
@@ -186,7 +166,7 @@ def test_sighup_reloads_at_once_without_a_poll(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
     path, log = tmp_path / "config.yaml", tmp_path / "kvern.log"
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         data = settings(tmp_path, upstream, tokenizer_fixtures, proxy={"config_poll_s": 0})
         write(path, data)
         args = ["-m", "kvern", "serve", "--config", str(path)]
@@ -213,7 +193,7 @@ def test_an_app_on_a_test_thread_watches_its_file_too(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
     path = tmp_path / "config.yaml"
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         data = settings(tmp_path, upstream, tokenizer_fixtures, tracking={"isolation": "thread"})
         write(path, data)
         source = ConfigSource(path, lambda: load_config(path, env={}))
@@ -304,7 +284,7 @@ def test_the_dashboard_draws_the_rules_change_on_its_time_charts(
     from playwright.sync_api import sync_playwright
 
     path = tmp_path / "config.yaml"
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         data = settings(tmp_path, upstream, tokenizer_fixtures, tracking={"isolation": "thread"})
         write(path, data)
         source = ConfigSource(path, lambda: load_config(path, env={}))

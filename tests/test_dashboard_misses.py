@@ -17,9 +17,8 @@ import pytest
 
 from kvern.app import create_app
 from kvern.config import parse_config
-from tests.servers import serve, serve_chat
+from tests.servers import chat_answer, serve, serve_chat
 from tests.test_dashboard_browser import CHROMIUM, Console, launch
-from tests.test_metrics import _answer
 from tests.truth import client_for, flush
 
 pytestmark = [
@@ -35,7 +34,7 @@ def test_the_why_it_missed_panel_shows_the_planted_site_and_its_rule(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         config = parse_config(
             {
                 "upstream": {

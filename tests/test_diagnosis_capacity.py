@@ -9,7 +9,6 @@ here and there, which "within 1 %" would hide.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from array import array
@@ -20,8 +19,6 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from kvern.app import create_app
 from kvern.config import KvernConfig, parse_config
@@ -32,7 +29,7 @@ from kvern.prompt.normalize import Normalizer
 from kvern.prompt.requests import read_prompt
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.capacity import MIN_BLOCK_TOKENS, CapacityCurves
-from tests.servers import serve, serve_chat
+from tests.servers import chat_answer, serve, serve_chat
 from tests.truth import flush
 
 # -- traces ------------------------------------------------------------------------
@@ -160,7 +157,8 @@ def test_block_ids_are_chained_full_blocks_and_stable() -> None:
     assert block_ids([3, 4], 2)[0] != ids[1]  # the same tokens elsewhere: another id
     # The same in every process and Python version (blake2b, not hash()).
     assert ids[0] == int.from_bytes(
-        __import__("hashlib").blake2b(bytes(8) + array("i", [1, 2]).tobytes(), digest_size=8)
+        __import__("hashlib")
+        .blake2b(bytes(8) + array("i", [1, 2]).tobytes(), digest_size=8)
         .digest(),
         "little",
     )
@@ -291,25 +289,6 @@ MODEL = "qwen-capacity"
 SYSTEM = "You are the capacity test's assistant. Answer in one short sentence. " * 8
 
 
-async def _answer(request: Request) -> Response:
-    body = json.loads(await request.body())
-    return JSONResponse(
-        {
-            "id": "x",
-            "object": "chat.completion",
-            "model": body.get("model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        }
-    )
-
-
 def _config(tmp_path: Path, url: str, fixtures: dict[str, Any], **tracking: Any) -> KvernConfig:
     return parse_config(
         {
@@ -347,7 +326,7 @@ def test_the_live_curve_in_analytics_equals_the_curve_of_the_same_prompts_offlin
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
     bodies = _trace()
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         config = _config(tmp_path, upstream, tokenizer_fixtures)
         assert config.tracking.isolation == "process"  # the curve crosses a process
         with serve(create_app(config)) as kvern:
@@ -382,7 +361,7 @@ def test_the_live_curve_in_analytics_equals_the_curve_of_the_same_prompts_offlin
 def test_the_curve_is_null_with_the_reason_when_the_brain_does_not_answer(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         app = create_app(_config(tmp_path, upstream, tokenizer_fixtures))
         with serve(app) as kvern:
             body = _trace()[0]
@@ -402,7 +381,7 @@ def test_the_curve_is_null_with_the_reason_when_the_brain_does_not_answer(
 def test_the_curve_is_null_and_says_so_when_it_is_off(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, MODEL) as upstream:
+    with serve_chat(chat_answer, MODEL) as upstream:
         config = _config(
             tmp_path, upstream, tokenizer_fixtures, capacity_curve_max_blocks=0, isolation="thread"
         )

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvern.app import create_app
 from kvern.config import parse_config
-from tests.servers import serve, serve_chat
-from tests.test_metrics import _answer
+from tests.servers import chat_answer, serve, serve_chat
 from tests.truth import flush
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ def test_every_series_the_grafana_board_queries_is_in_a_real_scrape(
             "analytics": {"db_path": str(tmp_path / "kvern.db"), "flush_interval_ms": 10},
         }
     )
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         data = config.model_dump()
         data["upstream"]["base_url"] = upstream + "/v1"
         with serve(create_app(parse_config(data))) as kvern:

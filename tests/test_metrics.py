@@ -8,7 +8,6 @@ are the brain's, sent to the relay at scrape time.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -18,13 +17,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from kvern.app import create_app
 from kvern.config import KvernConfig, parse_config
 from tests.llama_server import llama_server, tiny_model
-from tests.servers import free_port, serve, serve_chat
+from tests.servers import chat_answer, free_port, serve, serve_chat
 from tests.truth import chat, client_for, flush, rows, stream_chat
 
 MODEL = "tiny-qwen2"
@@ -158,25 +155,6 @@ def test_metrics_after_a_known_trace_equal_the_analytics_of_the_same_trace(
 # -- scripted upstreams: errors, bounds, the admin key, a brain that is gone --
 
 
-async def _answer(request: Request) -> Response:
-    body = json.loads(await request.body())
-    return JSONResponse(
-        {
-            "id": "x",
-            "object": "chat.completion",
-            "model": body.get("model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        }
-    )
-
-
 def _scripted_config(
     tmp_path: Path, url: str, fixtures: dict[str, Any], **extra: Any
 ) -> KvernConfig:
@@ -198,7 +176,7 @@ def _post(url: str, model: str, **headers: str) -> httpx.Response:
 def test_model_names_past_the_bound_are_counted_under_other_not_as_new_series(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         config = _scripted_config(tmp_path, upstream, tokenizer_fixtures, metrics={"max_models": 3})
         with serve(create_app(config)) as kvern:
             for i in range(8):
@@ -231,7 +209,7 @@ def test_metrics_need_the_admin_key_when_one_is_set(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
     key = "metrics-admin-key-0123456789"
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         config = _scripted_config(
             tmp_path, upstream, tokenizer_fixtures, proxy={"admin_api_key": key}
         )
@@ -246,7 +224,7 @@ def test_metrics_need_the_admin_key_when_one_is_set(
 def test_per_tenant_series_are_off_by_default_and_capped_when_on(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         off = _scripted_config(tmp_path / "off", upstream, tokenizer_fixtures)
         on = _scripted_config(
             tmp_path / "on",
@@ -272,7 +250,7 @@ def test_per_tenant_series_are_off_by_default_and_capped_when_on(
 def test_a_scrape_while_the_brain_is_hung_still_answers_and_says_the_brain_is_down(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         config = _scripted_config(
             tmp_path, upstream, tokenizer_fixtures, tracking={"isolation": "process"}
         )
@@ -296,7 +274,7 @@ def test_a_scrape_while_the_brain_is_hung_still_answers_and_says_the_brain_is_do
 def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         with serve(create_app(_scripted_config(tmp_path, upstream, tokenizer_fixtures))) as kvern:
             response = httpx.get(
                 kvern + "/metrics",
@@ -311,7 +289,7 @@ def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(
 def test_one_upstreams_load_and_circuit_are_in_health_and_metrics_alike(
     tmp_path: Path, tokenizer_fixtures: dict[str, Any]
 ) -> None:
-    with serve_chat(_answer, "m") as upstream:
+    with serve_chat(chat_answer, "m") as upstream:
         with serve(create_app(_scripted_config(tmp_path, upstream, tokenizer_fixtures))) as kvern:
             assert _post(kvern, "m").status_code == 200
             flush(kvern)
