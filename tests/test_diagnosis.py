@@ -203,3 +203,24 @@ def test_places_in_a_real_llama3_rendering(tokenizer_fixtures: dict[str, Any]) -
     assert place_of(text.index("Let me look"), spans).describe() == "message 2 (assistant)"
     assert place_of(text.index("lookup_order"), spans).describe() == "tool definitions"
     assert place_of(text.index("Today Date"), spans).describe() == "template text"
+
+
+def test_the_character_of_a_token_is_found_from_the_segment_that_holds_it(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_fixtures["qwen2"].directory))
+    tok = ModelTokenizer(hf, source="qwen2")
+    messages = [
+        {"role": "system", "content": "You help. Ünïcödé 🦙 and 12345."},
+        {"role": "user", "content": "First question?"},
+        {"role": "assistant", "content": "An answer."},
+        {"role": "user", "content": "Second one, with more words in it."},
+    ]
+    prompt = tok.chat(messages)
+    prompt = tok.chat(messages)  # the segments are cached now
+    assert prompt.incremental
+    ids, text = prompt.ids, prompt.text
+    for k in range(len(ids) + 1):
+        assert tok.char_of_token(text, ids, k) == len(tok.decode(ids[:k])), k

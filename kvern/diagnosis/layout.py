@@ -12,7 +12,7 @@ differs is theirs. Everything else is the template's own.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,13 +125,3 @@ def place_of(char: int, spans: Sequence[Span]) -> Place:
         if span.start <= char < span.end:
             return Place(span.kind, span.index, span.role, char - span.start)
     return Place("template")
-
-
-def char_of_token(k: int, ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int:
-    """The character offset where token ``k`` starts in the rendered text.
-
-    Decoding the first ``k`` ids gives the text before it: exact for a
-    tokenizer that decodes what it encoded (byte-level BPE, SentencePiece
-    with the prompt's special tokens kept), which kvern's exact tokenizers are.
-    """
-    return len(decode(ids[:k])) if k > 0 else 0

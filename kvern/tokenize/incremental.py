@@ -262,6 +262,27 @@ class SegmentTokenizer:
                 return whole, False
         return ids, True
 
+    def segment_at(self, text: str, k: int) -> tuple[int, int] | None:
+        """(character, token) where the segment holding token ``k`` of ``text`` starts.
+
+        From the segments' cached ids, without encoding or decoding anything
+        before it: where a divergence falls in a long prompt costs a decode
+        of one segment, not of the whole prefix. None when incremental
+        tokenization is off or a segment is no longer cached.
+        """
+        if not self.enabled:
+            return None
+        chars = tokens = 0
+        for seg in self.split(text):
+            ids = self._cache.get(seg)
+            if ids is None:
+                return None
+            if tokens + len(ids) > k:
+                return chars, tokens
+            chars += len(seg)
+            tokens += len(ids)
+        return chars, tokens
+
     @property
     def cached_tokens(self) -> int:
         """Token ids the cache keeps."""

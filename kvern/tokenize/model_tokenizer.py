@@ -121,6 +121,19 @@ class ModelTokenizer:
             tools=tools,
         )
 
+    def char_of_token(self, text: str, ids: Sequence[int], k: int) -> int:
+        """Where token ``k`` of a rendered prompt starts in its ``text`` (``ids``: its tokens).
+
+        Decoding the ids before it gives the text before it, exact for a
+        tokenizer that decodes what it encoded; the segment cache lets only
+        the segment holding ``k`` be decoded.
+        """
+        if k <= 0:
+            return 0
+        start = self.segments.segment_at(text, k) if self.segments is not None else None
+        chars, tokens = start if start is not None else (0, 0)
+        return min(len(text), chars + len(self.decode(ids[tokens:k])))
+
     def render_without_tools(self, messages: list[dict[str, Any]]) -> str:
         """The chat rendered with no tools (the text that differs is the tools')."""
         if self.hf is None:

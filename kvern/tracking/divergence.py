@@ -21,7 +21,7 @@ from typing import Any
 
 from kvern.config import DiagnosisConfig
 from kvern.diagnosis.continuation import continuation
-from kvern.diagnosis.layout import Place, Span, char_of_token, message_spans, place_of, tools_spans
+from kvern.diagnosis.layout import Place, Span, message_spans, place_of, tools_spans
 from kvern.diagnosis.replay import Sample
 from kvern.diagnosis.sites import Divergence, prefix_id
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
@@ -115,7 +115,7 @@ class DivergenceFinder:
             theirs_ids = list(prompt.ids[start:k]) + theirs_ids
             k = start
         text = prompt.text
-        char = min(char_of_token(k, prompt.ids, tok.decode), len(text))
+        char = tok.char_of_token(text, prompt.ids, k)
         place = self._place(tok, prompt, char)
         width = self._config.window_chars
         before = ours = theirs = ""
