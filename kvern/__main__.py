@@ -1,4 +1,7 @@
-"""Command line: ``python -m kvern serve [--config PATH] [--host H] [--port P]``; ``doctor``."""
+"""Command line: ``python -m kvern serve [--config PATH] [--host H] [--port P]``; ``doctor``.
+
+``analyze LOG`` (:mod:`kvern.analyze`) explains a log of request bodies offline.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvern.analyze import cli as analyze_cli
 from kvern.config import ConfigError, KvernConfig, load_config
 from kvern.config.loading import with_overrides
 from kvern.config.urls import redact_url
@@ -24,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     doctor = sub.add_parser("doctor", help="check a set-up, one line per check (exit 1 on ✗)")
     doctor_cli.add_arguments(doctor)
+    analyze = sub.add_parser(
+        "analyze", help="why a log of requests missed the cache, offline (no proxy needed)"
+    )
+    analyze_cli.add_arguments(analyze)
     return parser
 
 
@@ -125,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "doctor":
         return doctor_cli.run(args, doctor_cli.CliHooks(load_for_serve, exposure_warning))
+    if args.command == "analyze":
+        return analyze_cli.run(args, lambda a: load_config(config_path(a)))
     return 2  # pragma: no cover - argparse enforces the choices
 
 

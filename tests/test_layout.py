@@ -28,7 +28,8 @@ FLOORS: list[set[str]] = [
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
     {"metrics"},  # Prometheus instruments fed by rows, and what the other parts report
-    {"services", "routes", "app", "serving", "__main__", "doctor"},  # handlers, app, CLI, doctor
+    # handlers, app, CLI, doctor, the offline analysis of a log
+    {"services", "routes", "app", "serving", "__main__", "doctor", "analyze"},
 ]
 TOP_LEVEL = {"__init__"}  # kvern/__init__.py: the version, importable from any floor
 
