@@ -55,24 +55,11 @@ from kvern.analyze.analysis import Analysis, SiteAdvice
 from kvern.analyze.tally import Tally
 from kvern.analyze.whatif import compare
 from kvern.diagnosis.capacity import StackDistanceCurve
-from kvern.diagnosis.rules import Example, varying_spans
+from kvern.diagnosis.rules import marked
 
 VERSION: Final[int] = 1
 # Examples shown per site, side by side.
 SHOWN_EXAMPLES: Final[int] = 2
-
-
-def marked(example: Example) -> tuple[str, str]:
-    """Both sides with the differing span in brackets: ``Session id: [3f2a…]. Be kind``."""
-    found = varying_spans(example)
-    if found is None:
-        return example.ours, example.theirs
-    anchor, ours_span, theirs_span = found
-    common = len(anchor) - len(example.before)
-    sides = []
-    for side, span in ((example.ours, ours_span), (example.theirs, theirs_span)):
-        sides.append(f"{side[:common]}[{span}]{side[common + len(span) :]}")
-    return sides[0], sides[1]
 
 
 def rule_yaml(model: str, rule: dict[str, str]) -> str:
