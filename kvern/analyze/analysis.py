@@ -77,6 +77,8 @@ def analyze(
         ]
     )
     if what_if and out.candidates:
-        out.per_rule, out.together = run_what_ifs(log, setup, out.candidates, on_pass=on_pass)
+        out.candidates, out.per_rule, out.together = run_what_ifs(
+            log, setup, base, out.candidates, on_pass=on_pass
+        )
     out.elapsed_s = time.perf_counter() - started
     return out

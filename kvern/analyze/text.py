@@ -221,19 +221,24 @@ def _what_if(r: dict[str, Any]) -> list[str]:
         "What if: the whole log replayed with each suggested rule (recovered: of the "
         "tokens lost to divergence)",
     ]
-    return out + table(
-        [
-            "rule",
-            "sites",
-            "reused before",
-            "after",
-            "saved",
-            "diverged before",
-            "after",
-            "recovered",
-        ],
-        rows,
-    )
+    headers = [
+        "rule",
+        "sites",
+        "reused before",
+        "after",
+        "saved",
+        "diverged before",
+        "after",
+        "recovered",
+    ]
+    out += table(headers, rows)
+    for i, x in enumerate(w["rules"], 1):
+        if x["note"]:
+            out.append(f"rule {i}: {x['note']}:")
+            out += ["  " + line for line in x["yaml"].rstrip().splitlines()]
+        elif not x["saved_tokens"] and not x["by_group"]:
+            out.append(f"rule {i}: it changed nothing in this log")
+    return out
 
 
 def _capacity(r: dict[str, Any]) -> list[str]:
