@@ -51,10 +51,18 @@ router = APIRouter()
 CAPACITY_CURVE_TIMEOUT_S = 2.0
 
 
-async def capacity_curve(services: Services, model: str | None) -> tuple[Any, str | None]:
-    """The brain's live capacity curve, or None and why not (off, down, slow): never a 5xx."""
+async def capacity_curve(
+    services: Services, model: str | None, silent: str | None
+) -> tuple[Any, str | None]:
+    """The brain's live capacity curve, or None and why not (off, down, slow): never a 5xx.
+
+    ``silent``: why the brain did not answer the drain just before; it is
+    not asked again (each question would add its own timeout to the answer).
+    """
     if not services.config.tracking.capacity_curve_max_blocks:
         return None, "off (tracking.capacity_curve_max_blocks is 0)"
+    if silent is not None:
+        return None, silent
     try:
         found = await services.tracker.call(
             "capacity_curve", model, timeout_s=CAPACITY_CURVE_TIMEOUT_S
@@ -112,7 +120,13 @@ async def analytics(
         # Why tokens were not reused (they add up), and the costliest divergence sites.
         "miss_reasons": await miss_reasons(store, window=window, model=model, now_s=now),
         "misses": await misses_view(
-            store, services.tracker, window=window, model=model, now_s=now, top=top_sites
+            store,
+            services.tracker,
+            window=window,
+            model=model,
+            now_s=now,
+            top=top_sites,
+            silent=tracking.error,
         ),
         # When config.yaml's normalization rules were reloaded (the dashboard marks each).
         "rules_changes": await rules_changes(store, window=window, now_s=now),
@@ -120,7 +134,9 @@ async def analytics(
         "tracking_drained": tracking.drained,
         "tracking": tracking.to_dict(),
     }
-    out["capacity_curve"], out["capacity_curve_error"] = await capacity_curve(services, model)
+    out["capacity_curve"], out["capacity_curve_error"] = await capacity_curve(
+        services, model, tracking.error
+    )
     if len(services.pool) > 1:  # with one upstream there is no choice to report on
         out["routing"] = await routing_rows.routing(
             store, window=window, model=model, now_s=now

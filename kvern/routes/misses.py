@@ -37,20 +37,26 @@ async def misses_view(
     model: str | None,
     now_s: float,
     top: int = TOP_SITES,
+    silent: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The top sites with two marked examples each and the advice for each."""
+    """The top sites with two marked examples each and the advice for each.
+
+    ``silent``: why the brain did not answer just before; the rules are then
+    given unmeasured at once instead of waiting for it again.
+    """
     found = await misses.sites(store, window=window, model=model, now_s=now_s, top=top)
     if not found:
         return []
     asked = [(s["model"], s["site"], s["place"], _windows(s)) for s in found]
     advice: list[dict[str, Any]] | None = None
-    why = ""
-    try:
-        answer = await brain.call("advise_sites", asked, timeout_s=ADVICE_TIMEOUT_S)
-        if isinstance(answer, list) and len(answer) == len(found):
-            advice = answer
-    except BrainUnavailable as exc:
-        why = f"not measured: {exc}"
+    why = f"not measured: {silent}" if silent is not None else ""
+    if silent is None:
+        try:
+            answer = await brain.call("advise_sites", asked, timeout_s=ADVICE_TIMEOUT_S)
+            if isinstance(answer, list) and len(answer) == len(found):
+                advice = answer
+        except BrainUnavailable as exc:
+            why = f"not measured: {exc}"
     for index, site in enumerate(found):
         if advice is not None:
             site["advice"] = advice[index]
