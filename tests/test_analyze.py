@@ -331,6 +331,60 @@ def test_a_log_with_no_request_exits_1_and_a_missing_one_2(
     assert code == 2 and "absent.jsonl" in err
 
 
+def test_the_config_gives_the_tokenizer_block_and_rules_of_model_or_each_body_model(
+    tmp_path: Path, llama3: TokenizerFixture
+) -> None:
+    """``--model`` takes every line for that model; without it each body's own model counts,
+    and one the config has no tokenizer for is tokenized approximately, with a warning."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"tokenizers:\n  models:\n    llama3: {llama3.directory}\n"
+        "trie:\n  block_size: 8\n"
+        f"normalization:\n  llama3:\n    - pattern: '(?<=Session id: ){UUID_RE}'\n"
+        "      replacement: '<uuid>'\n",
+        encoding="utf-8",
+    )
+    log = uuid_log(tmp_path / "batch.jsonl", n=4)
+    text = log.read_text(encoding="utf-8").replace('"model": "llama3"', '"model": "gpt-x"')
+    log.write_text(text, encoding="utf-8")
+    base = [sys.executable, "-m", "kvern", "analyze", str(log), "--config", str(config), "--json"]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([*base, "--model", "llama3"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    (model,) = report["models"]
+    assert (model["model"], model["block_size"], model["tokenizer"]["kind"]) == (
+        "llama3",
+        8,
+        "exact",
+    )
+    assert report["totals"]["reasons"]["diverged"]["tokens"] < 4 * 20  # the rule joined them
+    run = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    (model,) = json.loads(run.stdout)["models"]
+    assert (model["model"], model["tokenizer"]["kind"]) == ("gpt-x", "fallback")
+    assert "WARNING: gpt-x was tokenized approximately" in run.stderr
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from kvern.__main__ import main\n"
+        f"sys.exit(main(['analyze', {str(uuid_log(tmp_path / 'b.jsonl', n=2))!r}, "
+        f"'--plot', {str(tmp_path / 'c.png')!r}]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2
+    assert "--plot needs matplotlib: pip install 'kvern[plot]'" in run.stderr
+    assert not (tmp_path / "c.png").exists()
+
+
 # -- the parts, without a tokenizer ------------------------------------------------------
 
 
