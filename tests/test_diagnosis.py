@@ -224,3 +224,33 @@ def test_the_character_of_a_token_is_found_from_the_segment_that_holds_it(
     ids, text = prompt.ids, prompt.text
     for k in range(len(ids) + 1):
         assert tok.char_of_token(text, ids, k) == len(tok.decode(ids[:k])), k
+
+
+def test_the_text_before_a_divergence_in_a_message_stays_inside_that_message(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    """A rule for message text is applied to the message alone: no template text in its anchor."""
+    from transformers import AutoTokenizer
+
+    from kvern.config import DiagnosisConfig
+    from kvern.tracking.divergence import DivergenceFinder
+    from kvern.trie import RadixTrie
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_fixtures["qwen2"].directory))
+    tok = ModelTokenizer(hf, source="qwen2")
+    finder = DivergenceFinder(DiagnosisConfig())
+    trie = RadixTrie()
+    found = []
+    for sid in ("3f2a1b4c-1111-2222-3333-444455556666", "9e8d7c6b-aaaa-bbbb-cccc-ddddeeeeffff"):
+        messages = [
+            {"role": "system", "content": f"{sid} You are helpful."},
+            {"role": "user", "content": "Hi"},
+        ]
+        prompt = tok.chat(messages)
+        found.append(finder.find(tok, prompt, trie.insert(prompt.ids, 0.0)))
+    divergence = found[1].divergence
+    assert divergence is not None and divergence.place == "system prompt"
+    assert (
+        divergence.before == ""
+    )  # the message starts there: "<|im_start|>system\n" is the template's
+    assert divergence.ours.startswith("9e8d7c6b") and divergence.theirs.startswith("3f2a1b4c")

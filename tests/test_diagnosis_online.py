@@ -93,6 +93,12 @@ def test_a_session_id_in_the_system_prompt_is_found_and_a_rule_suggested(
     rule = advice["rule"]
     assert rule["scope"] == "messages" and rule["replacement"] == "<uuid>"
     assert "Session id: " in rule["pattern"]
+    # Applied as config.yaml would: to the message's own text, before rendering.
+    from kvern.config import NormalizationRule
+    from kvern.prompt.normalize import Normalizer
+
+    norm = Normalizer.from_rules([NormalizationRule.model_validate(rule)])
+    assert norm.text(SYSTEM.format(sid=uuid.uuid4())) == SYSTEM.format(sid="<uuid>")
     measured = advice["measured"]
     assert measured["saved_tokens"] > 0 and not measured["merges_beyond_span"]
     assert measured["recovered_share"] >= 0.95

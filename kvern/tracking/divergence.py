@@ -85,8 +85,13 @@ def word_start(tok: ModelTokenizer, ids: Any, k: int) -> int:
         start -= 1
         if not piece[0].isalnum():
             break  # this token begins the word (" e9", "-4d68" stops earlier)
-    if start > 0 and tok.decode(ids[start - 1 : start]).isspace():
-        start -= 1  # a tokenizer that splits digits keeps the space apart: one site still
+    if start > 0:
+        # A tokenizer that splits digits keeps the space before a number apart:
+        # one site still. Not a newline: that is where a message (or the
+        # template's text) ends, and the site would move out of the message.
+        piece = tok.decode(ids[start - 1 : start])
+        if piece.isspace() and "\n" not in piece:
+            start -= 1
     return start
 
 
@@ -120,7 +125,11 @@ class DivergenceFinder:
         width = self._config.window_chars
         before = ours = theirs = ""
         if width:
-            before = text[max(0, char - width) : char]
+            # Inside a message, the text before stops at the message's start: a
+            # rule for it applies to the message's text alone (scope messages),
+            # so its anchor must not reach into the template's text.
+            inside = place.offset if place.kind in ("system", "message") else width
+            before = text[max(0, char - min(width, inside)) : char]
             ours = text[char : char + width]
             theirs = tok.decode(theirs_ids)[:width]
         found = Divergence(
