@@ -696,6 +696,21 @@ def main(argv: list[str] | None = None) -> int:
         + "  ".join(f"{c:,}: {a:.1%}/{b:.1%}" for c, a, b in checked)
     )
     if live is not None:
+        reasons = live["analytics"]["miss_reasons"]
+        summed: dict[str, int] = {}
+        for per in live["reasons"].values():
+            for k, v in per.items():
+                summed[k] = summed.get(k, 0) + v
+        listed = {k: v["tokens"] for k, v in reasons["reasons"].items() if v["tokens"]}
+        agree = listed == {k: v for k, v in summed.items() if k != "novel"}
+        print(
+            f"kvern /analytics miss_reasons: {reasons['requests']} requests, adds_up "
+            f"{reasons['adds_up']}, "
+            + ", ".join(f"{k} {v:,}" for k, v in sorted(listed.items(), key=lambda kv: -kv[1]))
+            + f"; the rows' per-tenant sums agree: {agree}"
+        )
+        if not (reasons["adds_up"] and agree):
+            unmet.append("/analytics miss_reasons do not add up or disagree with the rows")
         curve_live = (live["analytics"].get("capacity_curve") or {}).get("models", {}).get(MODEL)
         if curve_live is None:
             unmet.append("kvern's /analytics capacity_curve was not there")
