@@ -158,11 +158,11 @@ def test_a_uuid_in_the_system_prompt_is_the_top_site_with_a_uuid_rule_that_saves
     assert curve["points"][-1]["reused_tokens"] == totals["reusable_tokens"]
 
 
-def test_a_rule_that_matches_no_message_text_is_replayed_anchored_on_the_message(
+def test_an_id_at_the_start_of_a_system_prompt_gets_a_rule_that_works_in_the_replay(
     tmp_path: Path, llama3: TokenizerFixture
 ) -> None:
-    """An id at the very start of the system prompt: the suggested lookbehind begins in the
-    template's text (its newlines, even the injected date) and never matches the message."""
+    """The what-if applies the rule through kvern's own Normalizer (before rendering, for
+    scope messages): a rule anchored on the template's text would change nothing there."""
     log = tmp_path / "head.jsonl"
     lines = [
         batch_line(i, _chat(f"Request id: {u}. Be kind." + POLICY, "Where is my order?"))
@@ -170,14 +170,13 @@ def test_a_rule_that_matches_no_message_text_is_replayed_anchored_on_the_message
     ]
     log.write_text("\n".join(lines) + "\n", encoding="utf-8")
     report = analyze_json(log, llama3)
-    suggested = report["sites"]["top"][0]["advice"]["rule"]
-    assert suggested["scope"] == "messages" and "\\n" in suggested["pattern"]
+    top = report["sites"]["top"][0]
+    rule = top["advice"]["rule"]
+    assert top["place"] == "system prompt"
+    assert rule["scope"] == "messages" and "\\n" not in rule["pattern"]
     (what_if,) = report["what_if"]["rules"]
-    assert what_if["suggested"] == suggested and what_if["note"]
-    assert what_if["rule"]["pattern"].startswith("(?<=Request id: )(?:")
-    assert what_if["rule"]["scope"] == "messages"
+    assert what_if["rule"] == rule
     assert what_if["saved_tokens"] > 0 and what_if["recovered_share"] == 1.0
-    assert "(?<=Request id: )" in what_if["yaml"]
 
 
 def test_a_capture_log_takes_tenants_from_kvern_and_renders_each_day_it_was_sent(

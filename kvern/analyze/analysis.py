@@ -77,8 +77,6 @@ def analyze(
         ]
     )
     if what_if and out.candidates:
-        out.candidates, out.per_rule, out.together = run_what_ifs(
-            log, setup, base, out.candidates, on_pass=on_pass
-        )
+        out.per_rule, out.together = run_what_ifs(log, setup, out.candidates, on_pass=on_pass)
     out.elapsed_s = time.perf_counter() - started
     return out

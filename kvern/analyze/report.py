@@ -13,8 +13,7 @@ Keys (stable; new keys may be added, none renamed)::
     totals             a tally (below), the whole log
     groups             [tally + {model, tenant}], most prompt tokens first
     sites              {count, untracked_requests, untracked_tokens, top: [site]}
-    what_if            {ran, rules: [what-if + {model, rule, suggested, note, sites, yaml}],
-                        all: what-if | null}
+    what_if            {ran, rules: [what-if + {rule, model, sites, yaml}], all: what-if | null}
                        (ran: false with --no-what-if or no rule to try; rules is then [])
     capacity           {kv_bytes_per_token, models: [curve + {model}],
                         tenants: [curve + {model, tenant}]}
@@ -35,12 +34,9 @@ the differing span in brackets) and ``advice``: :meth:`Advice.to_dict`
 replay over the site's prompts -- ``rejected``, ``note``) plus ``yaml``, the
 rule as a config.yaml snippet ready to paste (null without a rule).
 
-A what-if entry's ``rule`` is the rule replayed: the site's suggestion, or
-(``suggested`` then holds that, ``note`` says why) its ``prompt``-scope twin
-when as a ``messages`` rule it matched nothing. A what-if: ``before`` and
-``after`` ({requests, prompt_tokens, reusable_tokens, reused_tokens,
-diverged_tokens}), ``saved_tokens`` (reused after - before),
-``recovered_share`` (1 - diverged after / before) and
+A what-if: ``before`` and ``after`` ({requests, prompt_tokens,
+reusable_tokens, reused_tokens, diverged_tokens}), ``saved_tokens`` (reused
+after - before), ``recovered_share`` (1 - diverged after / before) and
 ``by_group``: the same per (model, tenant) whose figures moved.
 
 A curve: ``block_size, total_tokens, distinct_blocks, points: [{capacity_tokens,
@@ -58,7 +54,6 @@ import yaml
 from kvern.analyze.analysis import Analysis, SiteAdvice
 from kvern.analyze.tally import Tally
 from kvern.analyze.whatif import compare
-from kvern.config import NormalizationRule
 from kvern.diagnosis.capacity import StackDistanceCurve
 from kvern.diagnosis.rules import marked
 
@@ -122,21 +117,19 @@ def curve_dict(curve: StackDistanceCurve, **keys: str) -> dict[str, Any]:
     }
 
 
-def _config(rule: NormalizationRule) -> dict[str, str]:
-    return {"pattern": rule.pattern, "replacement": rule.replacement, "scope": rule.scope}
-
-
 def _what_if(a: Analysis) -> dict[str, Any]:
     rules = []
     # Without the passes (--no-what-if) there is nothing to show per rule.
     for c, result in zip(a.candidates if a.per_rule else [], a.per_rule, strict=True):
-        rule = _config(c.rule)
+        rule = {
+            "pattern": c.rule.pattern,
+            "replacement": c.rule.replacement,
+            "scope": c.rule.scope,
+        }
         rules.append(
             {
                 "model": c.model,
                 "rule": rule,
-                "suggested": _config(c.suggested) if c.suggested is not None else None,
-                "note": c.note,
                 "sites": list(c.sites),
                 "yaml": rule_yaml(c.model, rule),
                 **compare(a.base, result),

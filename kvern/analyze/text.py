@@ -233,11 +233,8 @@ def _what_if(r: dict[str, Any]) -> list[str]:
     ]
     out += table(headers, rows)
     for i, x in enumerate(w["rules"], 1):
-        if x["note"]:
-            out.append(f"rule {i}: {x['note']}:")
-            out += ["  " + line for line in x["yaml"].rstrip().splitlines()]
-        elif not x["saved_tokens"] and not x["by_group"]:
-            out.append(f"rule {i}: it changed nothing in this log")
+        if not x["saved_tokens"] and not x["by_group"]:
+            out.append(f"rule {i}: it changed nothing in this log: check its pattern and scope")
     return out
 
 

@@ -17,9 +17,8 @@ new conversation's first question parts from the last one's) stay in both.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kvern.analyze.log import LogFile
@@ -34,10 +33,8 @@ class Candidate:
     """One suggested rule for one model, and the sites (ranks) that suggested it."""
 
     model: str
-    rule: NormalizationRule  # the rule replayed (the suggestion, or its prompt-scope twin)
+    rule: NormalizationRule
     sites: list[int]
-    suggested: NormalizationRule | None = None  # what was advised, when ``rule`` differs
-    note: str = ""  # why it differs
 
 
 def candidates(suggested: Sequence[tuple[int, str, dict[str, str] | None]]) -> list[Candidate]:
@@ -63,70 +60,16 @@ def rules_with(base: Rules, chosen: Sequence[Candidate]) -> Rules:
     return rules
 
 
-# A suggested rule's fixed-width lookbehind: ``(?<=literal text)``, escapes included.
-_LOOKBEHIND = re.compile(r"^\(\?<=(?P<anchor>(?:[^()\\]|\\.)*)\)")
-
-
-def twins(c: Candidate) -> list[Candidate]:
-    """Versions of a ``messages`` rule that matched nothing, to replay instead, best first.
-
-    Its lookbehind was taken from the rendered prompt and may reach past the
-    start of the message into the template's text (``\\n`` before a system
-    prompt, even the injected date): first the same rule anchored on the
-    text after its last newline only (the message's own), then the rule as
-    it is, applied to the rendered prompt (where it was measured).
-    """
-    out: list[Candidate] = []
-    found = _LOOKBEHIND.match(c.rule.pattern)
-    if found is not None and "\\n" in found["anchor"]:
-        tail = found["anchor"].rsplit("\\n", 1)[1]
-        if tail:
-            pattern = f"(?<={tail})" + c.rule.pattern[found.end() :]
-            out.append(
-                replace(
-                    c,
-                    rule=c.rule.model_copy(update={"pattern": pattern}),
-                    suggested=c.rule,
-                    note="as suggested it matched no message text (its anchor began in the "
-                    "template's text); anchored on the message's own text instead",
-                )
-            )
-    out.append(
-        replace(
-            c,
-            rule=c.rule.model_copy(update={"scope": "prompt"}),
-            suggested=c.rule,
-            note="as suggested (scope messages) it matched no message text; replayed on the "
-            "rendered prompt (scope prompt) instead",
-        )
-    )
-    return out
-
-
-def changed(before: PassResult, after: PassResult) -> bool:
-    """Whether a rule made any difference to what the log's prompts share."""
-    if before.totals.summary() != after.totals.summary():
-        return True
-    return any(
-        after.groups.get(k, Tally()).summary() != t.summary() for k, t in before.groups.items()
-    )
-
-
 def run_what_ifs(
     log: LogFile,
     setup: Setup,
-    base: PassResult,
     chosen: Sequence[Candidate],
     *,
     on_pass: Callable[[str], OnProgress | None] | None = None,
-) -> tuple[list[Candidate], list[PassResult], PassResult | None]:
+) -> tuple[list[PassResult], PassResult | None]:
     """One pass per candidate, then one with all of them (when there are two or more).
 
-    A ``messages`` rule that changes nothing in the log -- its pattern was
-    measured on the rendered prompt, and may lean on text just outside the
-    message -- is replayed again as each of its :func:`twins` until one
-    changes something: the candidates come back with the rule each pass used. ``on_pass(label)``
-    is told each pass's name first and may hand back its progress callback.
+    ``on_pass(label)`` is told each pass's name first and may hand back its progress callback.
     """
 
     def replay(label: str, these: Sequence[Candidate]) -> PassResult:
@@ -135,20 +78,9 @@ def run_what_ifs(
         return run_pass(log, setup, rules, full=False, on_progress=progress)
 
     n = len(chosen)
-    used: list[Candidate] = []
-    per_rule: list[PassResult] = []
-    for i, c in enumerate(chosen, 1):
-        result = replay(f"rule {i}/{n}", [c])
-        if c.rule.scope == "messages" and not changed(base, result):
-            for twin in twins(c):
-                again = replay(f"rule {i}/{n} (again)", [twin])
-                if changed(base, again):
-                    c, result = twin, again
-                    break
-        used.append(c)
-        per_rule.append(result)
-    together = replay("all rules", used) if len(used) > 1 else None
-    return used, per_rule, together
+    per_rule = [replay(f"rule {i}/{n}", [c]) for i, c in enumerate(chosen, 1)]
+    together = replay("all rules", chosen) if len(chosen) > 1 else None
+    return per_rule, together
 
 
 def _share(before: Tally, after: Tally) -> float | None:
