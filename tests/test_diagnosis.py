@@ -254,3 +254,14 @@ def test_the_text_before_a_divergence_in_a_message_stays_inside_that_message(
         divergence.before == ""
     )  # the message starts there: "<|im_start|>system\n" is the template's
     assert divergence.ours.startswith("9e8d7c6b") and divergence.theirs.startswith("3f2a1b4c")
+
+
+def test_a_message_the_template_trims_is_still_found() -> None:
+    text = "<|header|>system\n\nYou help.<|eot|><|header|>user\n\nHi<|eot|>"
+    spans = message_spans(
+        text, [{"role": "system", "content": "You help.  "}, {"role": "user", "content": " Hi"}]
+    )
+    assert [(s.kind, text[s.start : s.end]) for s in spans] == [
+        ("system", "You help."),
+        ("message", "Hi"),
+    ]

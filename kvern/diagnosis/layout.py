@@ -79,6 +79,10 @@ def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
             continue
         found = text.find(content, pos)
         if found < 0:
+            # Templates that trim a message's content (Llama 3's) render it stripped.
+            content = content.strip()
+            found = text.find(content, pos) if content else -1
+        if found < 0:
             continue
         role = str(message.get("role", ""))
         kind = "system" if role in _SYSTEM_ROLES else "message"
@@ -92,19 +96,13 @@ def tools_spans(with_tools: str, without_tools: str) -> list[Span]:
 
     A template may render tools in more than one place (Llama 3.1 adds an
     "Environment" line to the system turn and the definitions to the first
-    user turn), so every inserted or replaced run counts. Past
-    ``_DIFF_LIMIT`` characters, one span from the first to the last
-    difference stands in (a character diff of very long prompts is slow).
+    user turn), so every inserted or replaced run counts. Only the part
+    between the two renderings' common head and tail is diffed; past
+    ``_DIFF_LIMIT`` characters of it, one span from the first to the last
+    difference stands in (a character diff is quadratic).
     """
     if with_tools == without_tools:
         return []
-    if len(with_tools) + len(without_tools) <= _DIFF_LIMIT:
-        matcher = difflib.SequenceMatcher(None, without_tools, with_tools, autojunk=False)
-        return [
-            Span(j1, j2, "tools")
-            for tag, _, _, j1, j2 in matcher.get_opcodes()
-            if tag in ("insert", "replace") and j2 > j1
-        ]
     head = 0
     limit = min(len(with_tools), len(without_tools))
     while head < limit and with_tools[head] == without_tools[head]:
@@ -115,7 +113,17 @@ def tools_spans(with_tools: str, without_tools: str) -> list[Span]:
         and with_tools[len(with_tools) - 1 - tail] == without_tools[len(without_tools) - 1 - tail]
     ):
         tail += 1
-    return [Span(head, len(with_tools) - tail, "tools")]
+    end = len(with_tools) - tail
+    middle_a, middle_b = without_tools[head : len(without_tools) - tail], with_tools[head:end]
+    if len(middle_a) + len(middle_b) > _DIFF_LIMIT:
+        return [Span(head, end, "tools")]
+    # Only the part between the common head and tail is diffed: the rest is shared.
+    matcher = difflib.SequenceMatcher(None, middle_a, middle_b, autojunk=False)
+    return [
+        Span(head + j1, head + j2, "tools")
+        for tag, _, _, j1, j2 in matcher.get_opcodes()
+        if tag in ("insert", "replace") and j2 > j1
+    ]
 
 
 def place_of(char: int, spans: Sequence[Span]) -> Place:
