@@ -265,3 +265,41 @@ def test_a_message_the_template_trims_is_still_found() -> None:
         ("system", "You help."),
         ("message", "Hi"),
     ]
+
+
+def test_a_divergence_in_the_last_message_is_marked_and_its_site_ranks_last() -> None:
+    from kvern.diagnosis.layout import Place, actionable
+
+    last = Place("message", 5, "user", last=True).describe()
+    assert last == "message 5 (user), the last" and not actionable(last)
+    assert actionable(Place("message", 3, "user").describe())
+    assert actionable("system prompt") and actionable("template text")
+
+
+async def test_sites_in_a_last_message_come_after_the_others_in_analytics(tmp_path: Any) -> None:
+    from kvern.analytics.misses import sites
+    from kvern.analytics.store import AnalyticsStore
+    from tests.test_analytics_store import make_record
+
+    store = AnalyticsStore(str(tmp_path / "kvern.db"), flush_interval_ms=10)
+    await store.start()
+    try:
+        for i, (place, lost) in enumerate(
+            [("message 5 (user), the last", 900), ("system prompt", 100)]
+        ):
+            store.record(
+                make_record(
+                    i,
+                    ts_s=1000.0 + i,
+                    miss_reason="diverged",
+                    miss_tokens=lost,
+                    diverge_prefix=f"p{i}",
+                    diverge_place=place,
+                    diverge_at=10,
+                )
+            )
+        await store.flush()
+        found = await sites(store, window="all", model=None, now_s=2000.0, top=5)
+    finally:
+        await store.close()
+    assert [s["place"] for s in found] == ["system prompt", "message 5 (user), the last"]

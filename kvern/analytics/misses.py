@@ -9,6 +9,8 @@ and ``adds_up`` says so for the window shown.
 tenant, the shared prefix before the divergence (a hash of its token ids)
 and the place it falls; each with its requests, tokens lost, where in the
 prompt, and a few text windows (newest first) for the advice and the page.
+Sites in a request's last message rank after the others (see
+:meth:`kvern.diagnosis.layout.Place.describe`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvern.analytics.queries import Reader, _filter
+from kvern.diagnosis.layout import LAST_MESSAGE
 from kvern.diagnosis.reasons import REASONS
 
 # Examples read per site (the advice generalises over them; the page shows two).
@@ -69,8 +72,11 @@ async def sites(
         " MIN(diverge_at), MAX(diverge_at), MAX(ts_s)"
         f" FROM requests WHERE {where}"
         " GROUP BY model, tenant, diverge_prefix, diverge_place"
-        " ORDER BY SUM(miss_tokens) DESC, COUNT(*) DESC LIMIT :site_top",
-        {**params, "site_top": top},
+        # A new turn's own last message parting from an earlier one is how chats
+        # go: those sites come after the ones worth a fix.
+        " ORDER BY (diverge_place LIKE :site_last) ASC, SUM(miss_tokens) DESC, COUNT(*) DESC"
+        " LIMIT :site_top",
+        {**params, "site_top": top, "site_last": "%" + LAST_MESSAGE},
     )
     out: list[dict[str, Any]] = []
     for name, tenant, prefix, place, count, lost, first_at, last_at, last_s in groups:

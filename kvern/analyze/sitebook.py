@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from kvern.diagnosis.layout import actionable
 from kvern.diagnosis.replay import Sample
 from kvern.diagnosis.rules import Example
 from kvern.diagnosis.sites import Divergence
@@ -108,9 +109,13 @@ class SiteBook:
             site.samples.clear()
 
     def ranked(self) -> list[Site]:
-        """Every site, the costliest first (then the most requests, then the earliest)."""
+        """Every site, the costliest first (then the most requests, then the earliest).
+
+        Sites in a request's last message come after the others, as in /analytics.
+        """
         return sorted(
-            self.sites.values(), key=lambda s: (-s.tokens_lost, -s.requests, s.first_line)
+            self.sites.values(),
+            key=lambda s: (not actionable(s.place), -s.tokens_lost, -s.requests, s.first_line),
         )
 
     def check_invariants(self) -> None:

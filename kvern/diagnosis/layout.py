@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 # Roles whose content is the system prompt.
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -31,6 +31,11 @@ class Span:
     kind: str  # "system", "message", "tools"
     index: int | None = None  # the message's index in the request
     role: str | None = None
+    last: bool = False  # the request's last message (a new turn's own text)
+
+
+# What a place label ends with when it is the request's last message.
+LAST_MESSAGE: Final = ", the last"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +46,21 @@ class Place:
     index: int | None = None  # the message's index
     role: str | None = None
     offset: int = 0  # characters into that part
+    last: bool = False  # in the request's last message
 
     def describe(self) -> str:
-        """A short label people read and sites group by (``message 3 (user)``)."""
+        """A short label people read and sites group by (``message 3 (user)``).
+
+        A divergence in the last message is marked (``message 5 (user), the
+        last``): a new question parting from an earlier one after the same
+        conversation is how chats go, not a cause to fix, and sites there
+        rank after the others.
+        """
         if self.kind in ("system", "message") and self.index is not None:
             name = "system prompt" if self.kind == "system" else f"message {self.index}"
-            return f"{name} ({self.role})" if self.kind == "message" else name
+            if self.kind == "message":
+                return f"{name} ({self.role})" + (LAST_MESSAGE if self.last else "")
+            return name
         if self.kind == "tools":
             return "tool definitions"
         if self.kind == "template":
@@ -67,10 +81,16 @@ def kind_of_place(label: str) -> str:
     return "prompt"
 
 
+def actionable(place: str) -> bool:
+    """Whether a site's place is worth a fix (not a new turn's own last message)."""
+    return not place.endswith(LAST_MESSAGE)
+
+
 def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
     """Each message's content located in ``text``, in order (a content not found is skipped)."""
     spans: list[Span] = []
     pos = 0
+    final = len(messages) - 1
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
@@ -86,7 +106,7 @@ def message_spans(text: str, messages: Sequence[Any]) -> list[Span]:
             continue
         role = str(message.get("role", ""))
         kind = "system" if role in _SYSTEM_ROLES else "message"
-        spans.append(Span(found, found + len(content), kind, index, role))
+        spans.append(Span(found, found + len(content), kind, index, role, index == final))
         pos = found + len(content)
     return spans
 
@@ -131,5 +151,5 @@ def place_of(char: int, spans: Sequence[Span]) -> Place:
     # Tools first: a template may render them inside the system turn.
     for span in sorted(spans, key=lambda s: s.kind != "tools"):
         if span.start <= char < span.end:
-            return Place(span.kind, span.index, span.role, char - span.start)
+            return Place(span.kind, span.index, span.role, char - span.start, span.last)
     return Place("template")
