@@ -30,6 +30,7 @@ compile cache does not load back ("'function' object has no attribute
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import shutil
@@ -266,6 +267,25 @@ def vllm_server(
         log_path=log_path,
     ) as (_, url):
         yield url
+
+
+def kv_events_args(
+    port: int, *, replay_port: int | None = None, topic: str = ""
+) -> tuple[str, ...]:
+    """``extra`` for :func:`vllm_server`: publish KV events on ``tcp://*:port`` (ZeroMQ PUB).
+
+    The endpoint must be a wildcard: vLLM binds endpoints with ``*`` and
+    connects to the others. ``replay_port``: its ROUTER for missed batches.
+    """
+    config: dict[str, object] = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "topic": topic,
+    }
+    if replay_port is not None:
+        config["replay_endpoint"] = f"tcp://*:{replay_port}"
+    return ("--kv-events-config", json.dumps(config))
 
 
 def reset_prefix_cache(url: str) -> None:
