@@ -345,7 +345,7 @@ async def test_a_publisher_starting_over_clears_that_upstreams_presence() -> Non
         ctx.term()
 
 
-async def test_an_undecodable_message_is_counted_and_following_goes_on() -> None:
+async def test_an_undecodable_batch_is_counted_and_its_loss_is_a_gap() -> None:
     ctx = zmq.asyncio.Context()
     port = free_port()
     publisher = ScriptedPublisher(ctx, port, None)
@@ -355,10 +355,12 @@ async def test_an_undecodable_message_is_counted_and_following_goes_on() -> None
     try:
         await publisher.subscribed()
         await publisher.pub.send_multipart([b"", b"short"])
-        await publisher.pub.send_multipart([b"", encode_seq(0), b"\xc1"])
         await publisher.publish(THREE[0])
-        await until(lambda: subscriber.last_seq == 0)
-        assert subscriber.stats.decode_errors == 2 and presence.held_tokens(PROMPT) == 4
+        await publisher.pub.send_multipart([b"", encode_seq(1), b"\xc1"])
+        await publisher.publish(THREE[2])
+        await until(lambda: subscriber.last_seq == 2)
+        assert subscriber.stats.decode_errors == 2 and subscriber.stats.resets == 0
+        assert gaps == [(1, 1)] and presence.held_tokens(PROMPT) == 4
     finally:
         await subscriber.close()
         await publisher.close()
