@@ -43,7 +43,8 @@ same prompts, which no routing over the replicas can beat -- each row against
 kvern's cache_aware, warnings from the processes' logs, which SGLang row is the
 better (``hit_rate_sglang`` comes from it), and as the very last line,
 machine-readable: ``prefill_ratio_rr_over_cache_aware=.. hit_rate_cache_aware=..
-hit_rate_sglang=.. p99_ttft_ratio_cache_aware_over_least_load=..``.
+hit_rate_sglang=.. p99_ttft_ratio_cache_aware_over_least_load=..
+p99_ttft_ratio_cache_aware_over_sglang=..`` (against the SGLang row the hit rate is from).
 
 ``--quick`` runs a scaled-down trace (12 tenants, 30 sessions) in under a minute
 to check the setup; with so few requests, first-time misses weigh heavily, so

@@ -379,7 +379,7 @@ def summarize(
 def headline_figures(
     rows: Mapping[str, Row], sglang_rows: Sequence[str]
 ) -> tuple[dict[str, float], str]:
-    """The four figures of the last line, and which SGLang row ``hit_rate_sglang`` is from.
+    """The five figures of the last line, and which SGLang row ``hit_rate_sglang`` is from.
 
     A missing or failed row makes its figures NaN; the best SGLang row is the one
     with the highest hit rate.
@@ -404,6 +404,10 @@ def headline_figures(
         "hit_rate_sglang": field_of(best, "hit_rate"),
         "p99_ttft_ratio_cache_aware_over_least_load": ratio(
             field_of(ca, "ttft_p99_ms"), field_of(ll, "ttft_p99_ms")
+        ),
+        # Against the same (best) SGLang row the hit rate is from: the anchor.
+        "p99_ttft_ratio_cache_aware_over_sglang": ratio(
+            field_of(ca, "ttft_p99_ms"), field_of(best, "ttft_p99_ms")
         ),
     }
     return figures, best.name if best else "none"

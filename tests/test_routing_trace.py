@@ -187,7 +187,7 @@ def test_headline_uses_the_best_sglang_row_and_nan_for_missing_rows() -> None:
             "kvern_cache_aware", prefill_tokens=300, hit_rate=0.9, ttft_p99_ms=30
         ),
         "sglang_openai": rt.Row("sglang_openai", hit_rate=0.5),
-        "sglang_sglang": rt.Row("sglang_sglang", hit_rate=0.8),
+        "sglang_sglang": rt.Row("sglang_sglang", hit_rate=0.8, ttft_p99_ms=60),
     }
     figures, best = rt.headline_figures(rows, ["sglang_openai", "sglang_sglang"])
     assert best == "sglang_sglang"
@@ -196,10 +196,12 @@ def test_headline_uses_the_best_sglang_row_and_nan_for_missing_rows() -> None:
         "hit_rate_cache_aware": 0.9,
         "hit_rate_sglang": 0.8,
         "p99_ttft_ratio_cache_aware_over_least_load": 0.75,
+        "p99_ttft_ratio_cache_aware_over_sglang": 0.5,
     }
     assert rt.headline(figures) == (
         "prefill_ratio_rr_over_cache_aware=3.000 hit_rate_cache_aware=0.9000 "
-        "hit_rate_sglang=0.8000 p99_ttft_ratio_cache_aware_over_least_load=0.750"
+        "hit_rate_sglang=0.8000 p99_ttft_ratio_cache_aware_over_least_load=0.750 "
+        "p99_ttft_ratio_cache_aware_over_sglang=0.500"
     )
     rows["kvern_round_robin"] = rt.Row("kvern_round_robin", error="did not start")
     del rows["sglang_sglang"]
