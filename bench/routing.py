@@ -46,6 +46,13 @@ machine-readable: ``prefill_ratio_rr_over_cache_aware=.. hit_rate_cache_aware=..
 hit_rate_sglang=.. p99_ttft_ratio_cache_aware_over_least_load=..
 p99_ttft_ratio_cache_aware_over_sglang=..`` (against the SGLang row the hit rate is from).
 
+``--pressure X`` sizes the fleet's KV capacity at 1/X of the trace's working
+set (every system prompt and session turn, in distinct blocks): at 0.5 the
+fleet could hold it twice, at 1.5 no routing can keep all of it anywhere,
+which is where routing matters. Without it, ``--cache-share`` sizes each
+replica against the system prompts alone; the setup line prints the pressure
+either way.
+
 ``--quick`` runs a scaled-down trace (12 tenants, 30 sessions) in under a minute
 to check the setup; with so few requests, first-time misses weigh heavily, so
 quote the full run's figures.
@@ -92,6 +99,7 @@ from routing_trace import (  # noqa: E402
     ratio,
     replica_delta,
     summarize,
+    working_set_blocks,
 )
 
 from tests.replica_main import ChatTokenizer, ReplicaSpec, fork_replica  # noqa: E402
@@ -612,8 +620,9 @@ def print_comparisons(rows: list[Row]) -> None:
             )
 
 
-def print_setup(run: RunSpec, trace: Trace, total_blocks: int) -> None:
+def print_setup(run: RunSpec, trace: Trace, total_blocks: int, working_set: int) -> None:
     spec, fleet = run.trace, run.fleet
+    pressure = working_set / (fleet.capacity_blocks * fleet.num_replicas)
     print(
         f"trace (seed {spec.seed}): {trace.num_requests} requests in {len(trace.sessions)} "
         f"sessions of {spec.num_tenants} tenants (Zipf s={spec.zipf_s}), arrivals over "
@@ -622,7 +631,9 @@ def print_setup(run: RunSpec, trace: Trace, total_blocks: int) -> None:
         f"answers of {spec.max_tokens} tokens\n"
         f"replicas: {fleet.num_replicas} x {fleet.max_concurrency} slots, "
         f"{fleet.capacity_blocks} blocks of {fleet.block_size} tokens each "
-        f"({run.cache_share:.0%} of the {total_blocks} blocks of all system prompts), "
+        f"({fleet.capacity_blocks / total_blocks:.0%} of the {total_blocks} blocks of all system "
+        f"prompts; pressure {pressure:.2f}: a working set of {working_set} blocks over "
+        f"{fleet.capacity_blocks * fleet.num_replicas} in the fleet), "
         f"prefill {fleet.prefill_us_per_token:g} us/token, decode "
         f"{fleet.decode_ms_per_token:g} ms/token",
         flush=True,
@@ -645,6 +656,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefill-us", type=float, default=fleet.prefill_us_per_token)
     parser.add_argument("--decode-ms", type=float, default=fleet.decode_ms_per_token)
     parser.add_argument("--cache-share", type=float, default=0.5)
+    parser.add_argument(
+        "--pressure",
+        type=float,
+        default=None,
+        help="size the fleet's KV capacity at 1/X of the trace's working set (every system "
+        "prompt and session turn, in distinct blocks); overrides --cache-share",
+    )
     parser.add_argument("--logs", type=Path, help="keep every process's log in this folder")
     args = parser.parse_args()
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
@@ -691,14 +709,20 @@ def main() -> None:
     trace = make_trace(run.trace)
     tokenize = ChatTokenizer.from_directory(tokenizer_fixture("qwen2").directory)
     total_blocks = prompt_blocks(trace, tokenize, run.fleet.block_size)
-    bound = prefill_bound(
-        (tokenize({"messages": m}) for m in conversations(trace)), run.fleet.block_size
-    )
-    capacity = size_capacity(trace, run.cache_share, tokenize, run.fleet.block_size)
+    prompts = [tokenize({"messages": m}) for m in conversations(trace)]
+    bound = prefill_bound(prompts, run.fleet.block_size)
+    working_set = working_set_blocks(prompts, run.fleet.block_size)
+    if args.pressure is not None:
+        if args.pressure <= 0:
+            sys.exit("--pressure must be > 0")
+        replicas = run.fleet.num_replicas
+        capacity = max(1, round(working_set / (args.pressure * replicas)))
+    else:
+        capacity = size_capacity(trace, run.cache_share, tokenize, run.fleet.block_size)
     run = replace(run, fleet=replace(run.fleet, capacity_blocks=capacity))
     if set(names) & set(SGLANG_ROWS):
         sglang_router_bin()
-    print_setup(run, trace, total_blocks)
+    print_setup(run, trace, total_blocks, working_set)
     rows: list[Row] = []
     with (
         tempfile.TemporaryDirectory(prefix="kvern-routing-") as tmp,
@@ -736,6 +760,8 @@ def main() -> None:
         payload = {
             "setup": asdict(run),
             "bound": {"prefill_tokens": bound[0], "prompt_tokens": bound[1]},
+            "working_set_blocks": working_set,
+            "pressure": working_set / (run.fleet.capacity_blocks * run.fleet.num_replicas),
             "rows": [asdict(r) for r in rows],
             "summary": figures,
             "sglang_row": sglang_row,

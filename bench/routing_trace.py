@@ -218,6 +218,29 @@ def conversations(trace: Trace) -> list[list[dict[str, str]]]:
     return [messages for _, _, messages in sorted(timed)]
 
 
+def block_chain(ids: Sequence[int], block_size: int) -> list[int]:
+    """The chained hashes of a prompt's full blocks (equal hashes: equal prefixes)."""
+    hashes: list[int] = []
+    parent = 0
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        parent = hash((parent, tuple(ids[start : start + block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+def working_set_blocks(prompts: Iterable[Sequence[int]], block_size: int) -> int:
+    """Distinct full blocks over every prompt: what one cache must hold to reuse all of it.
+
+    ``--pressure X`` sizes the fleet's KV capacity at 1/X of this (every
+    tenant's system prompt and every session's turns), so at X > 1 no
+    routing can keep all of it anywhere.
+    """
+    seen: set[int] = set()
+    for ids in prompts:
+        seen.update(block_chain(ids, block_size))
+    return len(seen)
+
+
 def prefill_bound(prompts: Iterable[Sequence[int]], block_size: int) -> tuple[int, int]:
     """(prefill tokens, prompt tokens) with one unlimited prefix cache.
 
@@ -228,11 +251,7 @@ def prefill_bound(prompts: Iterable[Sequence[int]], block_size: int) -> tuple[in
     seen: set[int] = set()
     computed = total = 0
     for ids in prompts:
-        hashes: list[int] = []
-        parent = 0
-        for start in range(0, len(ids) - block_size + 1, block_size):
-            parent = hash((parent, tuple(ids[start : start + block_size])))
-            hashes.append(parent)
+        hashes = block_chain(ids, block_size)
         usable = min(len(hashes), (len(ids) - 1) // block_size)
         hit = 0
         while hit < usable and hashes[hit] in seen:

@@ -238,3 +238,11 @@ def test_replica_tokenizer_matches_apply_chat_template(hf_tokenizers: dict[str, 
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert fast({"messages": messages}) == list(expected)
     assert fast.fast, "the segment cache must have stayed on"
+
+
+def test_the_working_set_counts_each_distinct_block_once() -> None:
+    a = list(range(40))  # 2 full blocks
+    b = list(range(40)) + [99] * 30  # extends a: 2 more full blocks
+    c = [7] * 40  # 2 blocks of its own
+    assert rt.working_set_blocks([a, b, c, a], block_size=16) == 6
+    assert rt.block_chain(b, 16)[:2] == rt.block_chain(a, 16)
