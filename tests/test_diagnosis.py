@@ -303,3 +303,45 @@ async def test_sites_in_a_last_message_come_after_the_others_in_analytics(tmp_pa
     finally:
         await store.close()
     assert [s["place"] for s in found] == ["system prompt", "message 5 (user), the last"]
+
+
+def test_a_sites_advice_is_replayed_once_until_the_site_gets_a_new_prompt(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    """The dashboard asks every few seconds: a replay each time would load the tracking thread."""
+    from transformers import AutoTokenizer
+
+    from kvern.config import DiagnosisConfig, parse_config
+    from kvern.tracking.divergence import DivergenceFinder
+    from kvern.tracking.forest import TrieForest
+    from kvern.tracking.site_advice import SiteAdvisor
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_fixtures["qwen2"].directory))
+    tok = ModelTokenizer(hf, source="qwen2")
+    config = parse_config({})
+    forest = TrieForest(config.trie, config.eviction)
+    finder = DivergenceFinder(DiagnosisConfig())
+    advisor = SiteAdvisor(finder.samples, forest, 8)
+    mt = forest.get("m")
+
+    def send(sid: str) -> Any:
+        messages = [{"role": "system", "content": f"You help. Session id: {sid}. Be brief."}]
+        prompt = tok.chat(messages)
+        return finder.find(tok, prompt, mt.trie.insert(prompt.ids, 0.0)).divergence
+
+    for sid in ("0a1b2c3d-4e5f-6789-abcd-ef0123456789", "1f2e3d4c-5b6a-7988-aabb-ccddeeff0011"):
+        divergence = send(sid)
+    assert divergence is not None
+    asked = [
+        (
+            "m",
+            divergence.site,
+            divergence.place,
+            [(divergence.before, divergence.ours, divergence.theirs)],
+        )
+    ]
+    first = advisor.advise(asked, {"m": tok})
+    assert advisor.advise(asked, {"m": tok}) == first and advisor.num_replays == 1
+    send("2a3b4c5d-6e7f-8091-a2b3-c4d5e6f70819")
+    advisor.advise(asked, {"m": tok})
+    assert advisor.num_replays == 2

@@ -41,7 +41,7 @@ from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.metrics import BrainMetrics
-from kvern.tracking.site_advice import advise_sites
+from kvern.tracking.site_advice import SiteAdvisor
 from kvern.tracking.tracker import Tracker
 from kvern.tracking.tree_view import busiest_model, tree_of
 from kvern.tracking.views import describe, health_view
@@ -99,6 +99,9 @@ class Brain:
             clock=clock,
             max_pending=config.tracking.max_pending,
             presence=presence,
+        )
+        self.advisor = SiteAdvisor(
+            self.tracker.divergence.samples, self.forest, 4 * config.diagnosis.max_sites
         )
         self.metrics = BrainMetrics()
         self.tracker.on_phase = self.metrics.observe
@@ -269,10 +272,7 @@ class Brain:
             # /analytics' divergence sites: rules replayed over the prompts kept here.
             (asked,) = args
             tokenizers = {model: self.registry.loaded(model) for model, *_ in asked}
-            samples = tracker.divergence.samples
-            return await tracker.in_thread(
-                advise_sites, asked, samples, self.forest, tokenizers, urgent=True
-            )
+            return await tracker.in_thread(self.advisor.advise, asked, tokenizers, urgent=True)
         if method == "reset_cache_model":
             # The upstream came back with other cache settings (auto detection).
             (settings,) = args

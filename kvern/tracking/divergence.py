@@ -50,6 +50,8 @@ class SiteSamples:
         self._per_site = per_site
         self._max_chars = max_chars
         self._sites: OrderedDict[str, deque[Sample]] = OrderedDict()
+        self._added = 0  # samples ever added: a site's answer is reused until it moves
+        self._versions: dict[str, int] = {}
 
     def add(self, site: str, text: str, diverge_char: int) -> None:
         if self._per_site == 0:
@@ -58,10 +60,17 @@ class SiteSamples:
         if samples is None:
             samples = self._sites[site] = deque(maxlen=self._per_site)
             while len(self._sites) > self._max_sites:
-                self._sites.popitem(last=False)
+                gone, _ = self._sites.popitem(last=False)
+                self._versions.pop(gone, None)
         else:
             self._sites.move_to_end(site)
         samples.append(Sample(text[: self._max_chars], diverge_char))
+        self._added += 1
+        self._versions[site] = self._added
+
+    def version(self, site: str) -> int:
+        """Changes whenever the site gets a sample (0: none kept)."""
+        return self._versions.get(site, 0) if site in self._sites else 0
 
     def get(self, site: str) -> list[Sample]:
         return list(self._sites.get(site, ()))
