@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from kvern.cli_logs import kvern_logs
 from kvern.config import ConfigError, KvernConfig
 
 LoadConfig = Callable[[argparse.Namespace], KvernConfig]
@@ -112,27 +111,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@contextmanager
-def _kvern_logs(verbose: bool, err: TextIO) -> Iterator[None]:
-    """kvern's log lines (a tokenizer falling back, the hub) on stderr with --verbose only."""
-    logger = logging.getLogger("kvern")
-    level, propagate = logger.level, logger.propagate
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("  log: %(levelname)s %(name)s: %(message)s"))
-    if verbose:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.setLevel(logging.CRITICAL + 1)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def run(
     args: argparse.Namespace,
     load: LoadConfig,
@@ -184,7 +162,7 @@ def run(
         top=args.top,
     )
     progress = Progress(err, log.size_bytes, enabled=args.progress or err.isatty())
-    with _kvern_logs(args.verbose, err):
+    with kvern_logs(args.verbose, err):
         try:
             analysis = analyze(
                 log, Setup(config, options), on_pass=progress.phase, what_if=not args.no_what_if

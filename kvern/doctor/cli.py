@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
+from kvern.cli_logs import kvern_logs
 from kvern.doctor.config_checks import LoadConfig, check_config
 from kvern.doctor.local_checks import ExposureWarning
 from kvern.doctor.report import EXIT_BAD_CONFIG, Progress, Report
@@ -69,31 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@contextmanager
-def _kvern_logs(verbose: bool, err: TextIO) -> Iterator[None]:
-    """kvern's log lines on stderr with --verbose; otherwise the report says it all.
-
-    (A tokenizer that falls back logs an ERROR, the hub a WARNING: the same
-    facts as the doctor's lines, worded for a running proxy.)
-    """
-    logger = logging.getLogger("kvern")
-    level, propagate = logger.level, logger.propagate
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("  log: %(levelname)s %(name)s: %(message)s"))
-    if verbose:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.setLevel(logging.CRITICAL + 1)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def run(
     args: argparse.Namespace,
     hooks: CliHooks,
@@ -116,7 +89,7 @@ def run(
     options = Options(
         send_requests=not args.no_requests, timeout_s=args.timeout_s, api_key=args.api_key
     )
-    with _kvern_logs(args.verbose, err):
+    with kvern_logs(args.verbose, err):
         asyncio.run(diagnose(config, report, Progress(err), hooks.exposure_warning, options))
     print(report.summary(), file=out, flush=True)
     return report.exit_code(strict=args.strict)
