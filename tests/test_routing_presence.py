@@ -505,7 +505,7 @@ def predict(
 ) -> tuple[PresenceMatch, RouteHandle]:
     """What the tracker does before inserting a prompt: match every upstream, then the handle."""
     match = book.for_model(mt).match(ids)
-    return match, book.handle(match, upstream, now_s)
+    return match, book.handle(match, upstream, now_s, mt.model, ids)
 
 
 def test_book_predicts_commits_and_settles_a_conversation(forest: TrieForest) -> None:
@@ -806,3 +806,43 @@ test_presence_is_consistent_under_lru_pressure_and_corrections = ConversationMac
 
 TightSplittingMachine.TestCase.settings = settings(FAST, max_examples=100, derandomize=True)
 test_presence_is_consistent_with_splits_under_lru_pressure = TightSplittingMachine.TestCase
+
+
+class _Held:
+    """A presence source answering a fixed number of tokens (None: no answer now)."""
+
+    def __init__(self, tokens: int | None) -> None:
+        self.tokens = tokens
+
+    def held_tokens(self, model: str, upstream: str, ids: object) -> int | None:
+        return self.tokens
+
+
+def test_an_upstreams_events_replace_the_model_while_they_answer(forest: TrieForest) -> None:
+    a, b = cache("a", block_size=4), cache("b", block_size=4)
+    book = make_book(a, b)
+    mt = forest.get("m")
+    ids = list(range(40))
+    match, _ = predict(book, mt, ids, "a", 1.0)
+    node = mt.trie.insert(ids, 1.0).node
+    book.commit(mt, node, "a", 1.0)
+    source = _Held(8)
+    book.exact_sources["a"] = source
+    match, handle = predict(book, mt, ids, "a", 2.0)
+    assert book.cached("m", match, ids) == {"a": 8, "b": 0}
+    assert handle.exact and handle.predicted == handle.trusted == 8
+    source.tokens = None  # events lost: back to the model (all 40 but the last token)
+    match, handle = predict(book, mt, ids, "a", 3.0)
+    assert not handle.exact and book.cached("m", match, ids)["a"] == 36
+
+
+def test_other_instances_routing_raises_the_modelled_presence(forest: TrieForest) -> None:
+    a, b = cache("a", block_size=4), cache("b", block_size=4)
+    book = make_book(a, b)
+    mt = forest.get("m")
+    ids = list(range(30))
+    book.shared_source = _Held(21)
+    match, handle = predict(book, mt, ids, "b", 1.0)
+    # Aligned to the block; the request's own last token is never cached.
+    assert book.cached("m", match, ids) == {"a": 20, "b": 20}
+    assert handle.predicted == 20 and not handle.exact

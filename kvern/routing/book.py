@@ -42,6 +42,18 @@ class ModelTrie(Protocol):
     def trie(self) -> RadixTrie: ...
 
 
+class PresenceSource(Protocol):
+    """Presence kvern does not model itself: where an upstream's prefixes are known from outside.
+
+    Two kinds plug in (see :class:`PresenceBook`): an upstream's own KV events
+    (exact; they replace the model while they are complete) and other kvern
+    instances' routing (shared state; they add to what this instance saw).
+    ``None``: no answer now (events lost, shared state stale) -- use the model.
+    """
+
+    def held_tokens(self, model: str, upstream: str, ids: Sequence[int]) -> int | None: ...
+
+
 @dataclass(slots=True)
 class RouteHandle:
     """What a request's prediction needs at settle time (the Prediction's ``handle``)."""
@@ -50,6 +62,7 @@ class RouteHandle:
     predicted: int  # cached tokens predicted there
     trusted: int  # the part of it backed by finished prefills
     marks: list[PathStep] = field(default_factory=list)  # that upstream's marks on the path
+    exact: bool = False  # predicted from the upstream's own events: nothing to learn from
 
 
 class PresenceBook:
@@ -66,6 +79,10 @@ class PresenceBook:
         self._learn = learn
         self._trusted_before = trusted_before
         self._models: dict[str, ModelPresence] = {}
+        # upstream -> its KV events' presence; consulted before the model.
+        self.exact_sources: dict[str, PresenceSource] = {}
+        # Other kvern instances' routing to the same upstreams (routing.shared_state).
+        self.shared_source: PresenceSource | None = None
 
     def for_model(self, mt: ModelTrie) -> ModelPresence:
         presence = self._models.get(mt.model)
@@ -74,16 +91,44 @@ class PresenceBook:
             self._models[mt.model] = presence
         return presence
 
-    def handle(self, match: PresenceMatch, upstream: str, now_s: float) -> RouteHandle:
+    def cached(self, model: str, match: PresenceMatch, ids: Sequence[int]) -> dict[str, int]:
+        """Per upstream, the prompt tokens it should report cached, from the best source.
+
+        An upstream's events, where they answer, are the truth; otherwise the
+        model, raised to what other instances routed there (they may have sent
+        this prefix where this instance never did).
+        """
+        return {name: self._cached(name, model, match, ids)[0] for name in self.caches}
+
+    def _cached(
+        self, name: str, model: str, match: PresenceMatch, ids: Sequence[int]
+    ) -> tuple[int, bool]:
+        cache = self.caches[name]
+        source = self.exact_sources.get(name)
+        held = source.held_tokens(model, name, ids) if source is not None else None
+        exact = held is not None
+        if held is None:
+            held = match.depth.get(name, 0)
+            if self.shared_source is not None:
+                held = max(held, self.shared_source.held_tokens(model, name, ids) or 0)
+        usable = min(held, max(match.num_tokens - 1, 0))
+        return usable - usable % cache.block_size, exact
+
+    def handle(
+        self, match: PresenceMatch, upstream: str, now_s: float, model: str, ids: Sequence[int]
+    ) -> RouteHandle:
         """``upstream``'s prediction from ``match`` (before the request marks anything)."""
         cache = self.caches.get(upstream)
         if cache is None:
             return RouteHandle(upstream, 0, 0)
+        predicted, exact = self._cached(upstream, model, match, ids)
+        if exact:
+            return RouteHandle(upstream, predicted, predicted, exact=True)
         trusted_before = min(self._trusted_before(upstream), now_s)
         return RouteHandle(
             upstream,
-            match.cached(cache),
-            match.trusted_cached(cache, trusted_before),
+            predicted,
+            min(predicted, match.trusted_cached(cache, trusted_before)),
             match.marks(upstream),
         )
 
@@ -103,7 +148,7 @@ class PresenceBook:
         presence = self.for_model(mt)
         if held.parent is not None:  # still in the trie
             presence.mark(held, served_by, now_s)
-        if reported is not None and served_by == handle.upstream:
+        if reported is not None and served_by == handle.upstream and not handle.exact:
             presence.correct(served_by, handle.marks, handle.trusted, handle.predicted, reported)
 
     def drop_upstream(self, name: str) -> None:

@@ -84,12 +84,10 @@ class Bookkeeper:
             # Predict first: the trie must not yet hold this prompt.
             if self.presence is not None and upstream in self.presence.caches:
                 match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
-                handle = self.presence.handle(match, upstream, now)
+                handle = self.presence.handle(match, upstream, now, model, prompt.ids)
                 predicted = handle.predicted
-                best_elsewhere = max(
-                    (match.cached(c) for n, c in self.presence.caches.items() if n != upstream),
-                    default=0,
-                )
+                cached = self.presence.cached(model, match, prompt.ids)
+                best_elsewhere = max((v for n, v in cached.items() if n != upstream), default=0)
                 backend_model = "routed"
                 block_size = self.presence.caches[upstream].block_size
             else:

@@ -226,8 +226,10 @@ class Tracker(TrackingQueue):
                 if asked.prompt is None:
                     answer.set_result(None)
                     return
-                match = presence.for_model(self._forest.get(model)).match(asked.prompt.ids)
-                answer.set_result(PrefixAnswer.of(match, presence.caches.values()))
+                ids = asked.prompt.ids
+                match = presence.for_model(self._forest.get(model)).match(ids)
+                cached = presence.cached(model, match, ids)
+                answer.set_result(PrefixAnswer(match.num_tokens, cached, dict(match.fill)))
             except Exception as exc:  # noqa: BLE001 - the relay routes by load instead
                 self._count_error("route", exc)
                 asked.prompt = None
