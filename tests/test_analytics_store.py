@@ -101,10 +101,11 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> N
 
 def test_columns_follow_the_record_fields_in_order() -> None:
     assert COLUMNS[:3] == ("request_id", "ts_s", "model")
-    assert len(COLUMNS) == 39
-    assert COLUMNS[-18:-15] == ("predicted_cached_tokens", "backend_model", "block_size")
-    assert COLUMNS[-15:-11] == ("route_reason", "route_attempts", "route_load_tokens", "end_user")
-    assert COLUMNS[-11:-6] == (
+    assert len(COLUMNS) == 40
+    assert COLUMNS[-19:-16] == ("predicted_cached_tokens", "backend_model", "block_size")
+    assert COLUMNS[-16:-12] == ("route_reason", "route_attempts", "route_load_tokens", "end_user")
+    assert COLUMNS[-1] == "route_expected_ttft_ms"
+    assert COLUMNS[-12:-7] == (
         "miss_reason",
         "miss_tokens",
         "lost_reason",

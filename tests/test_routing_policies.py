@@ -28,7 +28,7 @@ from kvern.routing.policies import (
 from kvern.routing.pool import Load, Replica, UpstreamPool
 from kvern.routing.router import replica_candidate
 
-CFG = RoutingConfig(balance_abs_tokens=1_000, balance_rel=1.5, min_match_tokens=64)
+CFG = RoutingConfig(min_match_tokens=64)
 
 
 def replicas(*names: str, weights: dict[str, float] | None = None, limit: int = 0) -> list[Replica]:
@@ -86,8 +86,8 @@ def test_cache_aware_equal_prefixes_go_to_the_less_loaded_holder() -> None:
     assert (choice.replica.name, choice.reason) == ("b", "prefix")
 
 
-def test_cache_aware_spills_when_the_holder_is_over_both_thresholds() -> None:
-    # b: 4000 above the floor (> 1000) and over 1.5x the floor's 1000.
+def test_cache_aware_spills_when_the_holders_queue_costs_more_than_recomputing() -> None:
+    # b: 5000 waiting + 44 uncached; a: 1000 waiting + 300 uncached (its cache is empty).
     c = cands(("a", 1_000), ("b", 5_000))
     c["b"].cached = 256
 
@@ -95,18 +95,49 @@ def test_cache_aware_spills_when_the_holder_is_over_both_thresholds() -> None:
 
     assert names(choice) == ("a", ["b"])
     assert (choice.reason, choice.cached, choice.load) == ("prefix_overloaded", 0, 1_000)
+    assert choice.expected == 1_300
 
 
 @pytest.mark.parametrize(
-    ("floor", "holder"),
+    ("floor", "holder", "spills"),
     [
-        (4_000, 5_500),  # 1500 above the floor (> 1000) but under 1.5x it
-        (100, 900),  # 9x the floor but only 800 above it
-        (0, 1_256),  # exactly balance_abs_tokens more to wait there: not more than it
+        (0, 255, False),  # 255 + 44 < 0 + 300: the holder's first token comes sooner
+        (0, 256, False),  # a tie stays with the holder (the cache is kept warm)
+        (0, 257, True),  # one token later than recomputing elsewhere
+        (4_000, 4_255, False),  # the same margin on top of any load
+        (4_000, 4_257, True),
     ],
 )
-def test_cache_aware_keeps_the_holder_over_only_one_threshold(floor: int, holder: int) -> None:
+def test_cache_aware_spills_exactly_when_its_first_token_would_come_later(
+    floor: int, holder: int, spills: bool
+) -> None:
     c = cands(("a", floor), ("b", holder))
+    c["b"].cached = 256
+
+    choice = cache_aware(list(c.values()), 300, CFG)
+
+    assert (choice.replica.name, choice.reason) == (
+        ("a", "prefix_overloaded") if spills else ("b", "prefix")
+    )
+
+
+def test_cache_aware_counts_the_copy_a_spill_makes_in_a_full_cache() -> None:
+    # Recomputing 256 tokens at a (300 + 100 waiting) beats b (500 + 44) by 144,
+    # but a's cache is 80% full: the copy costs 0.8 x 256 = 205 more than that.
+    c = cands(("a", 100), ("b", 500))
+    c["b"].cached = 256
+    c["a"].fill = 0.8
+
+    assert cache_aware(list(c.values()), 300, CFG).replica.name == "b"
+    free = CFG.model_copy(update={"spill_reuse_weight": 0.0})
+    assert cache_aware(list(c.values()), 300, free).replica.name == "a"
+    c["a"].fill = 0.0  # an empty cache: the copy evicts nothing
+    assert cache_aware(list(c.values()), 300, CFG).replica.name == "a"
+
+
+def test_cache_aware_compares_expected_first_tokens_per_unit_of_weight() -> None:
+    # b holds 5000 tokens of load but has 4x the capacity: (5000 + 44) / 4 < 1000 + 300.
+    c = cands(("a", 1_000), ("b", 5_000), weights={"b": 4.0})
     c["b"].cached = 256
 
     choice = cache_aware(list(c.values()), 300, CFG)
@@ -114,22 +145,27 @@ def test_cache_aware_keeps_the_holder_over_only_one_threshold(floor: int, holder
     assert (choice.replica.name, choice.reason) == ("b", "prefix")
 
 
-def test_cache_aware_spills_one_token_past_the_absolute_threshold() -> None:
-    # a: 0 + 300 uncached; b: 1257 + 44 uncached = 1001 more than a.
-    c = cands(("a", 0), ("b", 1_257))
-    c["b"].cached = 256
+def test_a_hot_prefix_whose_holder_is_queued_is_copied_to_a_second_replica_once() -> None:
+    # b holds a tenant's 1000-token system prompt and is queued (wait 600): by
+    # TTFT alone it stays there (600 + 24 < 0 + 1024), but the prefix is hot.
+    c = cands(("a", 0), ("b", 600), ("c", 200))
+    c["b"].cached = 1_000
 
-    choice = cache_aware(list(c.values()), 300, CFG)
+    assert cache_aware(list(c.values()), 1_024, CFG, hot_per_s=0.5).replica.name == "b"
+    choice = cache_aware(list(c.values()), 1_024, CFG, hot_per_s=5.0)
+    assert (choice.replica.name, choice.reason) == ("a", "replicate")
 
-    assert (choice.replica.name, choice.reason) == ("a", "prefix_overloaded")
+    # a holds it now: two holders, both queued -- balance among them, no third copy.
+    c["a"].cached, c["a"].wait = 1_000, 700.0
+    choice = cache_aware(list(c.values()), 1_024, CFG, hot_per_s=5.0)
+    assert (choice.replica.name, choice.reason) == ("b", "prefix")
 
 
-def test_cache_aware_thresholds_compare_loads_per_unit_of_weight() -> None:
-    # b holds 5000 tokens of load but has 4x the capacity: 1250 per unit, close to a's.
-    c = cands(("a", 1_000), ("b", 5_000), weights={"b": 4.0})
-    c["b"].cached = 256
+def test_a_hot_prefix_is_not_copied_while_a_holder_has_a_free_slot() -> None:
+    c = cands(("a", 0), ("b", 0))
+    c["b"].cached = 1_000
 
-    choice = cache_aware(list(c.values()), 300, CFG)
+    choice = cache_aware(list(c.values()), 1_024, CFG, hot_per_s=50.0)
 
     assert (choice.replica.name, choice.reason) == ("b", "prefix")
 
@@ -179,13 +215,14 @@ def test_cache_aware_spills_a_queued_holder_to_a_replica_with_a_free_slot() -> N
     b = replica_candidate(b.replica, 1_000, 0.0)
     b.cached = 256
 
-    choice = cache_aware([a, b], 300, CFG.model_copy(update={"balance_abs_tokens": 500}))
+    choice = cache_aware([a, b], 300, CFG)
 
+    # b: 1000 waiting for the slot + 44; a: nothing waiting + 300.
     assert (choice.replica.name, choice.reason) == ("a", "prefix_overloaded")
 
 
 def test_cache_aware_treats_a_prefix_below_min_match_tokens_as_a_miss() -> None:
-    # As a prefix b would be kept (100 above a is within the thresholds).
+    # As a prefix b would be kept (100 + 237 uncached < 300).
     c = cands(("a", 0), ("b", 100))
     c["b"].cached = 63
 
@@ -414,15 +451,19 @@ def test_every_choice_falls_back_to_all_the_others_once(
 
 @settings(max_examples=100, deadline=None)
 @given(cs=candidate_sets())
-def test_cache_aware_never_picks_an_upstream_much_slower_than_the_soonest(
+def test_cache_aware_is_slower_than_the_soonest_only_by_the_copy_it_avoids(
     cs: list[Candidate],
 ) -> None:
     num_tokens = 5_000
     choice = cache_aware(cs, num_tokens, CFG)
-    chosen = next(c for c in cs if c.replica is choice.replica).cost(num_tokens)
-    soonest = min(c.cost(num_tokens) for c in cs)
+    chosen = next(c for c in cs if c.replica is choice.replica)
+    soonest = min(cs, key=lambda c: c.cost(num_tokens))
+    held = max(c.cached for c in cs)
+    copy = CFG.spill_reuse_weight * (held - soonest.cached) * soonest.fill
+    copy /= soonest.replica.entry.weight
 
-    assert chosen - soonest <= CFG.balance_abs_tokens or chosen <= CFG.balance_rel * soonest
+    assert chosen.cost(num_tokens) <= soonest.cost(num_tokens) + copy + 1e-6
+    assert choice.expected == pytest.approx(chosen.cost(num_tokens))
 
 
 # ------------------------------------------------------------------ the pool

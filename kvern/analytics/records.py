@@ -126,6 +126,9 @@ class RequestRecord:
     diverge_before: str | None = None
     diverge_ours: str | None = None
     diverge_theirs: str | None = None
+    # The router's expected time to first byte there (cache_aware, ms, by the
+    # upstream's learned TTFT line); beside ttfb_ms it shows the model's error.
+    route_expected_ttft_ms: float | None = None
 
 
 # The analytics column names, in table and row-tuple order: the record's fields.

@@ -15,6 +15,8 @@ from kvern.analytics.queries import Reader, _filter, _ratio
 
 _FAILED = "(error IS NOT NULL OR status IS NULL OR status >= 400)"
 _REPORTED = "(reported_cached_tokens IS NOT NULL AND predicted_cached_tokens IS NOT NULL)"
+# Answered requests with the router's expected time to first byte beside the real one.
+_TIMED = f"(route_expected_ttft_ms IS NOT NULL AND ttfb_ms IS NOT NULL AND NOT {_FAILED})"
 
 _PER_UPSTREAM = f"""
 SELECT upstream,
@@ -26,7 +28,11 @@ SELECT upstream,
     COALESCE(SUM(CASE WHEN {_REPORTED} THEN reported_cached_tokens END), 0),
     COALESCE(SUM(CASE WHEN {_REPORTED} THEN upstream_prompt_tokens END), 0),
     AVG(route_load_tokens),
-    MAX(route_load_tokens)
+    MAX(route_load_tokens),
+    COALESCE(SUM(CASE WHEN {_TIMED} THEN 1 ELSE 0 END), 0),
+    AVG(CASE WHEN {_TIMED} THEN route_expected_ttft_ms END),
+    AVG(CASE WHEN {_TIMED} THEN ttfb_ms END),
+    AVG(CASE WHEN {_TIMED} THEN ABS(ttfb_ms - route_expected_ttft_ms) END)
 FROM requests WHERE {{where}} AND route_reason IS NOT NULL
 GROUP BY upstream ORDER BY upstream
 """
@@ -47,7 +53,8 @@ async def routing(
     )
     by_upstream = []
     for row in rows:
-        name, requests, failed, failed_over, num_rep, predicted, reported, prompt, avg, peak = row
+        name, requests, failed, failed_over, num_rep, predicted, reported, prompt = row[:8]
+        avg, peak, timed, expected_ms, actual_ms, error_ms = row[8:]
         by_upstream.append(
             {
                 "upstream": name,
@@ -64,6 +71,17 @@ async def routing(
                     "mean": round(float(avg), 1) if avg is not None else None,
                     "max": int(peak) if peak is not None else None,
                 },
+                # The router's latency model against the real first bytes.
+                "ttft_model": {
+                    "requests": int(timed),
+                    "expected_ms_mean": _ms(expected_ms),
+                    "actual_ms_mean": _ms(actual_ms),
+                    "abs_error_ms_mean": _ms(error_ms),
+                },
             }
         )
     return {"reasons": {str(r): int(n) for r, n in reasons}, "by_upstream": by_upstream}
+
+
+def _ms(value: float | None) -> float | None:
+    return round(float(value), 1) if value is not None else None

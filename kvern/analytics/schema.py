@@ -119,6 +119,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX events_kind_ts ON events (kind, ts_s);
     """,
+    # 8: the router's expected time to first byte at the upstream it chose
+    # (cache_aware), to set beside ttfb_ms: the error of its latency model.
+    """
+    ALTER TABLE requests ADD COLUMN route_expected_ttft_ms REAL;
+    """,
 )
 
 # The schema version this code writes: the number of migrations it knows.

@@ -12,10 +12,13 @@ Load is counted in tokens, not requests: a replica busy prefilling one
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
 
 RoutingPolicy = Literal["round_robin", "least_load", "cache_aware", "session"]
 
@@ -84,11 +87,21 @@ class RoutingConfig(_Section):
     # session: the header carrying the session key; without it the body's
     # ``user`` field is used, and requests with neither go by least load.
     session_header: str = "x-session-id"
-    # cache_aware: the prefix holder is skipped when its load is more than
-    # balance_abs_tokens above the least loaded replica's AND more than
-    # balance_rel times it (both, so small absolute differences never spill).
-    balance_abs_tokens: int = Field(2048, ge=0)
-    balance_rel: float = Field(1.5, ge=1.0)
+    # cache_aware goes where the first token is expected soonest (queue wait +
+    # uncached prefill; see kvern.routing.policies). Computing a prefix another
+    # upstream holds also costs its copy: the duplicated tokens times how full
+    # the cache is, times this weight (0: judge by this request's TTFT alone).
+    spill_reuse_weight: float = Field(1.0, ge=0)
+    # A prefix at least this many requests a second go through (a tenant's
+    # system prompt) is hot: while held by fewer than hot_prefix_replicas
+    # upstreams, all queued, a request goes to a replica with a shorter queue
+    # to start a copy there (0 replicas: never on purpose).
+    hot_prefix_per_s: float = Field(1.0, ge=0)
+    hot_prefix_replicas: int = Field(2, ge=0)
+    # Replaced by the rule above; still accepted (and ignored, with a warning
+    # at start) so that an older config.yaml keeps loading.
+    balance_abs_tokens: int | None = Field(None, ge=0)
+    balance_rel: float | None = Field(None, ge=1.0)
     # A matched prefix shorter than this counts as a miss (spread by load).
     min_match_tokens: int = Field(64, ge=1)
     # Load of one running decode, in prompt-token equivalents.
@@ -104,7 +117,43 @@ class RoutingConfig(_Section):
     # Learn each upstream's real cache capacity from the cached-token figures
     # it reports (see kvern.routing.presence); off trusts kv_capacity_tokens.
     learn_capacity: bool = True
+    # Several kvern instances in front of the same upstreams route as one by
+    # sharing their load and modelled presence through Redis or Valkey
+    # (redis://host:port/db; needs ``pip install 'kvern[redis]'``). Upstreams
+    # are matched by name, so every instance must name them alike. Off: None.
+    shared_state: str | None = None
+    # Keys and the stream live under this prefix (one fleet per prefix).
+    shared_state_prefix: str = Field("kvern", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # Deadline of every Redis round trip (connect, read, write); past it the
+    # link counts an error and reconnects with backoff.
+    shared_state_timeout_ms: float = Field(250.0, gt=0)
+    # How often each instance publishes its load and reads the others'.
+    shared_state_publish_ms: float = Field(100.0, gt=0)
+    # The others' load older than this is ignored: decisions fall back to
+    # this instance's own load (counted as fail_open in /health and /metrics).
+    shared_state_stale_ms: float = Field(1000.0, gt=0)
+    # Entries kept in the presence stream (XADD MAXLEN ~): what a new or
+    # restarted instance reads back to learn where prefixes went.
+    shared_state_stream_maxlen: int = Field(10_000, ge=1)
     health: HealthConfig = Field(default_factory=HealthConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _retired(self) -> RoutingConfig:
+        retired = [n for n in ("balance_abs_tokens", "balance_rel") if getattr(self, n) is not None]
+        if retired:
+            logger.warning(
+                "routing.%s no longer does anything: cache_aware spills by expected time to "
+                "first token (see routing.spill_reuse_weight); remove it from the config",
+                " and routing.".join(retired),
+            )
+        return self
+
+    @field_validator("shared_state")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(rediss?|unix)://\S+$", value):
+            raise ValueError("expected a redis://host:port/db (or rediss://, unix://) URL")
+        return value
 
     @field_validator("retry_on_status")
     @classmethod

@@ -208,6 +208,7 @@ async def _send_and_relay(
         raise
     ctx.route_reason = route.choice.reason
     ctx.route_load = route.choice.load
+    ctx.route_expected_ms = route.choice.expected_ms
     headers_out = forward_headers(request.headers.raw)
     metrics = services.metrics
     if metrics is not None:

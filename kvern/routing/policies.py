@@ -1,14 +1,30 @@
 """Routing policies: pure choices over a snapshot of the candidate upstreams.
 
-``cache_aware`` in words: send the request to the upstream holding its longest
-block-aligned prefix, unless that upstream is overloaded, i.e. its load is
-more than ``balance_abs_tokens`` above the least loaded upstream's AND more
-than ``balance_rel`` times it, or it is at its ``max_concurrency``. On a miss
-(no prefix of at least ``min_match_tokens``) or when the holder is
-overloaded, pick the upstream with the least work ahead of this request:
-``(load + uncached prompt tokens there) / weight``. Unlike SGLang's router,
-a miss goes by load rather than by the smallest tree, and load counts tokens
-of prefill and running decodes rather than requests.
+``cache_aware`` in words: send the request where its first token is expected
+soonest. At each candidate that is the queue wait (work ahead of it when no
+slot is free) plus the prefill of the prompt tokens not cached there, plus,
+where it would compute a prefix another upstream already holds, what that
+copy costs: the duplicated tokens times how full its cache is (a full cache
+makes room by evicting prefixes other requests would have reused). One rule
+in one unit (prompt-token equivalents), with no thresholds to tune: a holder
+keeps its prefixes until its queue costs more than recomputing them
+elsewhere.
+
+Hot prefixes are replicated on purpose: when a prefix many requests share
+(a tenant's system prompt: its node in the trie sees at least
+``hot_prefix_per_s`` requests a second) is held by fewer than
+``hot_prefix_replicas`` upstreams and every holder is queued, the request
+goes to the non-holder with the shortest queue, once -- it then holds the
+prefix too, and later requests balance among the holders by the rule above.
+Without it the rule spills one request at a time to whichever replica is
+idle, scattering a hot tenant's new sessions; with it the copies are where
+the next sessions will look.
+
+A miss (no prefix of at least ``min_match_tokens`` anywhere) goes where it
+starts soonest; ties go to the replica with the least recent demand, then
+the emptier cache. Unlike SGLang's router, a miss goes by load rather than
+by the smallest tree, and load counts tokens of prefill and running decodes
+rather than requests.
 
 Every choice comes with a short reason string kept in analytics.
 """
@@ -59,6 +75,11 @@ class Choice:
     cached: int  # predicted cached prompt tokens there
     load: int  # its load at decision time
     fallbacks: list[Replica]
+    # Its expected time to first token there, in prompt-token equivalents
+    # (cache_aware only; None: the policy does not estimate it).
+    expected: float | None = None
+    # The same in milliseconds, by the replica's learned TTFT line (None until learned).
+    expected_ms: float | None = None
 
 
 def _by_load(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -66,9 +87,11 @@ def _by_load(cands: Sequence[Candidate]) -> list[Candidate]:
     return sorted(cands, key=lambda c: (c.full, c.weighted_load, c.in_flight))
 
 
-def _choice(best: Candidate, cands: Sequence[Candidate], reason: str) -> Choice:
+def _choice(
+    best: Candidate, cands: Sequence[Candidate], reason: str, expected: float | None = None
+) -> Choice:
     rest = [c.replica for c in _by_load(cands) if c is not best]
-    return Choice(best.replica, reason, best.cached, best.load, rest)
+    return Choice(best.replica, reason, best.cached, best.load, rest, expected)
 
 
 def least_load(cands: Sequence[Candidate], reason: str = "least_load") -> Choice:
@@ -120,23 +143,48 @@ def session(cands: Sequence[Candidate], key: str | None) -> Choice:
     )
 
 
-def cache_aware(cands: Sequence[Candidate], num_tokens: int, cfg: RoutingConfig) -> Choice:
-    """Longest cached prefix unless overloaded; otherwise the soonest first token."""
+def _holds(c: Candidate, holder: Candidate) -> bool:
+    """``c`` holds (nearly all of) the longest held prefix: it needs no copy of it."""
+    return c.cached >= holder.cached - holder.cached // 10
 
-    def soonest(c: Candidate) -> tuple[float, float, float]:
-        # Equal cost (free slots everywhere): the replica with the least recent
-        # demand, so a new prefix (likely a new tenant, whose later requests
-        # will follow it) lands where traffic is lightest over time, not just
-        # now; then the emptier cache.
-        return (c.cost(num_tokens), c.demand / c.replica.entry.weight, c.fill)
 
-    best = min(cands, key=soonest)
+def cache_aware(
+    cands: Sequence[Candidate], num_tokens: int, cfg: RoutingConfig, hot_per_s: float = 0.0
+) -> Choice:
+    """The soonest expected first token, counting a copy's cost; hot prefixes replicated.
+
+    ``hot_per_s``: requests per second through the longest held prefix (its
+    trie node); at least ``cfg.hot_prefix_per_s`` makes it hot.
+    """
     holder = min(cands, key=lambda c: (-c.cached, c.cost(num_tokens)))
+
+    def spill(c: Candidate) -> float:
+        duplicated = max(0, holder.cached - c.cached)
+        return cfg.spill_reuse_weight * duplicated * c.fill / c.replica.entry.weight
+
+    def soonest(c: Candidate) -> tuple[float, bool, float, float]:
+        # Equal cost: a holder (its copy stays warm); then the replica with the
+        # least recent demand, so a new prefix (likely a new tenant, whose
+        # later requests will follow it) lands where traffic is lightest over
+        # time, not just now; then the emptier cache.
+        copies = holder.cached >= cfg.min_match_tokens and not _holds(c, holder)
+        return (c.cost(num_tokens) + spill(c), copies, c.demand / c.replica.entry.weight, c.fill)
+
     if holder.cached < cfg.min_match_tokens:
-        return _choice(best, cands, "miss")
-    excess = holder.cost(num_tokens) - best.cost(num_tokens)
-    if excess > cfg.balance_abs_tokens and holder.cost(num_tokens) > cfg.balance_rel * best.cost(
-        num_tokens
+        best = min(cands, key=soonest)
+        return _choice(best, cands, "miss", best.cost(num_tokens))
+    holders = [c for c in cands if _holds(c, holder)]
+    if (
+        hot_per_s >= cfg.hot_prefix_per_s
+        and len(holders) < cfg.hot_prefix_replicas
+        and all(h.wait > 0 for h in holders)
     ):
-        return _choice(best, cands, "prefix_overloaded")
-    return _choice(holder, cands, "prefix")
+        queue = min(h.wait for h in holders)
+        others = [c for c in cands if not _holds(c, holder) and c.wait < queue]
+        if others:
+            copy = min(others, key=lambda c: (c.wait, c.demand / c.replica.entry.weight, c.fill))
+            return _choice(copy, cands, "replicate", copy.cost(num_tokens))
+    best = min(cands, key=soonest)
+    if _holds(best, holder):
+        return _choice(best, cands, "prefix", best.cost(num_tokens))
+    return _choice(best, cands, "prefix_overloaded", best.cost(num_tokens))

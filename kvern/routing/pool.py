@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import time
 from dataclasses import dataclass, field
 
 from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
+from kvern.routing.ttft import TtftModel
 from kvern.upstream.client import Upstream
 
 # Half-life of the decayed count of requests routed to a replica (s).
@@ -50,12 +52,15 @@ class Load:
     ``finally``) is counted once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ttft: TtftModel | None = None) -> None:
+        # Taught each request's expected cost and real time to first byte.
+        self.ttft = ttft if ttft is not None else TtftModel()
         self._lock = threading.Lock()
         self.in_flight = 0  # requests sent and not yet ended
         self.prefill_tokens = 0  # uncached prompt tokens of requests awaiting their first byte
         self.decoding = 0  # requests past their first byte
-        # request id -> [prefill tokens still counted (0 once decoding), when routed]
+        # request id -> [prefill tokens still counted (-1 once decoding), when routed,
+        # expected cost in token-equivalents (-1: none), monotonic time routed]
         self._requests: dict[str, list[float]] = {}
         # Requests routed here, decayed with a DEMAND_HALF_LIFE_S half-life:
         # the demand of the prefixes this replica holds, which a snapshot of
@@ -67,12 +72,23 @@ class Load:
         with self._lock:
             return LoadSnapshot(self.in_flight, self.prefill_tokens, self.decoding)
 
-    def reserve(self, request_id: str, prefill_tokens: int, now_s: float) -> None:
-        """``request_id`` was routed here with this many uncached prompt tokens."""
+    def reserve(
+        self, request_id: str, prefill_tokens: int, now_s: float, expected: float | None = None
+    ) -> None:
+        """``request_id`` was routed here with this many uncached prompt tokens.
+
+        ``expected``: the router's cost for it here (wait + prefill, in
+        token-equivalents); its first byte then teaches :attr:`ttft`.
+        """
         with self._lock:
             if request_id in self._requests:
                 return
-            self._requests[request_id] = [prefill_tokens, now_s]
+            self._requests[request_id] = [
+                prefill_tokens,
+                now_s,
+                -1.0 if expected is None else expected,
+                time.monotonic(),
+            ]
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
             self._demand = self._decayed(now_s) + 1.0
@@ -88,7 +104,11 @@ class Load:
             return self._decayed(now_s)
 
     def first_byte(self, request_id: str) -> None:
-        """Its prefill is done: from now on it counts as one running decode."""
+        """Its prefill is done: from now on it counts as one running decode.
+
+        When it was reserved with an expected cost, the real time since then
+        teaches the TTFT model (a monotonic clock: wall time may jump).
+        """
         with self._lock:
             entry = self._requests.get(request_id)
             if entry is None or entry[0] < 0:
@@ -96,6 +116,9 @@ class Load:
             self.prefill_tokens -= int(entry[0])
             entry[0] = -1  # decoding
             self.decoding += 1
+            expected, routed_mono = entry[2], entry[3]
+        if expected >= 0:
+            self.ttft.observe(expected, time.monotonic() - routed_mono)
 
     def end(self, request_id: str) -> None:
         """The request ended (answered, failed or abandoned), at any stage."""

@@ -30,7 +30,6 @@ Everything here runs on the tracking thread, which owns the trie.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvern.trie import RadixTrie
@@ -104,6 +103,24 @@ class PresenceMatch:
         usable = min(depth, self.depth.get(cache.name, 0), max(self.num_tokens - 1, 0))
         return usable - usable % cache.block_size
 
+    def requests_per_s(self, depth: int, now_s: float) -> float:
+        """How many requests a second have gone through the node holding token ``depth``.
+
+        A tenant's system prompt shared by every session is a node many
+        requests go through; a conversation's own history is one few do.
+        The rate is over the node's life (``hit_count`` since it was first
+        seen), and 0 once it has been idle for ten of its mean gaps.
+        """
+        if depth <= 0:
+            return 0.0
+        for step in self.path:
+            if step.end_depth >= depth:
+                node = step.node
+                rate = node.hit_count / max(now_s - node.first_seen_s, 1.0)
+                idle = now_s - node.last_access_s
+                return 0.0 if rate <= 0 or idle * rate > 10.0 else rate
+        return 0.0
+
     def marks(self, name: str) -> list[PathStep]:
         """The path with ``name``'s marks (for a later correction)."""
         return [
@@ -118,10 +135,8 @@ class PrefixAnswer:
     num_tokens: int  # the prompt's length
     cached: dict[str, int]  # upstream -> tokens it should report cached
     fill: dict[str, float]  # upstream -> share of its budget held
-
-    @classmethod
-    def of(cls, match: PresenceMatch, caches: Iterable[UpstreamCache]) -> PrefixAnswer:
-        return cls(match.num_tokens, {c.name: match.cached(c) for c in caches}, dict(match.fill))
+    # Requests a second through the longest held prefix (see PresenceMatch.requests_per_s).
+    hot_per_s: float = 0.0
 
 
 class _UpstreamLRU:

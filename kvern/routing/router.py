@@ -204,9 +204,12 @@ class Router:
         for c in cands:
             c.cached = answer.cached.get(c.replica.name, 0)
             c.fill = answer.fill.get(c.replica.name, 0.0)
-        choice = cache_aware(cands, answer.num_tokens, self.config)
+        choice = cache_aware(cands, answer.num_tokens, self.config, answer.hot_per_s)
         uncached = max(1, answer.num_tokens - choice.cached)
-        choice.replica.load.reserve(ctx.request_id, uncached, self._clock())
+        load = choice.replica.load
+        load.reserve(ctx.request_id, uncached, self._clock(), choice.expected)
+        if choice.expected is not None:
+            choice.expected_ms = load.ttft.expected_ms(choice.expected)
         return RouteState(choice, choice.replica, uncached)
 
     def _session_key(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> str | None:

@@ -64,6 +64,7 @@ class RequestContext:
     route_reason: str | None = None  # why the router picked the first upstream
     route_attempts: int = 1  # upstreams tried
     route_load: int | None = None  # the chosen upstream's load when chosen
+    route_expected_ms: float | None = None  # its expected time to first byte there
     end_user: str | None = None  # keyed hash of the body's user field
 
 
@@ -144,6 +145,7 @@ def to_record(
         route_reason=ctx.route_reason,
         route_attempts=ctx.route_attempts,
         route_load_tokens=ctx.route_load,
+        route_expected_ttft_ms=ctx.route_expected_ms,
         end_user=ctx.end_user,
         **(_breakdown(p, reported) if p is not None else {}),
     )
