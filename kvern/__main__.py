@@ -108,7 +108,11 @@ def serve(args: argparse.Namespace) -> int:
     path = config_path(args)
     # Edits of the file are watched for (and SIGHUP): loaded again exactly as now.
     source = ConfigSource(Path(path), lambda: load_for_serve(args)) if path is not None else None
-    app = create_app(config, source=source)
+    try:
+        app = create_app(config, source=source)
+    except ConfigError as exc:  # an optional dependency the config needs is missing
+        print(f"kvern: {exc}", file=sys.stderr)
+        return 2
     warning = exposure_warning(config)
     if warning is not None:
         logging.getLogger("kvern").warning(warning)

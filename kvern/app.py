@@ -47,6 +47,8 @@ from kvern.routes.inflight import InFlight
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
+from kvern.routing.shared_load import SharedLoad
+from kvern.routing.shared_state import require_redis
 from kvern.services import Services
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.backends import BackendWatch
@@ -76,6 +78,7 @@ def create_app(
     normalization rules apply live.
     """
     wall = clock or time.time
+    require_redis(config.routing)  # routing.shared_state without redis-py: a ConfigError now
     access_log.install()
 
     @asynccontextmanager
@@ -125,7 +128,15 @@ def create_app(
             on_down=brain.drop_upstream,
             on_up=backends.came_back,
         )
-        router = Router(pool, config.routing, config.routing_policy(), brain, clock=wall)
+        # Other kvern instances in front of the same upstreams: their load, read
+        # in the background (routing.shared_state; nothing to share with one upstream).
+        shared_load = (
+            SharedLoad(pool, config.routing)
+            if config.routing.shared_state is not None and len(pool) > 1
+            else None
+        )
+        policy = config.routing_policy()
+        router = Router(pool, config.routing, policy, brain, clock=wall, shared_load=shared_load)
         inflight = InFlight()
         app.state.services = Services(
             config=config,
@@ -144,8 +155,11 @@ def create_app(
             parity=parity,
             metrics=metrics,
             capture=capture,
+            shared_load=shared_load,
         )
         monitor.start()
+        if shared_load is not None:
+            shared_load.start()
         watcher: ConfigWatcher | None = None
         stop_listening: Callable[[], object] | None = None
         if source is not None:
@@ -190,6 +204,8 @@ def create_app(
             if capture is not None:
                 await asyncio.to_thread(capture.close)  # what is queued is written first
             await monitor.close()
+            if shared_load is not None:
+                await asyncio.to_thread(shared_load.close)
             await backends.close()
             await brain.close()  # every row the brain holds comes back first
             if store is not None:

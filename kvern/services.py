@@ -23,6 +23,7 @@ from kvern.routes.inflight import InFlight
 from kvern.routing.health import HealthMonitor
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.router import Router
+from kvern.routing.shared_load import SharedLoad
 from kvern.tracking.backends import BackendWatch
 from kvern.tracking.client import BrainClient
 from kvern.upstream.client import Upstream
@@ -48,3 +49,4 @@ class Services:
     parity: ParityReports | None = None  # None when tokenizers.parity_check is off
     metrics: RequestMetrics | None = None  # None when metrics.enabled is off
     capture: Capture | None = None  # None unless analytics.capture is set (prompt text!)
+    shared_load: SharedLoad | None = None  # other instances' load (routing.shared_state)

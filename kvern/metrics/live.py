@@ -21,6 +21,8 @@ from kvern.analytics.store import AnalyticsStore
 from kvern.parity.reports import ParityReports
 from kvern.routing.breaker import BreakerState
 from kvern.routing.pool import UpstreamPool
+from kvern.routing.shared_load import SharedLoad
+from kvern.routing.shared_state import link_families
 from kvern.tracking.relay_view import BrainStats
 
 _CIRCUIT_STATES: tuple[str, ...] = get_args(BreakerState)
@@ -38,6 +40,7 @@ class LiveSources:
     decode_load_tokens: int
     started_s: float
     capture: Capture | None = None  # analytics.capture, when set
+    shared_load: SharedLoad | None = None  # routing.shared_state, with several upstreams
 
 
 def live_families(src: LiveSources, *, brain_answered: bool) -> list[Metric]:
@@ -51,6 +54,8 @@ def live_families(src: LiveSources, *, brain_answered: bool) -> list[Metric]:
         out.append(_parity_family(src.parity))
     if src.capture is not None:
         out.extend(_capture_families(src.capture))
+    if src.shared_load is not None:
+        out.extend(link_families({"load": src.shared_load.view()}))
     in_flight = GaugeMetricFamily(
         "kvern_in_flight_requests", "Requests kvern holds, from arrival to their row"
     )

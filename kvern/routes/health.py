@@ -163,6 +163,12 @@ async def health(request: Request) -> Response:
             "decision_timeouts": services.router.num_decision_timeouts,
             "decision_ms": _percentiles(list(services.router.decision_ms)),
             "upstreams": upstreams,
+            # routing.shared_state: the other instances' load (relay) and presence (brain).
+            "shared_state": (
+                {"load": services.shared_load.view(), "presence": view.get("shared_state")}
+                if services.shared_load is not None
+                else None
+            ),
         }
     else:
         upstream = await probing

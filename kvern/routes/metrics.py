@@ -31,6 +31,7 @@ async def metrics(request: Request) -> Response:
         decode_load_tokens=services.config.routing.decode_load_tokens,
         started_s=services.started_s,
         capture=services.capture,
+        shared_load=services.shared_load,
     )
     body, content_type = await scrape(
         services.metrics, sources, services.tracker, request.headers.get("accept")

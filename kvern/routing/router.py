@@ -26,8 +26,9 @@ from typing import Any, Protocol
 from kvern.config import RoutingConfig
 from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
-from kvern.routing.pool import Replica, UpstreamPool
+from kvern.routing.pool import LoadSnapshot, Replica, UpstreamPool
 from kvern.routing.presence import PrefixAnswer
+from kvern.routing.shared_load import FleetShare, SharedLoad
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,28 @@ class RouteState:
     attempts: int = 1
 
 
-def replica_candidate(replica: Replica, decode_load_tokens: int, now_s: float) -> Candidate:
+def replica_candidate(
+    replica: Replica, decode_load_tokens: int, now_s: float, others: FleetShare | None = None
+) -> Candidate:
     """A replica's load and the wait a new request would see there.
 
     Every request in flight counts ``decode_load_tokens`` (it holds a
     decode slot, or will once it leaves the replica's queue) plus its uncached
     prefill until its first byte. With ``max_concurrency`` slots known, a new
     request starts at once while a slot is free; otherwise it waits for the
-    work ahead of it, shared by the slots.
+    work ahead of it, shared by the slots. ``others``: what the other kvern
+    instances have in flight there (``routing.shared_state``), added to this
+    instance's own -- the replica serves them all.
     """
     snap = replica.load.snapshot()
+    demand = replica.load.demand(now_s)
+    if others is not None:
+        snap = LoadSnapshot(
+            snap.in_flight + others.in_flight,
+            snap.prefill_tokens + others.prefill_tokens,
+            snap.decoding + others.decoding,
+        )
+        demand += others.demand
     load = snap.tokens(decode_load_tokens)
     slots = replica.entry.max_concurrency
     if slots:
@@ -88,7 +101,7 @@ def replica_candidate(replica: Replica, decode_load_tokens: int, now_s: float) -
         wait = 0.0 if not queued else (snap.prefill_tokens + queued * decode_load_tokens) / slots
     else:
         wait = float(load)
-    return Candidate(replica, load, snap.in_flight, wait, demand=replica.load.demand(now_s))
+    return Candidate(replica, load, snap.in_flight, wait, demand=demand)
 
 
 class Router:
@@ -101,13 +114,16 @@ class Router:
         policy: str,
         oracle: PrefixOracle,
         clock: Callable[[], float] = time.time,
+        shared_load: SharedLoad | None = None,
     ) -> None:
+        """``shared_load``: the other kvern instances' load (``routing.shared_state``)."""
         self.pool = pool
         self.config = config
         self.policy = policy
         self._oracle = oracle
         self._clock = clock
         self._rr = RoundRobin()
+        self._shared_load = shared_load
         self._turn = 0
         self.num_decision_timeouts = 0
         # The last cache-aware decisions' waits (ms), for /health: what routing
@@ -117,7 +133,11 @@ class Router:
     # -- candidates ------------------------------------------------------------
 
     def candidates(self, model: str | None) -> list[Candidate]:
-        """Upstreams serving ``model`` whose circuit lets a request through now."""
+        """Upstreams serving ``model`` whose circuit lets a request through now.
+
+        Their load is the fleet's when other kvern instances share theirs: a
+        local copy, never a round trip (stale: this instance's own, counted).
+        """
         serving = self.pool.serving(model)
         if not serving:
             served = sorted({m for r in self.pool.replicas for m in r.entry.models})
@@ -132,7 +152,12 @@ class Router:
         shift = self._turn % len(serving)
         serving = serving[shift:] + serving[:shift]
         now, mono = self._clock(), time.monotonic()
-        cands = [replica_candidate(r, decode, now) for r in serving if r.breaker.available(mono)]
+        fleet = self._shared_load.others() if self._shared_load is not None else None
+        cands = [
+            replica_candidate(r, decode, now, fleet.get(r.name) if fleet else None)
+            for r in serving
+            if r.breaker.available(mono)
+        ]
         if not cands:
             states = "; ".join(
                 f"{r.name}: circuit {r.breaker.state} after {r.breaker.consecutive_failures} "

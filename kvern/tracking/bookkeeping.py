@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kvern.config import KvernConfig
 from kvern.prompt.requests import plain_text
@@ -42,6 +42,16 @@ class Served:
     ok: bool
 
 
+class PresenceFeed(Protocol):
+    """Where this instance's routing goes for other kvern instances (``routing.shared_state``).
+
+    :class:`kvern.tracking.shared_presence.SharedPresence` is one; ``publish``
+    only queues, so the tracking thread never waits on the store.
+    """
+
+    def publish(self, model: str, upstream: str, ids: Sequence[int]) -> None: ...
+
+
 class Bookkeeper:
     """Predicts and settles requests against each model's trie (tracking thread only)."""
 
@@ -52,10 +62,12 @@ class Bookkeeper:
         presence: PresenceBook | None,
         stats: TrackerStats,
         clock: Callable[[], float] = time.time,
+        shared: PresenceFeed | None = None,
     ) -> None:
         self._config = config
         self._forest = forest
         self.presence = presence
+        self._shared = shared  # told each commit and settle, for other instances
         self._stats = stats
         self._clock = clock
         self._max_answer_tokens = config.tracking.max_context_tokens
@@ -98,6 +110,8 @@ class Bookkeeper:
             finding = self.divergence.find(tok, prompt, result)
             if self.presence is not None and upstream in self.presence.caches:
                 self.presence.commit(mt, result.node, upstream, now)
+                if self._shared is not None:
+                    self._shared.publish(model, upstream, prompt.ids)
             mt.insertions += 1
             nodes_before = mt.trie.num_nodes
             mt.evicted_tokens += mt.trie.maintain(mt.max_tokens, now)
@@ -135,6 +149,7 @@ class Bookkeeper:
             return  # nothing was inserted (a failed request): nothing to settle
         held = p.node
         now = self._clock()
+        full: array[int] | None = None
         try:
             gen = self.generated_ids(p, facts) if served.ok else None
             if gen is not None and p.ids is not None:
@@ -147,6 +162,9 @@ class Bookkeeper:
                     if served.ok:
                         reported = facts.reported_cached_tokens
                         self.presence.settle(mt, held, p.handle, served.upstream, reported, now)
+                        shown = full if full is not None else p.ids
+                        if self._shared is not None and shown is not None:
+                            self._shared.publish(model, served.upstream, shown)
                 else:
                     mt.cache_model.finish(mt.trie, p.handle, held, now)
             finally:

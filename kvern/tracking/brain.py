@@ -35,12 +35,14 @@ from kvern.config import CacheModelConfig, KvernConfig
 from kvern.parity.checker import ParityChecker, ParityReport
 from kvern.routing.book import PresenceBook
 from kvern.routing.pool import UpstreamPool
+from kvern.routing.shared_state import link_families
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.metrics import BrainMetrics
+from kvern.tracking.shared_presence import SharedPresence
 from kvern.tracking.site_advice import SiteAdvisor
 from kvern.tracking.tracker import Tracker
 from kvern.tracking.tree_view import busiest_model, tree_of
@@ -80,6 +82,8 @@ class Brain:
             if several
             else None
         )
+        # Other kvern instances' routing to the same upstreams (routing.shared_state).
+        self.shared = SharedPresence.attach(config.routing, presence)
         held_together = sum(r.entry.kv_capacity_tokens for r in pool.replicas) if several else 0
         self.forest = TrieForest(
             config.trie,
@@ -99,6 +103,7 @@ class Brain:
             clock=clock,
             max_pending=config.tracking.max_pending,
             presence=presence,
+            shared_feed=self.shared,
         )
         self.advisor = SiteAdvisor(
             self.tracker.divergence.samples, self.forest, 4 * config.diagnosis.max_sites
@@ -128,7 +133,9 @@ class Brain:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
-        """On the brain's loop: begin the start-up parity checks."""
+        """On the brain's loop: begin the start-up parity checks and the shared state's threads."""
+        if self.shared is not None:
+            self.shared.start()
         if self.parity is not None:
             self.parity.start(self.registry, self._config.tokenizers.models)
 
@@ -213,13 +220,15 @@ class Brain:
                 else {}
             )
             hub = self.registry.hub
-            return health_view(
+            view = health_view(
                 self.registry.states(),
                 tracker.stats,
                 tracker.backlog,
                 stats,
                 hub=hub.status().to_dict() if hub is not None else None,
             )
+            view["shared_state"] = self.shared.view() if self.shared is not None else None
+            return view
         if method == "visualize":
             # The relay drained first (bounded); nothing here waits on tracking.
             model, n, min_depth = args
@@ -239,7 +248,7 @@ class Brain:
             return {"models": out, "waiting": waiting}
         if method == "metrics":
             # Read on the tracking thread, where the tries change; ahead of a backlog.
-            return await tracker.in_thread(
+            families = await tracker.in_thread(
                 self.metrics.families,
                 self.forest,
                 tracker.stats,
@@ -247,6 +256,9 @@ class Brain:
                 self.registry.states(),
                 urgent=True,
             )
+            if self.shared is not None:
+                families.extend(link_families({"presence": self.shared.view()}))
+            return families
         if method == "capacity_curve":
             # The live miss-ratio curve per model, read where it is fed; ahead of a backlog.
             (model,) = args or (None,)
@@ -292,6 +304,8 @@ class Brain:
         await self.tracker.close()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.close)
         await self._client.aclose()
 
 

@@ -35,7 +35,7 @@ from kvern.routing.book import PresenceBook
 from kvern.routing.presence import PrefixAnswer
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tokenize.registry import TokenizerRegistry
-from kvern.tracking.bookkeeping import Bookkeeper, Served
+from kvern.tracking.bookkeeping import Bookkeeper, PresenceFeed, Served
 from kvern.tracking.divergence import DivergenceFinder
 from kvern.tracking.forest import TrieForest
 from kvern.tracking.queue import TrackingQueue
@@ -75,6 +75,7 @@ class Tracker(TrackingQueue):
         clock: Callable[[], float] = time.time,
         max_pending: int = 512,
         presence: PresenceBook | None = None,
+        shared_feed: PresenceFeed | None = None,
     ) -> None:
         super().__init__(registry, max_pending=max_pending)
         self._config = config
@@ -93,7 +94,7 @@ class Tracker(TrackingQueue):
         # entry), at most tracking.max_models: names come from clients.
         self._models: set[str] = set()
         self._max_models = config.tracking.max_models
-        self._books = Bookkeeper(config, forest, presence, self.stats, clock)
+        self._books = Bookkeeper(config, forest, presence, self.stats, clock, shared_feed)
         # Told each request's time per phase (render, tokenize, trie) for /metrics.
         self.on_phase: Callable[[str, float], None] | None = None
         # Told each inserted prompt's ids (model, ids): the live capacity curve.
