@@ -46,10 +46,12 @@ machine-readable: ``prefill_ratio_rr_over_cache_aware=.. hit_rate_cache_aware=..
 hit_rate_sglang=.. p99_ttft_ratio_cache_aware_over_least_load=..
 p99_ttft_ratio_cache_aware_over_sglang=..`` (against the SGLang row the hit rate is from).
 
-``--pressure X`` sizes the fleet's KV capacity at 1/X of the trace's working
-set (every system prompt and session turn, in distinct blocks): at 0.5 the
-fleet could hold it twice, at 1.5 no routing can keep all of it anywhere,
-which is where routing matters. Without it, ``--cache-share`` sizes each
+``--pressure X`` sizes the fleet's KV capacity at 1/X of the trace's live
+working set (every tenant's system prompt, plus the blocks of the sessions in
+flight at the busiest moment of the schedule; see
+``routing_trace.live_working_set_blocks``): at 0.5 the fleet could hold it
+twice, at 1.5 no routing can keep all of it anywhere, which is where routing
+matters. Without it, ``--cache-share`` sizes each
 replica against the system prompts alone; the setup line prints the pressure
 either way.
 
@@ -94,6 +96,7 @@ from routing_trace import (  # noqa: E402
     conversations,
     headline,
     headline_figures,
+    live_working_set_blocks,
     make_trace,
     prefill_bound,
     ratio,
@@ -552,6 +555,15 @@ def print_routing(h: Harness, url: str, name: str) -> None:
         f"  {name}: reasons {reasons}, decision timeouts {timeouts}, decision ms {waits}",
         flush=True,
     )
+    for u in (routing.get("routing") or {}).get("by_upstream", []):
+        model = u.get("ttft_model") or {}
+        if model.get("requests"):
+            print(
+                f"    {u['upstream']}: TTFT expected {model['expected_ms_mean']} ms vs actual"
+                f" {model['actual_ms_mean']} ms on average, mean abs error"
+                f" {model['abs_error_ms_mean']} ms over {model['requests']} requests",
+                flush=True,
+            )
     for u in (health.get("routing") or {}).get("upstreams", []):
         for cache in u.get("cache", {}).values():
             print(
@@ -620,7 +632,9 @@ def print_comparisons(rows: list[Row]) -> None:
             )
 
 
-def print_setup(run: RunSpec, trace: Trace, total_blocks: int, working_set: int) -> None:
+def print_setup(
+    run: RunSpec, trace: Trace, total_blocks: int, working_set: int, distinct: int
+) -> None:
     spec, fleet = run.trace, run.fleet
     pressure = working_set / (fleet.capacity_blocks * fleet.num_replicas)
     print(
@@ -632,8 +646,9 @@ def print_setup(run: RunSpec, trace: Trace, total_blocks: int, working_set: int)
         f"replicas: {fleet.num_replicas} x {fleet.max_concurrency} slots, "
         f"{fleet.capacity_blocks} blocks of {fleet.block_size} tokens each "
         f"({fleet.capacity_blocks / total_blocks:.0%} of the {total_blocks} blocks of all system "
-        f"prompts; pressure {pressure:.2f}: a working set of {working_set} blocks over "
-        f"{fleet.capacity_blocks * fleet.num_replicas} in the fleet), "
+        f"prompts; pressure {pressure:.2f}: a live working set of {working_set} blocks -- every "
+        f"system prompt and the sessions in flight at the busiest moment; {distinct} distinct "
+        f"over the run -- over {fleet.capacity_blocks * fleet.num_replicas} in the fleet), "
         f"prefill {fleet.prefill_us_per_token:g} us/token, decode "
         f"{fleet.decode_ms_per_token:g} ms/token",
         flush=True,
@@ -660,8 +675,8 @@ def parse_args() -> argparse.Namespace:
         "--pressure",
         type=float,
         default=None,
-        help="size the fleet's KV capacity at 1/X of the trace's working set (every system "
-        "prompt and session turn, in distinct blocks); overrides --cache-share",
+        help="size the fleet's KV capacity at 1/X of the trace's live working set (every system "
+        "prompt and the sessions in flight at the busiest moment); overrides --cache-share",
     )
     parser.add_argument("--logs", type=Path, help="keep every process's log in this folder")
     args = parser.parse_args()
@@ -711,7 +726,9 @@ def main() -> None:
     total_blocks = prompt_blocks(trace, tokenize, run.fleet.block_size)
     prompts = [tokenize({"messages": m}) for m in conversations(trace)]
     bound = prefill_bound(prompts, run.fleet.block_size)
-    working_set = working_set_blocks(prompts, run.fleet.block_size)
+    distinct = working_set_blocks(prompts, run.fleet.block_size)
+    turn_s = run.trace.max_tokens * run.fleet.decode_ms_per_token / 1000 + 0.05
+    working_set, _ = live_working_set_blocks(trace, tokenize, run.fleet.block_size, turn_s)
     if args.pressure is not None:
         if args.pressure <= 0:
             sys.exit("--pressure must be > 0")
@@ -722,7 +739,7 @@ def main() -> None:
     run = replace(run, fleet=replace(run.fleet, capacity_blocks=capacity))
     if set(names) & set(SGLANG_ROWS):
         sglang_router_bin()
-    print_setup(run, trace, total_blocks, working_set)
+    print_setup(run, trace, total_blocks, working_set, distinct)
     rows: list[Row] = []
     with (
         tempfile.TemporaryDirectory(prefix="kvern-routing-") as tmp,
@@ -761,6 +778,7 @@ def main() -> None:
             "setup": asdict(run),
             "bound": {"prefill_tokens": bound[0], "prompt_tokens": bound[1]},
             "working_set_blocks": working_set,
+            "distinct_blocks": distinct,
             "pressure": working_set / (run.fleet.capacity_blocks * run.fleet.num_replicas),
             "rows": [asdict(r) for r in rows],
             "summary": figures,

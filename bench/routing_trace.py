@@ -51,8 +51,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Common English words: system prompts and questions are drawn from these, so
 # they tokenize like prose (about 1.2 tokens a word) yet differ per tenant.
@@ -239,6 +240,48 @@ def working_set_blocks(prompts: Iterable[Sequence[int]], block_size: int) -> int
     for ids in prompts:
         seen.update(block_chain(ids, block_size))
     return len(seen)
+
+
+def live_working_set_blocks(
+    trace: Trace,
+    tokenize: Callable[[dict[str, Any]], Sequence[int]],
+    block_size: int,
+    turn_s: float,
+) -> tuple[int, int]:
+    """(blocks, of which system prompts): what the fleet must hold at once to reuse everything.
+
+    Every tenant's system prompt (each is reused through the whole run) plus
+    the own blocks (past the system prompt) of every session in flight at the
+    busiest moment of the schedule -- turns sent ``turn_s`` apart plus the
+    think times, as an unloaded replica would answer. ``--pressure X`` sizes
+    the fleet at 1/X of it: at 1.0 a perfect partition of the fleet just holds
+    it, at 1.5 nothing can. (Counting every block of every finished session
+    instead would call an unpressed fleet pressed: sessions end, and their
+    blocks are then free to evict.)
+    """
+    answer = sim_answer(trace.spec.max_tokens)
+    system = {
+        t: len(block_chain(tokenize({"messages": [{"role": "system", "content": p}]}), block_size))
+        for t, p in enumerate(trace.system_prompts)
+    }
+    events: list[tuple[float, int]] = []
+    for session in trace.sessions:
+        messages = [{"role": "system", "content": trace.system_prompts[session.tenant]}]
+        for question in session.questions:
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        blocks = len(block_chain(tokenize({"messages": messages}), block_size))
+        own = max(0, blocks - system[session.tenant])
+        end = session.start_s + sum(session.think_s) + len(session.questions) * turn_s
+        events += [(session.start_s, own), (end, -own)]
+    live = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        live += delta
+        peak = max(peak, live)
+    prompts = sum(system.values())
+    return prompts + peak, prompts
 
 
 def prefill_bound(prompts: Iterable[Sequence[int]], block_size: int) -> tuple[int, int]:

@@ -246,3 +246,25 @@ def test_the_working_set_counts_each_distinct_block_once() -> None:
     c = [7] * 40  # 2 blocks of its own
     assert rt.working_set_blocks([a, b, c, a], block_size=16) == 6
     assert rt.block_chain(b, 16)[:2] == rt.block_chain(a, 16)
+
+
+def test_the_live_working_set_counts_only_the_sessions_in_flight_together() -> None:
+    spec = rt.TraceSpec(num_tenants=1, num_sessions=2, turns=(2, 2), max_tokens=4)
+
+    def tokenize(body: dict[str, object]) -> list[int]:
+        # One token per character of every message: blocks follow text length.
+        return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
+
+    def live(gap_s: float) -> tuple[int, int]:
+        sessions = tuple(
+            rt.Session(i, 0, i * gap_s, ("q" * 64, "r" * 64), (1.0,)) for i in range(2)
+        )
+        trace = rt.Trace(spec, ("s" * 160,), sessions)
+        return rt.live_working_set_blocks(trace, tokenize, block_size=16, turn_s=0.5)
+
+    together, system = live(0.0)
+    apart, _ = live(100.0)
+    assert system == 10
+    # Each session adds (64 + 12) * 2 = 152 tokens to the 160 of the system prompt: 9 blocks.
+    assert together == system + 2 * 9
+    assert apart == system + 9

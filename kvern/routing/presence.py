@@ -43,6 +43,8 @@ _MAX_BUDGET_FACTOR = 4.0
 _PROOF_BLOCKS = 4
 # How far the budget moves toward each new capacity estimate.
 _LEARN_RATE = 0.25
+# The shortest time a prefix's request rate is averaged over (s).
+_HOT_WINDOW_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +111,16 @@ class PresenceMatch:
         A tenant's system prompt shared by every session is a node many
         requests go through; a conversation's own history is one few do.
         The rate is over the node's life (``hit_count`` since it was first
-        seen), and 0 once it has been idle for ten of its mean gaps.
+        seen) but never over less than ``_HOT_WINDOW_S``: a conversation's
+        newest node, two turns in two seconds, is not a hot prefix. It is 0
+        once the node has been idle for ten of its mean gaps.
         """
         if depth <= 0:
             return 0.0
         for step in self.path:
             if step.end_depth >= depth:
                 node = step.node
-                rate = node.hit_count / max(now_s - node.first_seen_s, 1.0)
+                rate = node.hit_count / max(now_s - node.first_seen_s, _HOT_WINDOW_S)
                 idle = now_s - node.last_access_s
                 return 0.0 if rate <= 0 or idle * rate > 10.0 else rate
         return 0.0
