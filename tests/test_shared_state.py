@@ -6,6 +6,7 @@ killed and restarted where a test needs the store to fail.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from array import array
@@ -16,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from kvern.config import ConfigError, HealthConfig, RoutingConfig, UpstreamEntry, parse_config
+from kvern.config import (
+    ConfigError,
+    HealthConfig,
+    RoutingConfig,
+    UpstreamEntry,
+    load_config,
+    parse_config,
+)
 from kvern.routing.block_chains import ChainIndex, chain_hashes, token_bytes
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.presence import UpstreamCache
@@ -305,3 +313,15 @@ def test_presence_sharing_resumes_on_a_restarted_store(store: RedisServer) -> No
         a.publish(MODEL, "r1", second)
         wait_until(lambda: b.held_tokens(MODEL, "r1", second), what="after the restart")
         assert b.held_tokens(MODEL, "r0", first) == 3 * BLOCK  # kept from before
+
+
+def test_the_shipped_shared_state_example_is_valid_once_uncommented(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "config.yaml").read_text(encoding="utf-8")
+    uncommented = re.sub(r"^  # (shared_state\w*:)", r"  \1", text, flags=re.M)
+    assert uncommented.count("\n  shared_state") == 6
+    path = tmp_path / "config.yaml"
+    path.write_text(uncommented, encoding="utf-8")
+    config = load_config(path, env={})
+    assert config.routing.shared_state == "redis://127.0.0.1:6379/0"
+    assert config.routing.shared_state_stale_ms == 1000
