@@ -139,6 +139,17 @@ def test_the_index_keeps_an_upstream_within_its_blocks_and_evicts_the_oldest_cha
     assert index.stats()["evicted"] == 2
 
 
+def test_an_upstream_that_went_down_is_forgotten_for_every_model() -> None:
+    index = ChainIndex(caches())
+    ids = list(range(4 * BLOCK))
+    for model in ("m1", "m2"):
+        for upstream in ("r0", "r1"):
+            index.add(model, upstream, BLOCK, chain_hashes(token_bytes(ids), BLOCK))
+    index.drop_upstream("r0")
+    assert index.held_tokens("m1", "r0", ids) is None and index.held_tokens("m2", "r0", ids) is None
+    assert index.held_tokens("m1", "r1", ids) == 4 * BLOCK
+
+
 def test_the_index_refuses_an_upstream_it_does_not_know_or_another_block_size() -> None:
     index = ChainIndex(caches())
     hashes = chain_hashes(token_bytes(list(range(64))), 32)
@@ -156,6 +167,8 @@ def test_shared_state_takes_a_redis_url_and_names_the_key_otherwise() -> None:
     config = parse_config({"routing": {"shared_state": "redis://127.0.0.1:6379/2"}})
     assert config.routing.shared_state == "redis://127.0.0.1:6379/2"
     assert parse_config({}).routing.shared_state is None
+    with pytest.raises(ConfigError, match="at least twice shared_state_publish_ms"):
+        parse_config({"routing": {"shared_state_publish_ms": 600, "shared_state_stale_ms": 1000}})
 
 
 def test_shared_state_without_redis_py_is_a_config_error_saying_what_to_install(

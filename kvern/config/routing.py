@@ -148,6 +148,16 @@ class RoutingConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _shared_state_timing(self) -> RoutingConfig:
+        # A copy refreshed less often than it goes stale would always be ignored.
+        if self.shared_state_publish_ms * 2 > self.shared_state_stale_ms:
+            raise ValueError(
+                f"routing.shared_state_stale_ms ({self.shared_state_stale_ms:g}) must be at "
+                f"least twice shared_state_publish_ms ({self.shared_state_publish_ms:g})"
+            )
+        return self
+
     @field_validator("shared_state")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:

@@ -180,6 +180,12 @@ class ChainIndex:
             chain = self._memo[block_size] = _Chain(self._memo_data, block_size)
         return chain
 
+    def drop_upstream(self, upstream: str) -> None:
+        """Forget every chain sent to ``upstream``, for every model."""
+        with self._lock:
+            for key in [k for k in self._lrus if k[1] == upstream]:
+                del self._lrus[key]
+
     def stats(self) -> dict[str, int]:
         """Hashes kept (all LRUs together), LRUs, and those dropped by a bound."""
         with self._lock:

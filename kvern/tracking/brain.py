@@ -177,6 +177,8 @@ class Brain:
         elif isinstance(header, m.Drop):
             if tracker.presence is not None:
                 tracker.in_thread_soon(tracker.presence.drop_upstream, header.upstream)
+            if self.shared is not None:
+                self.shared.drop_upstream(header.upstream)
         elif isinstance(header, m.Call) and header.method == "set_normalization":
             # Queued here, in arrival order: requests handed over before it keep
             # the old rules, every later one gets the new (config.yaml reloaded).

@@ -48,10 +48,15 @@ from kvern.routing.shared_state import LinkThread, instance_id, link_view
 QUEUE_SIZE = 256
 # Updates sent per pipelined round trip.
 _BATCH = 64
-# How long the reader's XREAD waits on the server for new entries (ms).
+# How long the reader's XREAD waits on the server for new entries (ms), at
+# most: a quarter of shared_state_stale_ms, so an idle stream is never stale.
 _BLOCK_MS = 200
 # Entries read per XREAD at most.
 _READ_COUNT = 256
+
+
+def _block_ms(config: RoutingConfig) -> int:
+    return max(10, min(_BLOCK_MS, int(config.shared_state_stale_ms / 4)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class _Writer(LinkThread):
     def __init__(self, config: RoutingConfig, owner: SharedPresence) -> None:
         super().__init__(config, name="kvern-shared-presence-out")
         self._owner = owner
+        self._idle_s = _block_ms(config) / 1000.0
         self._maxlen = config.shared_state_stream_maxlen
         self.published = 0  # updates appended to the stream
         self.failed = 0  # updates lost with a failed round trip
@@ -75,7 +81,7 @@ class _Writer(LinkThread):
     def step(self, client: Any) -> None:
         owner = self._owner
         try:
-            batch = [owner.queue.get(timeout=_BLOCK_MS / 1000.0)]
+            batch = [owner.queue.get(timeout=self._idle_s)]
         except queue.Empty:
             return
         while len(batch) < _BATCH:
@@ -102,7 +108,8 @@ class _Reader(LinkThread):
     """Follows the stream and adds the other instances' chains to the index."""
 
     def __init__(self, config: RoutingConfig, owner: SharedPresence) -> None:
-        super().__init__(config, name="kvern-shared-presence-in", read_s=_BLOCK_MS / 1000.0)
+        self._block_ms = _block_ms(config)
+        super().__init__(config, name="kvern-shared-presence-in", read_s=self._block_ms / 1000.0)
         self._owner = owner
         self._last_id: bytes | str = "0-0"
         self._run_id: str | None = None
@@ -119,7 +126,7 @@ class _Reader(LinkThread):
 
     def step(self, client: Any) -> None:
         owner = self._owner
-        got = client.xread({owner.stream: self._last_id}, count=_READ_COUNT, block=_BLOCK_MS)
+        got = client.xread({owner.stream: self._last_id}, count=_READ_COUNT, block=self._block_ms)
         streams = got.items() if isinstance(got, dict) else (got or [])
         for _, entries in streams:
             for entry_id, fields in entries:
@@ -191,6 +198,10 @@ class SharedPresence:
         if self._reader.age_s() > self._stale_s:
             self.fail_open += 1
         return self.index.held_tokens(model, upstream, ids)
+
+    def drop_upstream(self, upstream: str) -> None:
+        """``upstream`` went down (a restart empties its cache): forget what others sent there."""
+        self.index.drop_upstream(upstream)
 
     def publish(self, model: str, upstream: str, ids: Sequence[int]) -> None:
         """This instance sent (or served) ``ids`` on ``upstream``: queue it, never wait."""
