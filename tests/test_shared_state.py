@@ -7,6 +7,7 @@ killed and restarted where a test needs the store to fail.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from array import array
@@ -338,3 +339,28 @@ def test_the_shipped_shared_state_example_is_valid_once_uncommented(tmp_path: Pa
     config = load_config(path, env={})
     assert config.routing.shared_state == "redis://127.0.0.1:6379/0"
     assert config.routing.shared_state_stale_ms == 1000
+
+
+def test_kvern_serve_without_redis_py_stops_with_one_line_saying_what_to_install(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  - {name: r0, url: 'http://127.0.0.1:9/v1'}\n"
+        "  - {name: r1, url: 'http://127.0.0.1:10/v1'}\n"
+        "routing:\n  shared_state: redis://127.0.0.1:1/0\n",
+        encoding="utf-8",
+    )
+    # redis-py made unimportable in that process only, as where it is not installed.
+    script = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from kvern.__main__ import main\n"
+        f"sys.exit(main(['serve', '--config', {str(config)!r}, '--port', '1']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr
+    assert "routing.shared_state" in done.stderr and "kvern[redis]" in done.stderr
+    assert "Traceback" not in done.stderr

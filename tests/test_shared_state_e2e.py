@@ -204,7 +204,7 @@ def test_with_the_store_killed_requests_succeed_on_local_state_and_sharing_resum
             histories[t].append({"role": "user", "content": f"Question {turn} for {t}?"})
             started_s = time.perf_counter()
             _, answer, _ = chat_turn(fleet.client(name), histories[t])  # raises if it failed
-            assert time.perf_counter() - started_s < 2.0  # no store deadline on the way
+            assert time.perf_counter() - started_s < 5.0  # no store deadline on the way
             histories[t].append({"role": "assistant", "content": answer})
     down = fleet.shared("B")
     assert not down["load"]["connected"] and down["load"]["fail_open"] > before
