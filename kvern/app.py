@@ -131,7 +131,7 @@ def create_app(
         # Other kvern instances in front of the same upstreams: their load, read
         # in the background (routing.shared_state; nothing to share with one upstream).
         shared_load = (
-            SharedLoad(pool, config.routing)
+            SharedLoad(pool, config.routing, clock=wall)
             if config.routing.shared_state is not None and len(pool) > 1
             else None
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,11 @@ class SharedLoad(LinkThread):
         config: RoutingConfig,
         *,
         instance: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: the wall clock the pool's loads are kept in (the app's, injected in tests)."""
         super().__init__(config, name="kvern-shared-load")
+        self._clock = clock
         self.instance = instance or instance_id()
         self._pool = pool
         self._publish_s = config.shared_state_publish_ms / 1000.0
@@ -88,7 +92,7 @@ class SharedLoad(LinkThread):
     # -- the link's thread ---------------------------------------------------------
 
     def _payload(self) -> str:
-        now = time.time()
+        now = self._clock()
         out: dict[str, list[float]] = {}
         for r in self._pool.replicas:
             snap = r.load.snapshot()
