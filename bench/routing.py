@@ -67,6 +67,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,12 +88,12 @@ for _path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(_path))
 
 import httpx  # noqa: E402
+from routing_load import MODEL, run_trace, warm_up  # noqa: E402
 from routing_trace import (  # noqa: E402
     FleetSpec,
     Row,
     Trace,
     TraceSpec,
-    TurnResult,
     conversations,
     headline,
     headline_figures,
@@ -108,11 +109,12 @@ from routing_trace import (  # noqa: E402
 from tests.replica_main import ChatTokenizer, ReplicaSpec, fork_replica  # noqa: E402
 
 Process = Popen[bytes]
-MODEL = "sim"
 SGLANG_ROUTER_VERSION = "0.3.2"
 KVERN_ROWS = ("kvern_round_robin", "kvern_least_load", "kvern_cache_aware")
 SGLANG_ROWS = ("sglang_openai", "sglang_sglang")
 CONTENDERS = KVERN_ROWS + SGLANG_ROWS
+# Three kvern instances sharing state through redis, behind a round-robin client.
+SCALED_ROWS = ("kvern_cache_aware_x3",)
 SGLANG_NOTE = """\
 sglang-router 0.3.2, --policy cache_aware. With --backend openai (sglang_openai) the
 policy is not consulted: each request goes to the worker with the lowest load count,
@@ -128,6 +130,7 @@ class RunSpec:
     drain_s: float  # after the last arrival, how long unfinished sessions may go on
     request_timeout_s: float
     cache_share: float  # one replica's cache / the blocks of all system prompts
+    routing: tuple[tuple[str, Any], ...] = ()  # routing.* settings for every kvern contender
 
 
 @dataclass(slots=True)
@@ -283,23 +286,50 @@ def kvern_config(
 
 
 def start_kvern(
-    h: Harness, policy: str, replicas: list[str], stack: contextlib.ExitStack
-) -> tuple[str, Process]:
-    """kvern as users run it (``python -m kvern serve``), in front of ``replicas``."""
+    h: Harness, variant: str, replicas: list[str], stack: contextlib.ExitStack
+) -> tuple[list[str], list[Process]]:
+    """kvern as users run it (``python -m kvern serve``), in front of ``replicas``.
+
+    ``variant`` is the policy, with ``_xN`` for N instances that share state
+    through one ``redis-server`` (``routing.shared_state``), started here.
+    """
     import yaml
 
-    name = f"kvern_{policy}"
-    config = h.logs / f"{name}.yaml"
-    data = kvern_config(policy, replicas, h.run.fleet, h.run.trace.max_tokens)
-    # Analytics on, as users run it; /analytics then shows the routing reasons.
-    data["analytics"] = {"enabled": True, "db_path": str(h.logs / f"{name}.db")}
-    config.write_text(yaml.safe_dump(data), "utf-8")
-    port = free_port()
-    args = [
-        sys.executable, "-m", "kvern", "serve", "--config", str(config),
-        "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    return f"http://127.0.0.1:{port}", launch(h, name, args, stack)
+    policy, _, count = variant.partition("_x")
+    instances = int(count or 1)
+    shared: dict[str, Any] = {}
+    if instances > 1:
+        from tests.redis_server import RedisServer
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        (h.logs / f"redis-{variant}").mkdir(exist_ok=True)
+        store = RedisServer(binary, h.logs / f"redis-{variant}")
+        store.start()
+        stack.callback(store.kill)
+        shared = {
+            "shared_state": f"redis://127.0.0.1:{store.port}/0",
+            "shared_state_prefix": f"bench-{variant}",
+            "shared_state_publish_ms": 50,
+        }
+    urls, procs = [], []
+    for k in range(instances):
+        name = f"kvern_{variant}" + (f"_{k}" if instances > 1 else "")
+        config = h.logs / f"{name}.yaml"
+        data = kvern_config(policy, replicas, h.run.fleet, h.run.trace.max_tokens)
+        data["routing"].update(dict(h.run.routing) | shared)
+        # Analytics on, as users run it; /analytics then shows the routing reasons.
+        data["analytics"] = {"enabled": True, "db_path": str(h.logs / f"{name}.db")}
+        config.write_text(yaml.safe_dump(data), "utf-8")
+        port = free_port()
+        args = [
+            sys.executable, "-m", "kvern", "serve", "--config", str(config),
+            "--port", str(port), "--log-level", "warning",
+        ]  # fmt: skip
+        urls.append(f"http://127.0.0.1:{port}")
+        procs.append(launch(h, name, args, stack))
+    return urls, procs
 
 
 def kvern_ready(h: Harness, url: str) -> bool:
@@ -340,7 +370,7 @@ def sglang_router_bin() -> Path:
     return binary
 
 
-def start_sglang(
+def start_sglang_router(
     h: Harness, backend: str, replicas: list[str], stack: contextlib.ExitStack
 ) -> tuple[str, Process]:
     port = free_port()
@@ -351,6 +381,13 @@ def start_sglang(
         "--worker-urls", *replicas,
     ]  # fmt: skip
     return f"http://127.0.0.1:{port}", launch(h, f"sglang_{backend}", args, stack)
+
+
+def start_sglang(
+    h: Harness, backend: str, replicas: list[str], stack: contextlib.ExitStack
+) -> tuple[list[str], list[Process]]:
+    url, proc = start_sglang_router(h, backend, replicas, stack)
+    return [url], [proc]
 
 
 def sglang_ready(h: Harness, url: str, expected: int) -> bool:
@@ -364,18 +401,24 @@ def sglang_ready(h: Harness, url: str, expected: int) -> bool:
 
 @dataclass(slots=True)
 class Contender:
-    """One router in front of its own fresh replicas; ``stack`` stops them all."""
+    """One router (or several kvern instances) in front of its own fresh replicas.
+
+    ``stack`` stops them all.
+    """
 
     name: str
     replicas: list[str]
-    url: str
-    proc: Process
+    urls: list[str]
+    procs: list[Process]
     stack: contextlib.ExitStack
 
     def ready(self, h: Harness) -> bool:
         if self.name.startswith("kvern"):
-            return kvern_ready(h, self.url)
-        return sglang_ready(h, self.url, len(self.replicas))
+            return all(kvern_ready(h, url) for url in self.urls)
+        return sglang_ready(h, self.urls[0], len(self.replicas))
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
 
 
 def start_all(h: Harness, names: list[str], stack: contextlib.ExitStack) -> list[Contender]:
@@ -399,127 +442,18 @@ def start_all(h: Harness, names: list[str], stack: contextlib.ExitStack) -> list
         replicas = [url for _, url in procs]
         kind, _, variant = name.partition("_")
         start = start_kvern if kind == "kvern" else start_sglang
-        router_url, router_proc = start(h, variant, replicas, fleet_stack)
-        contenders.append(Contender(name, replicas, router_url, router_proc, fleet_stack))
+        urls, procs = start(h, variant, replicas, fleet_stack)
+        contenders.append(Contender(name, replicas, urls, procs, fleet_stack))
     return contenders
 
 
 def wait_ready(h: Harness, c: Contender) -> None:
     try:
-        wait_until(lambda: c.ready(h), lambda: c.proc.poll() is None, c.name)
+        wait_until(lambda: c.ready(h), c.alive, c.name)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}; its output:\n{log_tail(h, c.name)}") from None
-    asyncio.run(warm_up(c.url))
-
-
-# -- load generator ------------------------------------------------------------------------
-
-
-def chat_body(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": MODEL,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
-async def send_turn(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], result: TurnResult, t0: float
-) -> str:
-    """Stream one chat into ``result`` (TTFT = first non-empty content); returns the answer."""
-    start = time.perf_counter()
-    parts: list[str] = []
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                result.error = f"HTTP {resp.status_code}"
-                return ""
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    if text and result.ttft_s is None:
-                        result.ttft_s = time.perf_counter() - start
-                    parts.append(text)
-                usage = chunk.get("usage") or {}
-                if usage:
-                    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    result.cached_tokens = int(details.get("cached_tokens") or 0)
-    except (httpx.HTTPError, ValueError) as exc:  # ValueError: a chunk that is not JSON
-        result.error = type(exc).__name__
-        return ""
-    finally:
-        result.done_s = time.perf_counter() - t0
-    result.ok = result.ttft_s is not None
-    result.error = "" if result.ok else "no content"
-    return "".join(parts)
-
-
-async def run_session(
-    client: httpx.AsyncClient, url: str, trace: Trace, index: int, t0: float, out: list[TurnResult]
-) -> None:
-    """One conversation, turn after turn, each with the real earlier answers; stops at a failure."""
-    session = trace.sessions[index]
-    await asyncio.sleep(max(0.0, t0 + session.start_s - time.perf_counter()))
-    messages = [{"role": "system", "content": trace.system_prompts[session.tenant]}]
-    for turn, question in enumerate(session.questions):
-        if turn:
-            await asyncio.sleep(session.think_s[turn - 1])
-        messages.append({"role": "user", "content": question})
-        now = time.perf_counter() - t0
-        result = TurnResult(session.session_id, turn, ok=False, sent_s=now, done_s=now)
-        out.append(result)
-        try:
-            body = chat_body(messages, trace.spec.max_tokens)
-            answer = await send_turn(client, url, body, result, t0)
-        except asyncio.CancelledError:
-            result.error = "drain deadline"
-            raise
-        if not result.ok:
-            return
-        messages.append({"role": "assistant", "content": answer})
-
-
-async def run_trace(url: str, trace: Trace, run: RunSpec) -> tuple[list[TurnResult], float]:
-    """Play the whole trace against ``url``; returns every turn sent and the run's length.
-
-    Sessions still going ``drain_s`` after the last arrival are cut off (a router
-    that sends everything to one replica would otherwise take minutes).
-    """
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    timeout = httpx.Timeout(run.request_timeout_s, connect=10)
-    results: list[TurnResult] = []
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        t0 = time.perf_counter()
-        tasks = [
-            asyncio.create_task(run_session(client, url, trace, i, t0, results))
-            for i in range(len(trace.sessions))
-        ]
-        done, pending = await asyncio.wait(tasks, timeout=trace.arrival_window_s + run.drain_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            task.result()  # a session that raised is a bug here, not a failed request
-        duration = time.perf_counter() - t0
-    finished = [r.done_s for r in results if r.ok]
-    return results, max(finished) if finished else duration
-
-
-async def warm_up(url: str) -> None:
-    """One tiny request first, so that no contender's lazy start-up work is timed."""
-    async with httpx.AsyncClient(timeout=60) as client:
-        result = TurnResult(-1, 0, ok=False, sent_s=0, done_s=0)
-        body = chat_body([{"role": "user", "content": "Warm-up."}], 1)
-        await send_turn(client, url, body, result, time.perf_counter())
-    if not result.ok:
-        raise RuntimeError(f"warm-up request failed: {result.error}")
+    for url in c.urls:
+        asyncio.run(warm_up(url))
 
 
 # -- one contender -------------------------------------------------------------------------
@@ -528,10 +462,11 @@ async def warm_up(url: str) -> None:
 def measure(h: Harness, c: Contender, trace: Trace) -> Row:
     """The trace through one contender, then stop it: one row."""
     before = [h.http.get(r + "/metrics-json").json() for r in c.replicas]
-    results, duration = asyncio.run(run_trace(c.url, trace, h.run))
+    results, duration = asyncio.run(run_trace(c.urls, trace, h.run))
     after = [h.http.get(r + "/metrics-json").json() for r in c.replicas]
     if c.name.startswith("kvern"):
-        print_routing(h, c.url, c.name)
+        for k, url in enumerate(c.urls):
+            print_routing(h, url, c.name + (f" #{k}" if len(c.urls) > 1 else ""))
     t = time.perf_counter()
     c.stack.close()
     print(f"  {c.name}: trace {duration:.1f} s, stop {time.perf_counter() - t:.1f} s", flush=True)
@@ -679,8 +614,16 @@ def parse_args() -> argparse.Namespace:
         "prompt and the sessions in flight at the busiest moment); overrides --cache-share",
     )
     parser.add_argument("--logs", type=Path, help="keep every process's log in this folder")
+    parser.add_argument(
+        "--routing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a routing.* setting for every kvern contender (YAML value), e.g. "
+        "spill_reuse_weight=2; repeatable",
+    )
     args = parser.parse_args()
-    unknown = set(args.contenders.split(",")) - set(CONTENDERS)
+    unknown = set(args.contenders.split(",")) - set(CONTENDERS) - set(SCALED_ROWS)
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
     return args
@@ -709,7 +652,17 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         drain_s=4.0 if args.quick else 20.0,
         request_timeout_s=30.0 if args.quick else 60.0,
         cache_share=args.cache_share,
+        routing=tuple(_setting(kv) for kv in args.routing),
     )
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        sys.exit(f"--routing takes KEY=VALUE, not {text!r}")
+    return key.strip(), yaml.safe_load(value)
 
 
 def main() -> None:

@@ -91,12 +91,12 @@ class RoutingConfig(_Section):
     # uncached prefill; see kvern.routing.policies). Computing a prefix another
     # upstream holds also costs its copy: the duplicated tokens times how full
     # the cache is, times this weight (0: judge by this request's TTFT alone).
-    spill_reuse_weight: float = Field(1.0, ge=0)
+    spill_reuse_weight: float = Field(8.0, ge=0)
     # A prefix at least this many requests a second go through (a tenant's
     # system prompt) is hot: while held by fewer than hot_prefix_replicas
     # upstreams, all queued, a request goes to a replica with a shorter queue
     # to start a copy there (0 replicas: never on purpose).
-    hot_prefix_per_s: float = Field(1.0, ge=0)
+    hot_prefix_per_s: float = Field(3.0, ge=0)
     hot_prefix_replicas: int = Field(2, ge=0)
     # Replaced by the rule above; still accepted (and ignored, with a warning
     # at start) so that an older config.yaml keeps loading.
