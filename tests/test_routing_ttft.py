@@ -1,4 +1,4 @@
-"""The router's expected time to first token in ms: a line learned from each replica's first bytes."""
+"""The router's expected time to first token in ms, learned from each replica's first bytes."""
 
 from __future__ import annotations
 
