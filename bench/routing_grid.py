@@ -93,7 +93,8 @@ def cell_of(seed: int, pressure: float, payload: dict[str, Any]) -> Cell:
 
 
 def run_cell(seed: int, pressure: float, args: argparse.Namespace, logs: Path) -> Cell | None:
-    out = logs / f"seed{seed}-pressure{pressure:g}"
+    # No dot in the stem: with_suffix would eat "0.5"'s ".5".
+    out = logs / f"seed{seed}-pressure{pressure:g}".replace(".", "_")
     cmd = [
         sys.executable, str(ROOT / "bench" / "routing.py"),
         "--seed", str(seed), "--pressure", str(pressure),
