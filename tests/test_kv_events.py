@@ -187,20 +187,36 @@ def test_a_bad_payload_is_rejected_naming_the_field(payload: bytes, field: str) 
 # --- the stream, scripted ---------------------------------------------------------------
 
 
+def bound(ctx: zmq.asyncio.Context, kind: int, port: int) -> zmq.asyncio.Socket:
+    """A socket bound to ``port``, retried while a just-closed one still holds it.
+
+    ZeroMQ closes sockets on its I/O thread, so a restarted publisher binding
+    the port its predecessor just closed can find it still taken for a moment.
+    """
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            return sock
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                sock.close(linger=0)
+                raise
+            time.sleep(0.02)
+
+
 class ScriptedPublisher:
     """vLLM's ZmqEventPublisher in miniature: PUB (an XPUB here) + a ROUTER replaying a buffer."""
 
     def __init__(self, ctx: zmq.asyncio.Context, port: int, replay_port: int | None) -> None:
-        self.pub = ctx.socket(zmq.XPUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(f"tcp://127.0.0.1:{port}")
+        self.pub = bound(ctx, zmq.XPUB, port)
         self.buffer: list[tuple[int, bytes]] = []
         self.router: zmq.asyncio.Socket | None = None
         self.task: asyncio.Task[None] | None = None
         if replay_port is not None:
-            self.router = ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            self.router.bind(f"tcp://127.0.0.1:{replay_port}")
+            self.router = bound(ctx, zmq.ROUTER, replay_port)
             self.task = asyncio.get_running_loop().create_task(self._serve_replay())
 
     async def subscribed(self) -> None:
@@ -255,6 +271,7 @@ def following(
         on_reset=presence.reset,
         on_gap=on_gap,
         on_replay=presence.note_replay,
+        on_disconnect=presence.note_disconnect,
         **kwargs,
     )
 

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 RoutingPolicy = Literal["round_robin", "least_load", "cache_aware", "session"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# What vLLM's publisher binds or connects: tcp://host:port (host may be *) or ipc://path.
+_ZMQ_ENDPOINT = re.compile(r"^(tcp://(\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}|ipc://\S+)$")
 
 
 class _Section(BaseModel):
@@ -48,6 +50,18 @@ class UpstreamEntry(_Section):
     kv_capacity_tokens: int = Field(1_000_000, ge=1)
     # The replica's KV block size: only whole blocks are reused.
     block_size: int = Field(16, ge=1)
+    # vLLM's KV cache events (``--kv-events-config``, publisher zmq): where its
+    # ZeroMQ PUB is, tcp://host:port (``*`` as host, as vLLM binds it, means
+    # this upstream's own host) or ipc://path. kvern then knows this replica's
+    # prefix cache from its events instead of modelling it (see
+    # kvern.tracking.kv_feed). "auto": ask vLLM (/server_info, which vLLM
+    # serves only with VLLM_SERVER_DEV_MODE=1). None: modelled.
+    kv_events: str | None = None
+    # Its replay ROUTER (vLLM's replay_endpoint), asked for missed batches; without
+    # one a lost batch makes this replica's presence fall back to the model.
+    kv_events_replay: str | None = None
+    # The topic vLLM publishes under (its ``topic``; "" by default).
+    kv_events_topic: str = ""
 
     @field_validator("name")
     @classmethod
@@ -62,6 +76,25 @@ class UpstreamEntry(_Section):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("kv_events", "kv_events_replay")
+    @classmethod
+    def _zmq_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "auto" or _ZMQ_ENDPOINT.match(value):
+            return value
+        raise ValueError("expected tcp://host:port (host may be *), ipc://path or auto")
+
+    @model_validator(mode="after")
+    def _events_together(self) -> UpstreamEntry:
+        if self.kv_events_replay == "auto":
+            raise ValueError("kv_events_replay: auto is not a ZeroMQ endpoint; set kv_events: auto")
+        fixed = self.kv_events is not None and self.kv_events != "auto"
+        if not fixed and (self.kv_events_replay is not None or self.kv_events_topic):
+            raise ValueError(
+                "kv_events_replay and kv_events_topic need kv_events set to an endpoint "
+                "(with kv_events: auto they are read from vLLM)"
+            )
+        return self
 
 
 class HealthConfig(_Section):

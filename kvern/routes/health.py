@@ -169,6 +169,8 @@ async def health(request: Request) -> Response:
                 if services.shared_load is not None
                 else None
             ),
+            # upstreams[].kv_events: per upstream, its events' presence and counters.
+            "kv_events": view.get("kv_events") or None,
         }
     else:
         upstream = await probing

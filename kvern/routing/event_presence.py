@@ -22,7 +22,14 @@ at the first missing block the same way); a child whose parent comes back
 with the same hash matches again, as in vLLM.
 
 Pure and synchronous: the subscriber calls :meth:`EventPresence.apply` on the
-loop. Only blocks of ``mediums`` (the GPU tier, or unspecified) and of KV
+loop; a caller on another thread holds one lock around both sides (see
+:mod:`kvern.tracking.kv_feed`).
+
+Namespaces: a LoRA's blocks are filed under its ``lora_name`` and found only
+when asked for that name. A block with extra keys (vLLM's ``cache_salt``,
+multimodal inputs) is filed under them; kvern asks with none, so a salted or
+multimodal prompt never matches from events: held 0, an under-estimate, never
+an over-estimate. Only blocks of ``mediums`` (the GPU tier, or unspecified) and of KV
 group 0 count: a CPU-offloaded block is not a prefix-cache hit of the engine.
 """
 
@@ -63,6 +70,7 @@ class EventPresenceStats:
     cleared: int = 0  # AllBlocksCleared events
     resets: int = 0  # publisher restarts: everything dropped
     gaps: int = 0  # holes in the stream the replay could not fill
+    fallbacks: int = 0  # times presence stopped being exact (a gap, a lost connection)
     replays: int = 0  # replays that filled a hole
     ignored: int = 0  # events of another medium, KV group or block size
     dropped_over_bound: int = 0  # blocks dropped because max_blocks was reached
@@ -71,10 +79,18 @@ class EventPresenceStats:
 class EventPresence:
     """What one upstream holds, from its events; answers how many leading tokens it has.
 
-    ``exact`` is False after a gap the replay could not fill (a lost
-    ``BlockStored`` or ``BlockRemoved`` makes answers wrong either way) until a
-    clear or a reset starts over from a known state: the caller falls back to
-    the model while it is False.
+    ``exact`` says whether the answers can be trusted; the caller falls back
+    to the model while it is False. It is False
+
+    * before the first batch: an engine that was running before kvern
+      subscribed may hold blocks no event here told of (a replay from 0, done
+      by the subscriber at the first batch, makes it whole);
+    * after a gap the replay could not fill (a lost ``BlockStored`` or
+      ``BlockRemoved`` makes answers wrong either way), until a clear or a
+      reset starts over from a known state;
+    * after the connection to the publisher dropped, until the next batch
+      says whether the same engine goes on (:meth:`apply`) or a new one
+      started (:meth:`reset`).
     """
 
     def __init__(
@@ -86,7 +102,9 @@ class EventPresence:
         if max_blocks <= 0:
             raise ValueError(f"max_blocks: {max_blocks}, must be positive")
         self.block_size: int | None = None  # learned from the first BlockStored
-        self.exact = True
+        self.lora_names: set[str] = set()  # LoRA names seen in BlockStored
+        self._whole = True  # no batch lost since the last clear or reset
+        self._known = False  # a batch seen since the start or the last disconnect
         self.stats = EventPresenceStats()
         self._max_blocks = max_blocks
         self._mediums = frozenset(mediums)
@@ -96,10 +114,16 @@ class EventPresence:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`held_tokens` is the engine's truth now (see the class)."""
+        return self._whole and self._known
+
     # --- feeding -------------------------------------------------------------
 
     def apply(self, batch: KvEventBatch) -> None:
         """Apply one batch's events in order (the subscriber's ``on_batch``)."""
+        self._known = True
         for event in batch.events:
             if isinstance(event, BlockStored):
                 self._store(event)
@@ -114,12 +138,25 @@ class EventPresence:
         """The publisher restarted (a new engine holds nothing): drop everything."""
         self.stats.resets += 1
         self._clear()
+        self._known = True
         self.stats.blocks_held = 0
 
     def note_gap(self, first_seq: int, last_seq: int) -> None:
         """Batches ``first_seq..last_seq`` are lost (the subscriber's ``on_gap``)."""
         self.stats.gaps += 1
-        self.exact = False
+        if self.exact:
+            self.stats.fallbacks += 1
+        self._whole = False
+
+    def note_disconnect(self) -> None:
+        """The publisher went away (the subscriber's ``on_disconnect``): in doubt until it speaks.
+
+        Nothing is dropped: the same engine going on (a network blip) keeps
+        all of it right; a restarted one is told by its numbering and reset.
+        """
+        if self.exact:
+            self.stats.fallbacks += 1
+        self._known = False
 
     def note_replay(self, num_batches: int = 1) -> None:
         """A replay filled (part of) a hole (the subscriber's ``on_replay``): counted only."""
@@ -128,7 +165,8 @@ class EventPresence:
     def _clear(self) -> None:
         self._blocks.clear()
         self._by_content.clear()
-        self.exact = True
+        self.lora_names.clear()
+        self._whole = True
 
     def _counts(self, medium: str | None, group_idx: int | None) -> bool:
         return medium in self._mediums and group_idx in (None, 0)
@@ -143,6 +181,8 @@ class EventPresence:
         if event.block_size != size or len(event.token_ids) < len(event.block_hashes) * size:
             self.stats.ignored += 1
             return
+        if event.lora_name is not None:
+            self.lora_names.add(event.lora_name)
         parent = event.parent_block_hash
         for index, engine_hash in enumerate(event.block_hashes):
             tokens = event.token_ids[index * size : (index + 1) * size]

@@ -41,12 +41,13 @@ from kvern.tracking import messages as m
 from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
 from kvern.tracking.forest import TrieForest
+from kvern.tracking.kv_feed import KvFeed
 from kvern.tracking.metrics import BrainMetrics
 from kvern.tracking.shared_presence import SharedPresence
 from kvern.tracking.site_advice import SiteAdvisor
 from kvern.tracking.tracker import Tracker
 from kvern.tracking.tree_view import busiest_model, tree_of
-from kvern.tracking.views import describe, health_view
+from kvern.tracking.views import health_view, visualize
 from kvern.upstream.client import build_client
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Brain:
         )
         # Other kvern instances' routing to the same upstreams (routing.shared_state).
         self.shared = SharedPresence.attach(config.routing, presence)
+        self.kv_feed = KvFeed.attach([r.entry for r in pool.replicas], presence)  # KV events
         held_together = sum(r.entry.kv_capacity_tokens for r in pool.replicas) if several else 0
         self.forest = TrieForest(
             config.trie,
@@ -136,6 +138,7 @@ class Brain:
         """On the brain's loop: begin the start-up parity checks and the shared state's threads."""
         if self.shared is not None:
             self.shared.start()
+        self.kv_feed.start()
         if self.parity is not None:
             self.parity.start(self.registry, self._config.tokenizers.models)
 
@@ -230,24 +233,11 @@ class Brain:
                 hub=hub.status().to_dict() if hub is not None else None,
             )
             view["shared_state"] = self.shared.view() if self.shared is not None else None
+            view["kv_events"] = self.kv_feed.view()
             return view
         if method == "visualize":
             # The relay drained first (bounded); nothing here waits on tracking.
-            model, n, min_depth = args
-            models = await tracker.in_thread(self.forest.models, urgent=True)
-            waiting = tracker.waiting_for_tokenizer()
-            if model is not None:
-                if model not in models:
-                    return {"unknown": models, "waiting": waiting}
-                models = [model]
-            out: dict[str, Any] = {}
-            for name in models:
-                # A trie exists only once its model's tokenizer has loaded.
-                tok = self.registry.loaded(name)
-                out[name] = await tracker.in_thread(
-                    describe, self.forest.get(name), tok, n, min_depth, urgent=True
-                )
-            return {"models": out, "waiting": waiting}
+            return await visualize(tracker, self.forest, self.registry, *args)
         if method == "metrics":
             # Read on the tracking thread, where the tries change; ahead of a backlog.
             families = await tracker.in_thread(
@@ -260,6 +250,7 @@ class Brain:
             )
             if self.shared is not None:
                 families.extend(link_families({"presence": self.shared.view()}))
+            families.extend(self.kv_feed.families())
             return families
         if method == "capacity_curve":
             # The live miss-ratio curve per model, read where it is fed; ahead of a backlog.
@@ -304,6 +295,7 @@ class Brain:
         if self.parity is not None:
             await self.parity.close()
         await self.tracker.close()
+        await self.kv_feed.close()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.shared is not None:

@@ -12,7 +12,9 @@ from dataclasses import asdict
 from typing import Any
 
 from kvern.tokenize.model_tokenizer import ModelTokenizer
-from kvern.tracking.forest import ModelTrie
+from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tracking.forest import ModelTrie, TrieForest
+from kvern.tracking.queue import TrackingQueue
 from kvern.trie.report import hot_prefixes, measure
 
 _HEAD_CHARS = 120
@@ -69,6 +71,31 @@ def describe(mt: ModelTrie, tok: ModelTokenizer | None, n: int, min_depth: int) 
         },
         "display": "\n".join(lines),
     }
+
+
+async def visualize(
+    tracker: TrackingQueue,
+    forest: TrieForest,
+    registry: TokenizerRegistry,
+    model: str | None,
+    n: int,
+    min_depth: int,
+) -> dict[str, Any]:
+    """The brain's answer to /trie/visualize: :func:`describe` per model, read on its thread."""
+    models = await tracker.in_thread(forest.models, urgent=True)
+    waiting = tracker.waiting_for_tokenizer()
+    if model is not None:
+        if model not in models:
+            return {"unknown": models, "waiting": waiting}
+        models = [model]
+    out: dict[str, Any] = {}
+    for name in models:
+        # A trie exists only once its model's tokenizer has loaded.
+        tok = registry.loaded(name)
+        out[name] = await tracker.in_thread(
+            describe, forest.get(name), tok, n, min_depth, urgent=True
+        )
+    return {"models": out, "waiting": waiting}
 
 
 def health_view(

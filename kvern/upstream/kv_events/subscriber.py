@@ -12,6 +12,10 @@ subscriber is slow or not yet connected (the "slow joiner"), so each batch's
                              (``on_gap`` and ``stats.gaps``): presence may now be wrong
     seq <= last seen live    the publisher started over (a restarted engine numbers from
                              0 again): ``on_reset``, then the batch is taken as the first
+    after a disconnect       the connection to the publisher dropped (ZeroMQ's monitor
+                             says so): ``on_disconnect`` at once, since the engine may be
+                             gone; the next batch tells which: last + 1 is the same
+                             publisher going on, any other number one that started over
 
 Live batches from one publisher only ever rise, so a live number at or below
 the last live one is a restart, never a duplicate; duplicates come only from
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from kvern.upstream.kv_events.wire import (
     END_SEQ,
@@ -62,6 +67,7 @@ class SubscriberStats:
     replayed_batches: int = 0  # batches applied from replays
     replay_failures: int = 0  # replays that timed out or broke off
     resets: int = 0  # publisher restarts seen
+    disconnects: int = 0  # connections to the publisher that dropped
     decode_errors: int = 0
     callback_errors: int = 0
 
@@ -72,7 +78,8 @@ class KvEventSubscriber:
     ``on_batch`` gets each batch in sequence order; ``on_reset`` is called
     when the publisher restarted (before its first batch); ``on_gap(first,
     last)`` names sequence numbers that were lost for good; ``on_replay(n)``
-    says a replay applied ``n`` batches of a hole.
+    says a replay applied ``n`` batches of a hole; ``on_disconnect`` that the
+    connection to the publisher dropped (what it held may be gone with it).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class KvEventSubscriber:
         on_reset: Callable[[], None] | None = None,
         on_gap: Callable[[int, int], None] | None = None,
         on_replay: Callable[[int], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         replay_endpoint: str | None = None,
         topic: str = "",
         replay_timeout_s: float = 2.0,
@@ -98,15 +106,18 @@ class KvEventSubscriber:
         self._on_reset = on_reset
         self._on_gap = on_gap
         self._on_replay = on_replay
+        self._on_disconnect = on_disconnect
         self._replay_timeout_s = replay_timeout_s
         self._max_replay_batches = max_replay_batches
         self._hwm = hwm
         self._owns_context = context is None
         self._context = context or zmq.asyncio.Context()
         self._sub: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_applied = -1  # the last sequence number applied; -1 before any
         self._last_live: int | None = None  # the last one received live
+        self._after_disconnect = False  # the next batch decides: same publisher or a new one
         self._closed = False
 
     @property
@@ -122,6 +133,7 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.RCVHWM, self._hwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode("utf-8"))
+        self._monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sub.connect(self.endpoint)
         self._sub = sub
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-events")
@@ -135,16 +147,40 @@ class KvEventSubscriber:
                 await self._task
             self._task = None
         if self._sub is not None:
+            self._sub.disable_monitor()
             self._sub.close(linger=0)
             self._sub = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._owns_context:
             self._context.term()
 
     async def _run(self) -> None:
+        """Read batches and the monitor's events in the order they happened.
+
+        One loop for both: batches the dead publisher sent before it went are
+        already queued when the disconnect is reported, so the queue is
+        drained first and they are taken as the old publisher's.
+        """
+        assert self._sub is not None and self._monitor is not None
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            ready = dict(await poller.poll())
+            await self._drain()
+            if self._monitor in ready:
+                await self._watch()
+
+    async def _drain(self) -> None:
         assert self._sub is not None
         while True:
             try:
-                frames = await self._sub.recv_multipart()
+                frames = await self._sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
                 if len(frames) != 3:
                     raise KvEventDecodeError(f"message: {len(frames)} frames, not 3")
                 await self._receive(decode_seq(frames[1]), frames[2])
@@ -157,8 +193,25 @@ class KvEventSubscriber:
                 self.stats.decode_errors += 1
                 logger.exception("kv events from %s: unexpected error", self.endpoint)
 
+    async def _watch(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.stats.disconnects += 1
+                self._after_disconnect = True
+                logger.warning("kv events from %s: publisher disconnected", self.endpoint)
+                self._call(self._on_disconnect)
+
     async def _receive(self, seq: int, payload: bytes) -> None:
-        if self._last_live is not None and seq <= self._last_live:
+        if self._after_disconnect:
+            self._after_disconnect = False
+            if seq != self._last_applied + 1:
+                self._reset()  # not the sequence going on: a publisher that started over
+        elif self._last_live is not None and seq <= self._last_live:
             self._reset()
         self._last_live = seq
         if seq <= self._last_applied:
