@@ -207,3 +207,12 @@ async def test_the_feed_answers_from_events_and_falls_back_after_a_lost_batch() 
         await feed.close()
         await publisher.close()
         ctx.term()
+
+
+def test_a_late_prediction_does_not_count_blocks_received_after_the_request_arrived() -> None:
+    """Routing's question came too late: the engine served the request before kvern predicted."""
+    presence = EventPresence()
+    presence.apply(THREE[0], received_s=10.0)
+    presence.apply(THREE[1], received_s=20.0)  # the request's own prefill, arrived at 15
+    assert presence.held_tokens(PROMPT, stored_before_s=15.0) == 4
+    assert presence.held_tokens(PROMPT) == 8

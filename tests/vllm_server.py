@@ -218,22 +218,24 @@ def server_env() -> dict[str, str]:
 
 
 @contextmanager
-def vllm_server(
+def vllm_process(
     *,
     block_size: int | None = None,
     max_model_len: int = 4096,
     extra: tuple[str, ...] = (),
     log_path: Path | None = None,
-) -> Iterator[str]:
-    """Run vLLM on 127.0.0.1 (a free port) serving :data:`SERVED_MODEL`; yield its URL (no /v1).
+    port: int | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run vLLM on 127.0.0.1 serving :data:`SERVED_MODEL`; yield its process and URL (no /v1).
 
     ``block_size``: its KV block (a multiple of 32); None leaves vLLM's own
-    default (:data:`DEFAULT_BLOCK_SIZE`). Start-up takes 30-70 s and about
-    4 GiB of memory, so callers share one server where they can.
+    default (:data:`DEFAULT_BLOCK_SIZE`). ``port``: a given one (a replica
+    restarted where it was), else a free one. Start-up takes 30-70 s and
+    about 4 GiB of memory, so callers share one server where they can.
     """
     python = install_vllm()
     model = tiny_model_dir()
-    port = free_port()
+    port = free_port() if port is None else port
     args = [
         str(python),
         "-m",
@@ -265,6 +267,21 @@ def vllm_server(
         env=server_env(),
         start_timeout_s=600,
         log_path=log_path,
+    ) as (proc, url):
+        yield proc, url
+
+
+@contextmanager
+def vllm_server(
+    *,
+    block_size: int | None = None,
+    max_model_len: int = 4096,
+    extra: tuple[str, ...] = (),
+    log_path: Path | None = None,
+) -> Iterator[str]:
+    """:func:`vllm_process`, yielding only the URL (no /v1)."""
+    with vllm_process(
+        block_size=block_size, max_model_len=max_model_len, extra=extra, log_path=log_path
     ) as (_, url):
         yield url
 

@@ -54,6 +54,21 @@ class PresenceSource(Protocol):
     def held_tokens(self, model: str, upstream: str, ids: Sequence[int]) -> int | None: ...
 
 
+class ExactSource(Protocol):
+    """An upstream's own KV events (:class:`kvern.tracking.kv_feed.KvFeed`): a PresenceSource
+    that can also answer as of a moment.
+
+    ``as_of_s`` (wall clock): the request's arrival. A prediction that runs
+    after the engine already served the request (routing's question came too
+    late, or was never asked) would otherwise count the blocks the request
+    itself stored.
+    """
+
+    def held_tokens(
+        self, model: str, upstream: str, ids: Sequence[int], as_of_s: float | None = None
+    ) -> int | None: ...
+
+
 @dataclass(slots=True)
 class RouteHandle:
     """What a request's prediction needs at settle time (the Prediction's ``handle``)."""
@@ -80,7 +95,7 @@ class PresenceBook:
         self._trusted_before = trusted_before
         self._models: dict[str, ModelPresence] = {}
         # upstream -> its KV events' presence; consulted before the model.
-        self.exact_sources: dict[str, PresenceSource] = {}
+        self.exact_sources: dict[str, ExactSource] = {}
         # Other kvern instances' routing to the same upstreams (routing.shared_state).
         self.shared_source: PresenceSource | None = None
 
@@ -91,21 +106,32 @@ class PresenceBook:
             self._models[mt.model] = presence
         return presence
 
-    def cached(self, model: str, match: PresenceMatch, ids: Sequence[int]) -> dict[str, int]:
+    def cached(
+        self,
+        model: str,
+        match: PresenceMatch,
+        ids: Sequence[int],
+        as_of_s: float | None = None,
+    ) -> dict[str, int]:
         """Per upstream, the prompt tokens it should report cached, from the best source.
 
         An upstream's events, where they answer, are the truth; otherwise the
         model, raised to what other instances routed there (they may have sent
         this prefix where this instance never did).
         """
-        return {name: self._cached(name, model, match, ids)[0] for name in self.caches}
+        return {name: self._cached(name, model, match, ids, as_of_s)[0] for name in self.caches}
 
     def _cached(
-        self, name: str, model: str, match: PresenceMatch, ids: Sequence[int]
+        self,
+        name: str,
+        model: str,
+        match: PresenceMatch,
+        ids: Sequence[int],
+        as_of_s: float | None = None,
     ) -> tuple[int, bool]:
         cache = self.caches[name]
         source = self.exact_sources.get(name)
-        held = source.held_tokens(model, name, ids) if source is not None else None
+        held = source.held_tokens(model, name, ids, as_of_s) if source is not None else None
         exact = held is not None
         if held is None:
             held = match.depth.get(name, 0)
@@ -115,13 +141,22 @@ class PresenceBook:
         return usable - usable % cache.block_size, exact
 
     def handle(
-        self, match: PresenceMatch, upstream: str, now_s: float, model: str, ids: Sequence[int]
+        self,
+        match: PresenceMatch,
+        upstream: str,
+        now_s: float,
+        model: str,
+        ids: Sequence[int],
+        as_of_s: float | None = None,
     ) -> RouteHandle:
-        """``upstream``'s prediction from ``match`` (before the request marks anything)."""
+        """``upstream``'s prediction from ``match`` (before the request marks anything).
+
+        ``as_of_s``: the request's arrival, for an upstream's events (see :class:`ExactSource`).
+        """
         cache = self.caches.get(upstream)
         if cache is None:
             return RouteHandle(upstream, 0, 0)
-        predicted, exact = self._cached(upstream, model, match, ids)
+        predicted, exact = self._cached(upstream, model, match, ids, as_of_s)
         if exact:
             return RouteHandle(upstream, predicted, predicted, exact=True)
         trusted_before = min(self._trusted_before(upstream), now_s)

@@ -57,6 +57,7 @@ DEFAULT_MEDIUMS: frozenset[str | None] = frozenset({"GPU", None})
 class _Block:
     parent: EngineBlockHash | None  # the engine's hash of the block before; None at the start
     key: _ContentKey  # where it is filed in the content map
+    stored_s: float  # when its BlockStored was received (the caller's clock); 0 if not given
 
 
 @dataclass(slots=True)
@@ -121,12 +122,16 @@ class EventPresence:
 
     # --- feeding -------------------------------------------------------------
 
-    def apply(self, batch: KvEventBatch) -> None:
-        """Apply one batch's events in order (the subscriber's ``on_batch``)."""
+    def apply(self, batch: KvEventBatch, received_s: float = 0.0) -> None:
+        """Apply one batch's events in order (the subscriber's ``on_batch``).
+
+        ``received_s``: when it arrived, so that :meth:`held_tokens` can answer
+        as of an earlier moment (see there).
+        """
         self._known = True
         for event in batch.events:
             if isinstance(event, BlockStored):
-                self._store(event)
+                self._store(event, received_s)
             elif isinstance(event, BlockRemoved):
                 self._remove(event)
             elif isinstance(event, AllBlocksCleared):
@@ -171,7 +176,7 @@ class EventPresence:
     def _counts(self, medium: str | None, group_idx: int | None) -> bool:
         return medium in self._mediums and group_idx in (None, 0)
 
-    def _store(self, event: BlockStored) -> None:
+    def _store(self, event: BlockStored, received_s: float) -> None:
         if not self._counts(event.medium, event.group_idx):
             self.stats.ignored += 1
             return
@@ -189,7 +194,7 @@ class EventPresence:
             extra = event.extra_keys[index] if event.extra_keys else None
             key: _ContentKey = (parent, event.lora_name, extra, tokens)
             self._drop(engine_hash)
-            self._blocks[engine_hash] = _Block(parent=parent, key=key)
+            self._blocks[engine_hash] = _Block(parent=parent, key=key, stored_s=received_s)
             self._by_content[key] = engine_hash
             self.stats.stored += 1
             parent = engine_hash
@@ -218,11 +223,21 @@ class EventPresence:
 
     # --- asking --------------------------------------------------------------
 
-    def held_tokens(self, token_ids: Sequence[int], *, lora_name: str | None = None) -> int:
+    def held_tokens(
+        self,
+        token_ids: Sequence[int],
+        *,
+        lora_name: str | None = None,
+        stored_before_s: float | None = None,
+    ) -> int:
         """How many leading tokens of ``token_ids`` the upstream holds, in whole blocks.
 
         Only full blocks are ever cached, so a prompt's tail shorter than a
         block never counts. 0 before the first ``BlockStored`` (no block size).
+        ``stored_before_s``: count only blocks received by then. A request's
+        prediction may run after the engine already served it (routing's
+        question came too late, or was never asked), and by then the request's
+        own blocks are here: what it could reuse is what was held when it arrived.
         """
         size = self.block_size
         if size is None:
@@ -233,6 +248,8 @@ class EventPresence:
         for start in range(0, len(tokens) - size + 1, size):
             found = self._by_content.get((parent, lora_name, None, tokens[start : start + size]))
             if found is None:
+                break
+            if stored_before_s is not None and self._blocks[found].stored_s > stored_before_s:
                 break
             parent = found
             held += size

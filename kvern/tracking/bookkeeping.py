@@ -80,8 +80,13 @@ class Bookkeeper:
         prompt: PromptTokens,
         insert: bool,
         upstream: str,
+        arrived_s: float | None = None,
     ) -> Prediction:
-        """Predict, insert and lock ``prompt`` as served by ``upstream``."""
+        """Predict, insert and lock ``prompt`` as served by ``upstream``.
+
+        ``arrived_s``: the request's arrival (wall clock), what an upstream's
+        events are read as of: the prediction may run after it was served.
+        """
         mt = self._forest.get(model)
         now = self._clock()
         node: TrieNode | None = None
@@ -96,11 +101,11 @@ class Bookkeeper:
             # Predict first: the trie must not yet hold this prompt.
             if self.presence is not None and upstream in self.presence.caches:
                 match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
-                handle = self.presence.handle(match, upstream, now, model, prompt.ids)
+                handle = self.presence.handle(match, upstream, now, model, prompt.ids, arrived_s)
                 predicted = handle.predicted
-                cached = self.presence.cached(model, match, prompt.ids)
+                cached = self.presence.cached(model, match, prompt.ids, arrived_s)
                 best_elsewhere = max((v for n, v in cached.items() if n != upstream), default=0)
-                backend_model = "routed"
+                backend_model = "events" if handle.exact else "routed"  # which presence
                 block_size = self.presence.caches[upstream].block_size
             else:
                 start = mt.cache_model.start(mt.trie, prompt.ids, now)

@@ -85,7 +85,7 @@ class Brain:
         )
         # Other kvern instances' routing to the same upstreams (routing.shared_state).
         self.shared = SharedPresence.attach(config.routing, presence)
-        self.kv_feed = KvFeed.attach([r.entry for r in pool.replicas], presence)  # KV events
+        self.kv_feed = KvFeed.attach([r.entry for r in pool.replicas], presence, clock)
         held_together = sum(r.entry.kv_capacity_tokens for r in pool.replicas) if several else 0
         self.forest = TrieForest(
             config.trie,

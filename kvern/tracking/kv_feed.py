@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,8 +57,9 @@ _DETECT_RETRY_S = 10.0
 class _Upstream:
     """One upstream's subscriber, presence and counters; the lock guards the presence."""
 
-    def __init__(self, entry: UpstreamEntry) -> None:
+    def __init__(self, entry: UpstreamEntry, clock: Callable[[], float]) -> None:
         self.entry = entry
+        self.clock = clock
         self.lock = threading.Lock()
         self.presence = EventPresence()
         self.endpoints = configured(entry)
@@ -83,7 +85,7 @@ class _Upstream:
             endpoints.endpoint,
             replay_endpoint=endpoints.replay_endpoint,
             topic=endpoints.topic,
-            on_batch=self.locked(presence.apply),
+            on_batch=self.locked(lambda batch: presence.apply(batch, self.clock())),
             on_reset=self.locked(presence.reset),
             on_gap=self.locked(presence.note_gap),
             on_replay=self.locked(presence.note_replay),
@@ -113,14 +115,14 @@ class _Upstream:
             size,
         )
 
-    def held_tokens(self, model: str, ids: Sequence[int]) -> int | None:
+    def held_tokens(self, model: str, ids: Sequence[int], as_of_s: float | None) -> int | None:
         with self.lock:
             presence = self.presence
             if not presence.exact:
                 self.model_answers += 1
                 return None
             lora = model if model in presence.lora_names else None
-            held = presence.held_tokens(ids, lora_name=lora)
+            held = presence.held_tokens(ids, lora_name=lora, stored_before_s=as_of_s)
             size = presence.block_size
             self.exact_answers += 1
         # The engine never serves a prompt's last token from cache.
@@ -168,13 +170,21 @@ class _Upstream:
 class KvFeed:
     """The presence book's exact source: every upstream configured with ``kv_events``."""
 
-    def __init__(self, entries: Sequence[UpstreamEntry]) -> None:
-        self._upstreams = {e.name: _Upstream(e) for e in entries if e.kv_events is not None}
+    def __init__(
+        self, entries: Sequence[UpstreamEntry], clock: Callable[[], float] = time.time
+    ) -> None:
+        """``clock``: the wall clock requests' arrival times are in (``RequestContext.ts_s``)."""
+        self._upstreams = {e.name: _Upstream(e, clock) for e in entries if e.kv_events is not None}
         self._context: zmq.asyncio.Context | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def attach(cls, entries: Sequence[UpstreamEntry], book: PresenceBook | None) -> KvFeed:
+    def attach(
+        cls,
+        entries: Sequence[UpstreamEntry],
+        book: PresenceBook | None,
+        clock: Callable[[], float] = time.time,
+    ) -> KvFeed:
         """A feed for ``entries``' events, registered in ``book`` (empty without a book).
 
         The book exists with two or more upstreams (it is what routing reads);
@@ -187,7 +197,7 @@ class KvFeed:
                 "kvern's cache model predicts and the events are not followed"
             )
             wanted = []
-        feed = cls(wanted)
+        feed = cls(wanted, clock)
         if book is not None:
             for name in feed._upstreams:
                 book.exact_sources[name] = feed
@@ -238,10 +248,16 @@ class KvFeed:
 
     # -- the PresenceSource ------------------------------------------------------------
 
-    def held_tokens(self, model: str, upstream: str, ids: Sequence[int]) -> int | None:
-        """Tokens of ``ids`` the engine will report cached; None: not exact now (tracking)."""
+    def held_tokens(
+        self, model: str, upstream: str, ids: Sequence[int], as_of_s: float | None = None
+    ) -> int | None:
+        """Tokens of ``ids`` the engine will report cached; None: not exact now (tracking).
+
+        ``as_of_s``: the request's arrival; blocks received later (its own,
+        when the prediction runs after the engine served it) do not count.
+        """
         found = self._upstreams.get(upstream)
-        return found.held_tokens(model, ids) if found is not None else None
+        return found.held_tokens(model, ids, as_of_s) if found is not None else None
 
     # -- what people see -------------------------------------------------------------
 

@@ -181,7 +181,7 @@ class Tracker(TrackingQueue):
 
         def submit(tok: ModelTokenizer) -> None:
             inner = self._executor.submit(
-                self._predict_guarded, tok, model, endpoint, body, insert, upstream
+                self._predict_guarded, tok, model, endpoint, body, insert, upstream, ctx.ts_s
             )
             # Runs on the tracking thread as the job ends, before the next job starts.
             inner.add_done_callback(lambda f: job.set_result(f.result()))
@@ -256,7 +256,9 @@ class Tracker(TrackingQueue):
             prediction: Prediction | None = None
             try:
                 if asked.prompt is not None:
-                    prediction = self._predict(asked.tok, asked.model, asked.prompt, True, upstream)
+                    prediction = self._predict(
+                        asked.tok, asked.model, asked.prompt, True, upstream, ctx.ts_s
+                    )
             except Exception as exc:  # noqa: BLE001 - tracking never fails a request
                 self._count_error("commit", exc)
             finally:
@@ -272,21 +274,23 @@ class Tracker(TrackingQueue):
         body: bytes,
         insert: bool,
         upstream: str,
+        arrived_s: float,
     ) -> Prediction | None:
         try:
             prompt = self._tokenize(tok, model, endpoint, body)
             if prompt is None:
                 return None
-            return self._predict(tok, model, prompt, insert, upstream)
+            return self._predict(tok, model, prompt, insert, upstream, arrived_s)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a request
             self._count_error("predict", exc)
             return None
 
     def _predict(
-        self, tok: ModelTokenizer, model: str, prompt: PromptTokens, insert: bool, upstream: str
-    ) -> Prediction:
+        self, tok: ModelTokenizer, model: str, prompt: PromptTokens, insert: bool, upstream: str,
+        arrived_s: float | None = None,  # wall clock: what an upstream's events are read as of
+    ) -> Prediction:  # fmt: skip
         started = time.perf_counter()
-        prediction = self._books.predict(tok, model, prompt, insert, upstream)
+        prediction = self._books.predict(tok, model, prompt, insert, upstream, arrived_s)
         if self.on_phase is not None:
             self.on_phase("trie", time.perf_counter() - started)
         if insert and self.on_prompt is not None:
