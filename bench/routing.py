@@ -114,7 +114,7 @@ KVERN_ROWS = ("kvern_round_robin", "kvern_least_load", "kvern_cache_aware")
 SGLANG_ROWS = ("sglang_openai", "sglang_sglang")
 CONTENDERS = KVERN_ROWS + SGLANG_ROWS
 # Three kvern instances sharing state through redis, behind a round-robin client.
-SCALED_ROWS = ("kvern_cache_aware_x3",)
+SCALED_ROWS = ("kvern_cache_aware_x3", "kvern_cache_aware_x3_unshared")
 SGLANG_NOTE = """\
 sglang-router 0.3.2, --policy cache_aware. With --backend openai (sglang_openai) the
 policy is not consulted: each request goes to the worker with the lowest load count,
@@ -291,14 +291,16 @@ def start_kvern(
     """kvern as users run it (``python -m kvern serve``), in front of ``replicas``.
 
     ``variant`` is the policy, with ``_xN`` for N instances that share state
-    through one ``redis-server`` (``routing.shared_state``), started here.
+    through one ``redis-server`` (``routing.shared_state``), started here;
+    ``_xN_unshared``: N instances each on its own view (what sharing buys).
     """
     import yaml
 
     policy, _, count = variant.partition("_x")
+    count, _, unshared = count.partition("_")
     instances = int(count or 1)
     shared: dict[str, Any] = {}
-    if instances > 1:
+    if instances > 1 and not unshared:
         from tests.redis_server import RedisServer
 
         binary = shutil.which("redis-server")
