@@ -814,7 +814,9 @@ class _Held:
     def __init__(self, tokens: int | None) -> None:
         self.tokens = tokens
 
-    def held_tokens(self, model: str, upstream: str, ids: object) -> int | None:
+    def held_tokens(
+        self, model: str, upstream: str, ids: object, as_of_s: float | None = None
+    ) -> int | None:
         return self.tokens
 
 
