@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def main() -> None:
     print()
     print_grid(cells)
     if args.json:
-        args.json.write_text(json.dumps([c.__dict__ | {} for c in cells], indent=2), "utf-8")
+        args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2), "utf-8")
     print(f"total {time.perf_counter() - started:.0f} s")
     print(summary(cells, len(seeds) * len(pressures)))
 
