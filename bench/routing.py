@@ -16,6 +16,12 @@ What it runs, all on 127.0.0.1, each piece in its own process:
   and with its default backend (``sglang``) and ``--policy cache_aware``;
 - this process: the load generator (one ``httpx.AsyncClient``).
 
+Rows beyond the default (``--contenders``): ``kvern_cache_aware_x3`` (three
+kvern instances sharing state through a redis-server, behind a round-robin
+client), ``kvern_cache_aware_x3_unshared`` (the same without shared state) and
+``kvern_cache_aware_events`` (presence from the replicas' own KV events, which
+every replica publishes in vLLM's form, instead of kvern's model).
+
 Every contender gets fresh replicas (empty caches, zeroed counters) and the same
 trace (``bench/routing_trace.py``): multi-tenant chat sessions, Zipf tenant
 popularity, Poisson session arrivals near the replicas' capacity, each turn sent
@@ -75,7 +81,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -114,7 +120,8 @@ KVERN_ROWS = ("kvern_round_robin", "kvern_least_load", "kvern_cache_aware")
 SGLANG_ROWS = ("sglang_openai", "sglang_sglang")
 CONTENDERS = KVERN_ROWS + SGLANG_ROWS
 # Three kvern instances sharing state through redis, behind a round-robin client.
-SCALED_ROWS = ("kvern_cache_aware_x3", "kvern_cache_aware_x3_unshared")
+# kvern_cache_aware_events: presence from the replicas' KV events (vLLM's form).
+SCALED_ROWS = ("kvern_cache_aware_x3", "kvern_cache_aware_x3_unshared", "kvern_cache_aware_events")
 SGLANG_NOTE = """\
 sglang-router 0.3.2, --policy cache_aware. With --backend openai (sglang_openai) the
 policy is not consulted: each request goes to the worker with the lowest load count,
@@ -141,6 +148,8 @@ class Harness:
     tokenize: ChatTokenizer  # the replicas' tokenizer, loaded once and forked into them
     logs: Path
     http: httpx.Client  # one client for control requests (a new one costs ~0.1 s)
+    # Replica URL -> where it publishes its KV events (vLLM's form; every replica does).
+    events_of: dict[str, str] = field(default_factory=dict)
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -236,10 +245,13 @@ def start_fleet(h: Harness, stack: contextlib.ExitStack) -> list[tuple[BaseProce
             decode_ms_per_token=fleet.decode_ms_per_token,
             block_size=fleet.block_size,
             model=MODEL,
+            kv_events_port=free_port(),
         )
         proc = fork_replica(spec, h.tokenize, str(h.logs / f"{spec.name}-{spec.port}.log"))
         stack.callback(stop_replica, proc)
-        procs.append((proc, f"http://127.0.0.1:{spec.port}"))
+        url = f"http://127.0.0.1:{spec.port}"
+        h.events_of[url] = f"tcp://127.0.0.1:{spec.kv_events_port}"
+        procs.append((proc, url))
     return procs
 
 
@@ -298,6 +310,7 @@ def start_kvern(
 
     policy, _, count = variant.partition("_x")
     count, _, unshared = count.partition("_")
+    policy, events, _ = policy.partition("_events")
     instances = int(count or 1)
     shared: dict[str, Any] = {}
     if instances > 1 and not unshared:
@@ -321,6 +334,9 @@ def start_kvern(
         config = h.logs / f"{name}.yaml"
         data = kvern_config(policy, replicas, h.run.fleet, h.run.trace.max_tokens)
         data["routing"].update(dict(h.run.routing) | shared)
+        if events:  # presence from the replicas' own KV events, not modelled
+            for entry in data["upstreams"]:
+                entry["kv_events"] = h.events_of[entry["url"].removesuffix("/v1")]
         # Analytics on, as users run it; /analytics then shows the routing reasons.
         data["analytics"] = {"enabled": True, "db_path": str(h.logs / f"{name}.db")}
         config.write_text(yaml.safe_dump(data), "utf-8")

@@ -202,6 +202,7 @@ class ReplicaSpec:
     decode_ms_per_token: float
     block_size: int = 16
     model: str = "sim"
+    kv_events_port: int = 0  # publish vLLM-form KV events there (0: none)
 
 
 def serve(spec: ReplicaSpec, tokenize: Any, log_path: str | None = None) -> None:
@@ -224,6 +225,7 @@ def serve(spec: ReplicaSpec, tokenize: Any, log_path: str | None = None) -> None
         decode_s_per_token=spec.decode_ms_per_token / 1e3,
         tokenize=tokenize,
         model=spec.model,
+        kv_events_port=spec.kv_events_port,
     )
     uvicorn.run(app, host="127.0.0.1", port=spec.port, log_level="warning", access_log=False)
 

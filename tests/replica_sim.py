@@ -82,6 +82,9 @@ class PrefixCache:
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self.num_evicted_blocks = 0
+        # When a list: what changed, as vLLM's KV events would say it, for the
+        # replica to publish: ("stored", hash, parent, block's ids) / ("removed", hash).
+        self.events: list[tuple[Any, ...]] | None = None
         self._refs: dict[BlockHash, int] = {}  # every cached block -> running users
         self._free: OrderedDict[BlockHash, None] = OrderedDict()  # refs == 0, LRU first
 
@@ -115,14 +118,22 @@ class PrefixCache:
             self._refs[h] += 1
             self._free.pop(h, None)
 
-    def insert(self, hashes: list[BlockHash]) -> list[BlockHash]:
+    def insert(
+        self,
+        hashes: list[BlockHash],
+        token_ids: list[int] | None = None,
+        parent: BlockHash | None = None,
+    ) -> list[BlockHash]:
         """Cache and pin ``hashes`` in chain order; returns those pinned.
 
         Stops at the first block that does not fit (everything free is evicted
         and the cache is still full): later blocks would be unreachable anyway.
+        ``token_ids`` (the blocks' ids, from the first of ``hashes``) and
+        ``parent`` (the hash before it) are only needed for :attr:`events`.
         """
         pinned: list[BlockHash] = []
-        for h in hashes:
+        bs = self.block_size
+        for i, h in enumerate(hashes):
             if h not in self._refs:
                 if len(self._refs) >= self.capacity_blocks:
                     if not self._free:
@@ -130,7 +141,12 @@ class PrefixCache:
                     victim, _ = self._free.popitem(last=False)
                     del self._refs[victim]
                     self.num_evicted_blocks += 1
+                    if self.events is not None:
+                        self.events.append(("removed", victim))
                 self._refs[h] = 0
+                if self.events is not None and token_ids is not None:
+                    self.events.append(("stored", h, parent, token_ids[i * bs : (i + 1) * bs]))
+            parent = h
             self.pin([h])
             pinned.append(h)
         return pinned
@@ -189,6 +205,49 @@ class _Run:
     output: list[str] = field(default_factory=list)
 
 
+def kv_events_publisher(cache: PrefixCache, port: int) -> Callable[[], None]:
+    """Publish the cache's changes as vLLM does (ZeroMQ PUB on ``port``, no replay).
+
+    Each call sends what changed since the last as one batch: topic, 8-byte
+    sequence, msgpack ``[ts, events]`` (kvern's own encoder of vLLM's form).
+    """
+    import zmq
+
+    from kvern.upstream.kv_events.wire import (
+        BlockRemoved,
+        BlockStored,
+        KvEventBatch,
+        encode_batch,
+        encode_seq,
+    )
+
+    socket = zmq.Context.instance().socket(zmq.PUB)
+    socket.bind(f"tcp://127.0.0.1:{port}")
+    cache.events = []
+    seq = 0
+
+    def publish() -> None:
+        nonlocal seq
+        assert cache.events is not None
+        if not cache.events:
+            return
+        events: list[Any] = []
+        for item in cache.events:
+            if item[0] == "stored":
+                _, h, parent, ids = item
+                events.append(
+                    BlockStored((h,), parent, tuple(ids), cache.block_size, "GPU", None, None, None)
+                )
+            else:
+                events.append(BlockRemoved((item[1],), "GPU", None))
+        cache.events.clear()
+        payload = encode_batch(KvEventBatch(seq, time.time(), tuple(events), None))
+        socket.send_multipart([b"", encode_seq(seq), payload], flags=zmq.NOBLOCK)
+        seq += 1
+
+    return publish
+
+
 def create_replica(
     name: str,
     *,
@@ -201,6 +260,7 @@ def create_replica(
     model: str = "sim",
     cache_generated: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    kv_events_port: int = 0,
 ) -> tuple[Starlette, ReplicaState]:
     """Build one replica app and its state.
 
@@ -211,6 +271,7 @@ def create_replica(
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     cache = PrefixCache(block_size=block_size, capacity_blocks=capacity_blocks)
+    publish = kv_events_publisher(cache, kv_events_port) if kv_events_port else None
     state = ReplicaState(name=name, cache=cache)
     slots = asyncio.Semaphore(max_concurrency)  # FIFO for waiters
 
@@ -238,7 +299,10 @@ def create_replica(
             state.cached_tokens += run.num_cached_tokens
             state.prefill_tokens_computed += uncached
             await asyncio.sleep(uncached * prefill_s_per_token)
-            pinned += cache.insert(hashes[num_hit:])
+            parent = hashes[num_hit - 1] if num_hit else None
+            pinned += cache.insert(hashes[num_hit:], ids[num_hit * block_size :], parent)
+            if publish is not None:
+                publish()
             for i in range(run.max_tokens):
                 await asyncio.sleep(decode_s_per_token)
                 run.output.append(f"w{i} ")

@@ -223,3 +223,35 @@ def test_word_hash_tokenizer_is_deterministic_and_prefix_stable() -> None:
     assert word_hash_tokenize(short) == word_hash_tokenize(dict(short))
     assert word_hash_tokenize(long)[:4] == word_hash_tokenize(short)[:4]
     assert len(word_hash_tokenize(short)) == 5
+
+
+def test_the_replicas_kv_events_tell_exactly_what_its_cache_holds() -> None:
+    """What bench/routing.py's events row relies on: vLLM's wire form, block for block."""
+    import zmq
+
+    from kvern.routing.event_presence import EventPresence
+    from kvern.upstream.kv_events.wire import decode_frames
+    from tests.replica_sim import PrefixCache, kv_events_publisher
+    from tests.servers import free_port
+
+    cache = PrefixCache(block_size=4, capacity_blocks=5)
+    port = free_port()
+    publish = kv_events_publisher(cache, port)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)  # a SUB misses what is published before it is connected
+    presence = EventPresence()
+    a, b = list(range(17)), [99, *range(1, 17)]
+    try:
+        for ids in (a, b):  # b shares no block with a; 4 + 4 blocks > 5: a's tail goes
+            hashes = cache.block_hashes(ids)
+            cache.unpin(cache.insert(hashes, ids))
+            publish()
+            assert sub.poll(2000), "no batch published"
+            presence.apply(decode_frames(sub.recv_multipart()))
+        for ids in (a, b):
+            assert presence.held_tokens(ids) == cache.match(cache.block_hashes(ids), 10**6) * 4
+        assert presence.held_tokens(b) == 16 and presence.held_tokens(a) == 4
+    finally:
+        sub.close(linger=0)
