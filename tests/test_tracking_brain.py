@@ -178,7 +178,12 @@ def test_a_hung_brain_is_killed_and_replaced(
         data["tracking"] = {"hang_timeout_s": 1.0}
         with kvern(data) as url:
             client = client_for(url)
-            first_pid = health(url)["tracking"]["brain"]["pid"]
+            # An up brain to hang: on a loaded machine a starting one can miss a
+            # 1 s ping and be replaced before the test gets to it.
+            first_pid = wait_for(
+                lambda: (b := health(url)["tracking"]["brain"])["state"] == "up" and b["pid"]
+            )
+            assert first_pid, health(url)["tracking"]["brain"]
             os.kill(first_pid, signal.SIGSTOP)  # alive, answering nothing
             # Requests flow meanwhile (untracked), and /health answers at once.
             for i in range(3):
