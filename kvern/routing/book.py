@@ -112,14 +112,19 @@ class PresenceBook:
         match: PresenceMatch,
         ids: Sequence[int],
         as_of_s: float | None = None,
+        exclude: str | None = None,
     ) -> dict[str, int]:
-        """Per upstream, the prompt tokens it should report cached, from the best source.
+        """Per upstream (but ``exclude``), the prompt tokens it should report cached.
 
-        An upstream's events, where they answer, are the truth; otherwise the
-        model, raised to what other instances routed there (they may have sent
-        this prefix where this instance never did).
+        From the best source: an upstream's events, where they answer, are the
+        truth; otherwise the model, raised to what other instances routed
+        there (they may have sent this prefix where this instance never did).
         """
-        return {name: self._cached(name, model, match, ids, as_of_s)[0] for name in self.caches}
+        return {
+            name: self._cached(name, model, match, ids, as_of_s)[0]
+            for name in self.caches
+            if name != exclude
+        }
 
     def _cached(
         self,
@@ -137,8 +142,7 @@ class PresenceBook:
             held = match.depth.get(name, 0)
             if self.shared_source is not None:
                 held = max(held, self.shared_source.held_tokens(model, name, ids) or 0)
-        usable = min(held, max(match.num_tokens - 1, 0))
-        return usable - usable % cache.block_size, exact
+        return match.reusable(held, cache.block_size), exact
 
     def handle(
         self,

@@ -86,10 +86,14 @@ class PresenceMatch:
     path: list[PathStep] = field(default_factory=list)  # root side first
     fill: dict[str, float] = field(default_factory=dict)  # upstream -> share of its budget held
 
+    def reusable(self, held: int, block_size: int) -> int:
+        """Of ``held`` leading tokens, those reused: whole blocks, never the last token."""
+        usable = min(held, max(self.num_tokens - 1, 0))
+        return usable - usable % block_size
+
     def cached(self, cache: UpstreamCache) -> int:
-        """Tokens the upstream should report cached: whole blocks, the last token recomputed."""
-        usable = min(self.depth.get(cache.name, 0), max(self.num_tokens - 1, 0))
-        return usable - usable % cache.block_size
+        """Tokens the upstream should report cached, by kvern's model of it."""
+        return self.reusable(self.depth.get(cache.name, 0), cache.block_size)
 
     def trusted_cached(self, cache: UpstreamCache, trusted_before: float) -> int:
         """Like :meth:`cached`, counting only marks made before ``trusted_before``.
@@ -102,8 +106,7 @@ class PresenceMatch:
             if marked_s is None or marked_s >= trusted_before:
                 break
             depth = step.end_depth
-        usable = min(depth, self.depth.get(cache.name, 0), max(self.num_tokens - 1, 0))
-        return usable - usable % cache.block_size
+        return self.reusable(min(depth, self.depth.get(cache.name, 0)), cache.block_size)
 
     def requests_per_s(self, depth: int, now_s: float) -> float:
         """How many requests a second have gone through the node holding token ``depth``.

@@ -103,8 +103,9 @@ class Bookkeeper:
                 match: PresenceMatch = self.presence.for_model(mt).match(prompt.ids)
                 handle = self.presence.handle(match, upstream, now, model, prompt.ids, arrived_s)
                 predicted = handle.predicted
-                cached = self.presence.cached(model, match, prompt.ids, arrived_s)
-                best_elsewhere = max((v for n, v in cached.items() if n != upstream), default=0)
+                # The others only: the chosen upstream's sources were just asked.
+                elsewhere = self.presence.cached(model, match, prompt.ids, arrived_s, upstream)
+                best_elsewhere = max(elsewhere.values(), default=0)
                 backend_model = "events" if handle.exact else "routed"  # which presence
                 block_size = self.presence.caches[upstream].block_size
             else:
