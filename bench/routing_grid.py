@@ -19,6 +19,12 @@ The last line, machine-readable, gives the worst cell of each figure:
 max_p99_ratio_over_sglang=.. hit_ratio_over_sglang_at_max_pressure=..
 p99_ratio_over_sglang_at_max_pressure=.. all_bars_met=0|1``.
 
+``--repeats R`` runs every cell R times and reports each figure's median
+over the runs (a ratio: the median of the runs' own ratios, each measured
+side by side in one run), since one run's p99 -- its 12th slowest request
+-- moves by tens of milliseconds on a busy two-core machine.
+``--routing KEY=VALUE`` passes a routing.* setting to every kvern contender.
+
 Every cell's full output stays in ``--logs`` (default: a temporary folder,
 printed) for the per-contender tables and kvern's routing reasons.
 """
@@ -28,11 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +59,9 @@ class Cell:
     p99_sg: float
     prefill_ratio_rr: float
     failed: int
-
-    @property
-    def p99_over_ll(self) -> float:
-        return self.p99_ca / self.p99_ll if self.p99_ll else math.nan
-
-    @property
-    def p99_over_sg(self) -> float:
-        return self.p99_ca / self.p99_sg if self.p99_sg else math.nan
+    p99_over_ll: float
+    p99_over_sg: float
+    runs: int = 1
 
     def checks(self) -> dict[str, bool]:
         return {
@@ -78,28 +80,60 @@ def cell_of(seed: int, pressure: float, payload: dict[str, Any]) -> Cell:
         return float(row[attr]) if row is not None else math.nan
 
     bound = payload["bound"]
+    p99_ca, p99_ll, p99_sg = (
+        get(n, "ttft_p99_ms") for n in ("kvern_cache_aware", "kvern_least_load", best)
+    )
     return Cell(
         seed=seed,
         pressure=pressure,
         hit_ca=get("kvern_cache_aware", "hit_rate"),
         hit_sg=get(best, "hit_rate"),
         hit_bound=1 - bound["prefill_tokens"] / bound["prompt_tokens"],
-        p99_ca=get("kvern_cache_aware", "ttft_p99_ms"),
-        p99_ll=get("kvern_least_load", "ttft_p99_ms"),
-        p99_sg=get(best, "ttft_p99_ms"),
+        p99_ca=p99_ca,
+        p99_ll=p99_ll,
+        p99_sg=p99_sg,
         prefill_ratio_rr=payload["summary"]["prefill_ratio_rr_over_cache_aware"],
         failed=sum(int(r.get("failed", 0)) for r in rows.values()),
+        p99_over_ll=p99_ca / p99_ll if p99_ll else math.nan,
+        p99_over_sg=p99_ca / p99_sg if p99_sg else math.nan,
     )
 
 
-def run_cell(seed: int, pressure: float, args: argparse.Namespace, logs: Path) -> Cell | None:
+def median_cell(runs: list[Cell]) -> Cell:
+    """One cell from several runs of it: every figure's median, failures summed."""
+
+    def mid(attr: str) -> float:
+        values = [getattr(c, attr) for c in runs]
+        return statistics.median(values) if not any(math.isnan(v) for v in values) else math.nan
+
+    first = runs[0]
+    figures = {
+        f.name: mid(f.name)
+        for f in fields(Cell)
+        if f.name not in ("seed", "pressure", "failed", "runs")
+    }
+    return Cell(
+        seed=first.seed,
+        pressure=first.pressure,
+        failed=sum(c.failed for c in runs),
+        runs=len(runs),
+        **figures,
+    )
+
+
+def run_cell(
+    seed: int, pressure: float, args: argparse.Namespace, logs: Path, run: int = 0
+) -> Cell | None:
     # No dot in the stem: with_suffix would eat "0.5"'s ".5".
-    out = logs / f"seed{seed}-pressure{pressure:g}".replace(".", "_")
+    stem = f"seed{seed}-pressure{pressure:g}" + (f"-run{run}" if run else "")
+    out = logs / stem.replace(".", "_")
     cmd = [
         sys.executable, str(ROOT / "bench" / "routing.py"),
         "--seed", str(seed), "--pressure", str(pressure),
         "--contenders", args.contenders, "--json", str(out.with_suffix(".json")),
     ] + (["--quick"] if args.quick else [])  # fmt: skip
+    for setting in args.routing:
+        cmd += ["--routing", setting]
     t = time.perf_counter()
     with out.with_suffix(".log").open("w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -108,13 +142,17 @@ def run_cell(seed: int, pressure: float, args: argparse.Namespace, logs: Path) -
         print(f"  seed {seed} pressure {pressure:g}: exit {proc.returncode}, see {out}.log")
         return None
     cell = cell_of(seed, pressure, json.loads(out.with_suffix(".json").read_text("utf-8")))
-    print(f"  seed {seed} pressure {pressure:g}: {took:.0f} s", flush=True)
+    print(
+        f"  seed {seed} pressure {pressure:g}{f' run {run}' if run else ''}: {took:.0f} s, "
+        f"hit {cell.hit_ca:.1%}, p99 {cell.p99_ca:.0f} ms",
+        flush=True,
+    )
     return cell
 
 
 def print_grid(cells: list[Cell]) -> None:
     head = (
-        f"{'seed':>4}{'press':>6}{'hit ca':>8}{'hit sg':>8}{'bound':>8}{'p99 ca':>8}"
+        f"{'runs':>4}{'seed':>5}{'press':>6}{'hit ca':>8}{'hit sg':>8}{'bound':>8}{'p99 ca':>8}"
         f"{'p99 ll':>8}{'p99 sg':>8}{'ca/ll':>7}{'ca/sg':>7}{'rr/ca pf':>9}{'fail':>5}  checks"
     )
     print(head)
@@ -122,7 +160,7 @@ def print_grid(cells: list[Cell]) -> None:
     for c in cells:
         marks = " ".join(k if ok else k.upper() + "!" for k, ok in c.checks().items())
         print(
-            f"{c.seed:>4}{c.pressure:>6g}{c.hit_ca:>8.1%}{c.hit_sg:>8.1%}{c.hit_bound:>8.1%}"
+            f"{c.runs:>4}{c.seed:>5}{c.pressure:>6g}{c.hit_ca:>8.1%}{c.hit_sg:>8.1%}{c.hit_bound:>8.1%}"
             f"{c.p99_ca:>8.0f}{c.p99_ll:>8.0f}{c.p99_sg:>8.0f}{c.p99_over_ll:>7.2f}"
             f"{c.p99_over_sg:>7.2f}{c.prefill_ratio_rr:>9.2f}{c.failed:>5}  {marks}"
         )
@@ -144,9 +182,7 @@ def summary(cells: list[Cell], expected: int) -> str:
         ),
     }
     met = len(cells) == expected and all(all(c.checks().values()) for c in cells)
-    parts = [f"cells={len(cells)}"] + [
-        f"{k}={v:.4f}" for k, v in figures.items() if k != "cells"
-    ]
+    parts = [f"cells={len(cells)}"] + [f"{k}={v:.4f}" for k, v in figures.items() if k != "cells"]
     return "routing_grid " + " ".join(parts) + f" all_bars_met={int(met)}"
 
 
@@ -162,6 +198,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="each cell on the short trace")
     parser.add_argument("--logs", type=Path, help="keep every cell's output and JSON here")
     parser.add_argument("--json", type=Path, help="write every cell's figures here")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell (medians)")
+    parser.add_argument(
+        "--routing", action="append", default=[], metavar="KEY=VALUE", help="see bench/routing.py"
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     pressures = parse_floats(args.pressures)
@@ -170,12 +210,16 @@ def main() -> None:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         print(f"cells: seeds {seeds} x pressures {pressures}; logs in {logs}", flush=True)
-        cells = [
-            cell
-            for pressure in pressures
-            for seed in seeds
-            if (cell := run_cell(seed, pressure, args, logs)) is not None
-        ]
+        cells = []
+        for pressure in pressures:
+            for seed in seeds:
+                runs = [
+                    cell
+                    for k in range(max(1, args.repeats))
+                    if (cell := run_cell(seed, pressure, args, logs, k)) is not None
+                ]
+                if runs:
+                    cells.append(median_cell(runs))
     print()
     print_grid(cells)
     if args.json:

@@ -267,6 +267,30 @@ def test_cache_aware_miss_equal_cost_goes_where_recent_demand_is_lightest() -> N
     assert cache_aware(list(c.values()), 100, CFG).replica.name == "b"
 
 
+def test_cache_aware_miss_equal_cost_goes_where_the_least_content_was_sent() -> None:
+    c = cands(("a", 0), ("b", 0), ("c", 0))
+    c["a"].assigned, c["b"].assigned, c["c"].assigned = 9_000, 2_000, 5_000
+    c["b"].demand = 9.0  # content sent decides before recent demand
+
+    choice = cache_aware(list(c.values()), 100, CFG)
+
+    assert (choice.replica.name, choice.reason) == ("b", "miss")
+
+
+def test_cache_aware_miss_weighs_content_sent_by_weight() -> None:
+    c = cands(("a", 0), ("b", 0), weights={"a": 4.0})
+    c["a"].assigned, c["b"].assigned = 12_000, 4_000  # a: 3,000 per unit of weight
+
+    assert cache_aware(list(c.values()), 100, CFG).replica.name == "a"
+
+
+def test_cache_aware_miss_goes_where_it_starts_sooner_whatever_the_content_sent() -> None:
+    c = cands(("a", 500), ("b", 0))
+    c["a"].assigned, c["b"].assigned = 0, 1_000_000
+
+    assert cache_aware(list(c.values()), 100, CFG).replica.name == "b"
+
+
 # ------------------------------------------------------------------ least_load
 
 

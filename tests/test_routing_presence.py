@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvern.config import EvictionConfig, TrieConfig
+from kvern.config import EvictionConfig, RoutingConfig, TrieConfig
 from kvern.routing.book import PresenceBook, RouteHandle
 from kvern.routing.presence import ModelPresence, PresenceMatch, PresenceStats, UpstreamCache
 from kvern.tracking.forest import ModelTrie, TrieForest
@@ -176,6 +176,44 @@ def test_fill_is_the_share_of_the_budget_held() -> None:
     put(trie, presence, [1, 2, 3, 4, 5], "a", 1.0)
 
     assert presence.match([1]).fill == {"a": 0.25, "b": 0.0}
+
+
+def test_assigned_counts_every_token_newly_marked_on_an_upstream_evicted_or_not() -> None:
+    trie, presence = make_presence(cache("a", capacity_tokens=6), cache("b"))
+    put(trie, presence, [1, 2, 3], "a", 1.0)
+    put(trie, presence, [1, 2, 3, 4], "a", 2.0)  # only the new token counts
+    put(trie, presence, [5, 6, 7, 8], "a", 3.0)  # evicts [1, 2, 3, 4]: still sent there
+    put(trie, presence, [1, 2, 3], "b", 4.0)
+
+    assert presence.match([1]).assigned == {"a": 8, "b": 3}
+    assert stats(presence, "a").tokens == 4
+
+
+def test_a_tenants_shared_prompt_is_hot_within_seconds_of_its_burst() -> None:
+    trie, presence = make_presence(cache("a"))
+    system = [1, 2, 3, 4]
+    for k in range(20):  # 20 sessions in 4 s, each its own question after the shared prompt
+        put(trie, presence, system + [100 + k], "a", 1.0 + k * 0.2)
+    now = 5.0
+
+    match = presence.match(system + [999])
+
+    # Every pass through it counts, over no less than five seconds.
+    assert match.requests_per_s(len(system), now) == pytest.approx(20 / 5.0)
+
+
+def test_a_conversations_own_turns_never_make_its_newest_node_hot() -> None:
+    trie, presence = make_presence(cache("a"))
+    turns = [[1, 2, 3, 4, 5]]
+    for k in range(6):  # six fast turns, half a second apart
+        turns.append(turns[-1] + [10 + k])
+    for k, prompt in enumerate(turns):
+        put(trie, presence, prompt, "a", 1.0 + 0.5 * k)
+    now = 4.0
+
+    rate = presence.match(turns[-1] + [99]).requests_per_s(len(turns[2]), now)
+
+    assert 0 < rate < RoutingConfig().hot_prefix_per_s
 
 
 # ------------------------------------------------------------------ LRU budget

@@ -43,8 +43,10 @@ _MAX_BUDGET_FACTOR = 4.0
 _PROOF_BLOCKS = 4
 # How far the budget moves toward each new capacity estimate.
 _LEARN_RATE = 0.25
-# The shortest time a prefix's request rate is averaged over (s).
-_HOT_WINDOW_S = 30.0
+# The shortest time a prefix's request rate is averaged over (s): long
+# enough that a conversation's own turns (a few seconds apart) never make its
+# newest node hot, short enough that a tenant's burst is seen while it lasts.
+_HOT_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,15 @@ class PresenceMatch:
     depth: dict[str, int]  # upstream -> contiguous prefix it holds (tokens)
     path: list[PathStep] = field(default_factory=list)  # root side first
     fill: dict[str, float] = field(default_factory=dict)  # upstream -> share of its budget held
+    # upstream -> prompt tokens ever newly marked there: the content routed
+    # its way (what SGLang's router calls its tree size), evicted or not.
+    assigned: dict[str, int] = field(default_factory=dict)
+
+    def answer(self, cached: dict[str, int], hot_per_s: float) -> PrefixAnswer:
+        """The router's part of this match (plain numbers)."""
+        return PrefixAnswer(
+            self.num_tokens, cached, dict(self.fill), hot_per_s, dict(self.assigned)
+        )
 
     def reusable(self, held: int, block_size: int) -> int:
         """Of ``held`` leading tokens, those reused: whole blocks, never the last token."""
@@ -144,6 +155,7 @@ class PrefixAnswer:
     fill: dict[str, float]  # upstream -> share of its budget held
     # Requests a second through the longest held prefix (see PresenceMatch.requests_per_s).
     hot_per_s: float = 0.0
+    assigned: dict[str, int] = field(default_factory=dict)  # see PresenceMatch.assigned
 
 
 class _UpstreamLRU:
@@ -153,6 +165,7 @@ class _UpstreamLRU:
         self.cache = cache
         self.nodes: OrderedDict[TrieNode, None] = OrderedDict()
         self.stats = PresenceStats(budget=float(cache.capacity_tokens))
+        self.assigned = 0  # tokens newly marked here, ever (PresenceMatch.assigned)
 
     def forget(self, node: TrieNode) -> None:
         """Drop the mark on ``node`` (it must be held)."""
@@ -216,7 +229,8 @@ class ModelPresence:
             if not alive and end >= result.matched_tokens:
                 break
         fill = {n: lru.stats.tokens / max(lru.stats.budget, 1.0) for n, lru in self._lru.items()}
-        return PresenceMatch(num_tokens, depth, path, fill)
+        assigned = {n: lru.assigned for n, lru in self._lru.items()}
+        return PresenceMatch(num_tokens, depth, path, fill, assigned)
 
     # -- writing -------------------------------------------------------------
 
@@ -234,6 +248,7 @@ class ModelPresence:
                 walk.upstreams = {}
             if name not in walk.upstreams:
                 lru.stats.tokens += len(walk.key)
+                lru.assigned += len(walk.key)
             walk.upstreams[name] = now_s
             lru.nodes[walk] = None
             lru.nodes.move_to_end(walk)

@@ -229,6 +229,7 @@ class Router:
         for c in cands:
             c.cached = answer.cached.get(c.replica.name, 0)
             c.fill = answer.fill.get(c.replica.name, 0.0)
+            c.assigned = answer.assigned.get(c.replica.name, 0)
         choice = cache_aware(cands, answer.num_tokens, self.config, answer.hot_per_s)
         uncached = max(1, answer.num_tokens - choice.cached)
         load = choice.replica.load

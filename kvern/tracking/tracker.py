@@ -231,7 +231,7 @@ class Tracker(TrackingQueue):
                 match = presence.for_model(self._forest.get(model)).match(ids)
                 cached = presence.cached(model, match, ids)
                 hot = match.requests_per_s(max(cached.values(), default=0), self._clock())
-                answer.set_result(PrefixAnswer(match.num_tokens, cached, dict(match.fill), hot))
+                answer.set_result(match.answer(cached, hot))
             except Exception as exc:  # noqa: BLE001 - the relay routes by load instead
                 self._count_error("route", exc)
                 asked.prompt = None
