@@ -30,6 +30,17 @@ DEMAND_HALF_LIFE_S = 30.0
 
 
 @dataclass(slots=True)
+class _InFlight:
+    """One request a replica holds, from its routing to its end."""
+
+    prefill_tokens: int  # its uncached prompt tokens, counted until its first byte
+    routed_s: float  # when it was routed (the router's clock)
+    expected: float | None  # the router's cost for it (token-equivalents), to teach the TTFT line
+    routed_mono: float  # the same moment on a monotonic clock, to time its first byte
+    decoding: bool = False  # past its first byte
+
+
+@dataclass(slots=True)
 class LoadSnapshot:
     in_flight: int
     prefill_tokens: int
@@ -59,9 +70,7 @@ class Load:
         self.in_flight = 0  # requests sent and not yet ended
         self.prefill_tokens = 0  # uncached prompt tokens of requests awaiting their first byte
         self.decoding = 0  # requests past their first byte
-        # request id -> [prefill tokens still counted (-1 once decoding), when routed,
-        # expected cost in token-equivalents (-1: none), monotonic time routed]
-        self._requests: dict[str, list[float]] = {}
+        self._requests: dict[str, _InFlight] = {}
         # Requests routed here, decayed with a DEMAND_HALF_LIFE_S half-life:
         # the demand of the prefixes this replica holds, which a snapshot of
         # what is in flight right now does not show.
@@ -83,12 +92,9 @@ class Load:
         with self._lock:
             if request_id in self._requests:
                 return
-            self._requests[request_id] = [
-                prefill_tokens,
-                now_s,
-                -1.0 if expected is None else expected,
-                time.monotonic(),
-            ]
+            self._requests[request_id] = _InFlight(
+                prefill_tokens, now_s, expected, time.monotonic()
+            )
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
             self._demand = self._decayed(now_s) + 1.0
@@ -111,14 +117,13 @@ class Load:
         """
         with self._lock:
             entry = self._requests.get(request_id)
-            if entry is None or entry[0] < 0:
+            if entry is None or entry.decoding:
                 return
-            self.prefill_tokens -= int(entry[0])
-            entry[0] = -1  # decoding
+            self.prefill_tokens -= entry.prefill_tokens
+            entry.decoding = True
             self.decoding += 1
-            expected, routed_mono = entry[2], entry[3]
-        if expected >= 0:
-            self.ttft.observe(expected, time.monotonic() - routed_mono)
+        if entry.expected is not None:
+            self.ttft.observe(entry.expected, time.monotonic() - entry.routed_mono)
 
     def end(self, request_id: str) -> None:
         """The request ended (answered, failed or abandoned), at any stage."""
@@ -126,16 +131,19 @@ class Load:
             entry = self._requests.pop(request_id, None)
             if entry is None:
                 return
-            if entry[0] < 0:
+            if entry.decoding:
                 self.decoding -= 1
             else:
-                self.prefill_tokens -= int(entry[0])
+                self.prefill_tokens -= entry.prefill_tokens
             self.in_flight -= 1
 
     def oldest_awaiting(self) -> float:
         """When the oldest request still prefilling here was routed (inf: none)."""
         with self._lock:
-            return min((e[1] for e in self._requests.values() if e[0] >= 0), default=float("inf"))
+            return min(
+                (e.routed_s for e in self._requests.values() if not e.decoding),
+                default=float("inf"),
+            )
 
 
 @dataclass(slots=True)
