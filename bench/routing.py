@@ -20,7 +20,8 @@ Rows beyond the default (``--contenders``): ``kvern_cache_aware_x3`` (three
 kvern instances sharing state through a redis-server, behind a round-robin
 client), ``kvern_cache_aware_x3_unshared`` (the same without shared state) and
 ``kvern_cache_aware_events`` (presence from the replicas' own KV events, which
-every replica publishes in vLLM's form, instead of kvern's model).
+that row's replicas publish in vLLM's form, instead of kvern's model). Each
+kvern row is a :class:`KvernSetup` in ``KVERN_SETUPS``.
 
 Every contender gets fresh replicas (empty caches, zeroed counters) and the same
 trace (``bench/routing_trace.py``): multi-tenant chat sessions, Zipf tenant
@@ -116,12 +117,30 @@ from tests.replica_main import ChatTokenizer, ReplicaSpec, fork_replica  # noqa:
 
 Process = Popen[bytes]
 SGLANG_ROUTER_VERSION = "0.3.2"
+
+
+@dataclass(frozen=True, slots=True)
+class KvernSetup:
+    """How one kvern row runs in front of its replicas."""
+
+    policy: str
+    instances: int = 1  # behind a round-robin client
+    shared: bool = True  # with several instances: routing.shared_state on one redis-server
+    events: bool = False  # presence from the replicas' own KV events (upstreams[].kv_events)
+
+
+KVERN_SETUPS = {
+    "kvern_round_robin": KvernSetup("round_robin"),
+    "kvern_least_load": KvernSetup("least_load"),
+    "kvern_cache_aware": KvernSetup("cache_aware"),
+    "kvern_cache_aware_x3": KvernSetup("cache_aware", instances=3),
+    "kvern_cache_aware_x3_unshared": KvernSetup("cache_aware", instances=3, shared=False),
+    "kvern_cache_aware_events": KvernSetup("cache_aware", events=True),
+}
 KVERN_ROWS = ("kvern_round_robin", "kvern_least_load", "kvern_cache_aware")
 SGLANG_ROWS = ("sglang_openai", "sglang_sglang")
 CONTENDERS = KVERN_ROWS + SGLANG_ROWS
-# Three kvern instances sharing state through redis, behind a round-robin client.
-# kvern_cache_aware_events: presence from the replicas' KV events (vLLM's form).
-SCALED_ROWS = ("kvern_cache_aware_x3", "kvern_cache_aware_x3_unshared", "kvern_cache_aware_events")
+SCALED_ROWS = tuple(name for name in KVERN_SETUPS if name not in KVERN_ROWS)
 SGLANG_NOTE = """\
 sglang-router 0.3.2, --policy cache_aware. With --backend openai (sglang_openai) the
 policy is not consulted: each request goes to the worker with the lowest load count,
@@ -231,8 +250,14 @@ def log_tail(h: Harness, name: str) -> str:
     return path.read_text(errors="replace")[-1500:] if path.exists() else ""
 
 
-def start_fleet(h: Harness, stack: contextlib.ExitStack) -> list[tuple[BaseProcess, str]]:
-    """Fork fresh replica processes (the tokenizer comes loaded); ``stack`` stops them."""
+def start_fleet(
+    h: Harness, stack: contextlib.ExitStack, events: bool = False
+) -> list[tuple[BaseProcess, str]]:
+    """Fork fresh replica processes (the tokenizer comes loaded); ``stack`` stops them.
+
+    ``events``: each publishes its cache's changes as vLLM's KV events
+    (only for the row that follows them: encoding costs every request).
+    """
     fleet = h.run.fleet
     procs: list[tuple[BaseProcess, str]] = []
     for i in range(fleet.num_replicas):
@@ -245,12 +270,13 @@ def start_fleet(h: Harness, stack: contextlib.ExitStack) -> list[tuple[BaseProce
             decode_ms_per_token=fleet.decode_ms_per_token,
             block_size=fleet.block_size,
             model=MODEL,
-            kv_events_port=free_port(),
+            kv_events_port=free_port() if events else 0,
         )
         proc = fork_replica(spec, h.tokenize, str(h.logs / f"{spec.name}-{spec.port}.log"))
         stack.callback(stop_replica, proc)
         url = f"http://127.0.0.1:{spec.port}"
-        h.events_of[url] = f"tcp://127.0.0.1:{spec.kv_events_port}"
+        if events:
+            h.events_of[url] = f"tcp://127.0.0.1:{spec.kv_events_port}"
         procs.append((proc, url))
     return procs
 
@@ -298,43 +324,40 @@ def kvern_config(
 
 
 def start_kvern(
-    h: Harness, variant: str, replicas: list[str], stack: contextlib.ExitStack
+    h: Harness, row: str, replicas: list[str], stack: contextlib.ExitStack
 ) -> tuple[list[str], list[Process]]:
     """kvern as users run it (``python -m kvern serve``), in front of ``replicas``.
 
-    ``variant`` is the policy, with ``_xN`` for N instances that share state
-    through one ``redis-server`` (``routing.shared_state``), started here;
-    ``_xN_unshared``: N instances each on its own view (what sharing buys).
+    ``row`` names its :class:`KvernSetup`: several instances share state
+    through one ``redis-server`` (``routing.shared_state``), started here,
+    unless the row is the unshared one (what sharing buys).
     """
     import yaml
 
-    policy, _, count = variant.partition("_x")
-    count, _, unshared = count.partition("_")
-    policy, events, _ = policy.partition("_events")
-    instances = int(count or 1)
+    setup = KVERN_SETUPS[row]
     shared: dict[str, Any] = {}
-    if instances > 1 and not unshared:
+    if setup.instances > 1 and setup.shared:
         from tests.redis_server import RedisServer
 
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        (h.logs / f"redis-{variant}").mkdir(exist_ok=True)
-        store = RedisServer(binary, h.logs / f"redis-{variant}")
+        (h.logs / f"redis-{row}").mkdir(exist_ok=True)
+        store = RedisServer(binary, h.logs / f"redis-{row}")
         store.start()
         stack.callback(store.kill)
         shared = {
             "shared_state": f"redis://127.0.0.1:{store.port}/0",
-            "shared_state_prefix": f"bench-{variant}",
+            "shared_state_prefix": f"bench-{row}",
             "shared_state_publish_ms": 50,
         }
     urls, procs = [], []
-    for k in range(instances):
-        name = f"kvern_{variant}" + (f"_{k}" if instances > 1 else "")
+    for k in range(setup.instances):
+        name = row + (f"_{k}" if setup.instances > 1 else "")
         config = h.logs / f"{name}.yaml"
-        data = kvern_config(policy, replicas, h.run.fleet, h.run.trace.max_tokens)
+        data = kvern_config(setup.policy, replicas, h.run.fleet, h.run.trace.max_tokens)
         data["routing"].update(dict(h.run.routing) | shared)
-        if events:  # presence from the replicas' own KV events, not modelled
+        if setup.events:  # presence from the replicas' own KV events, not modelled
             for entry in data["upstreams"]:
                 entry["kv_events"] = h.events_of[entry["url"].removesuffix("/v1")]
         # Analytics on, as users run it; /analytics then shows the routing reasons.
@@ -449,18 +472,20 @@ def start_all(h: Harness, names: list[str], stack: contextlib.ExitStack) -> list
     only every 30 s).
     """
     fleets = []
-    for _ in names:
+    for name in names:
         fleet_stack = stack.enter_context(contextlib.ExitStack())
-        fleets.append((fleet_stack, start_fleet(h, fleet_stack)))
+        events = name in KVERN_SETUPS and KVERN_SETUPS[name].events
+        fleets.append((fleet_stack, start_fleet(h, fleet_stack, events)))
     for _, procs in fleets:
         for replica, url in procs:
             wait_until(partial(http_ok, h, url + "/health"), replica.is_alive, f"replica {url}")
     contenders = []
     for name, (fleet_stack, procs) in zip(names, fleets, strict=True):
         replicas = [url for _, url in procs]
-        kind, _, variant = name.partition("_")
-        start = start_kvern if kind == "kvern" else start_sglang
-        urls, procs = start(h, variant, replicas, fleet_stack)
+        if name in KVERN_SETUPS:
+            urls, procs = start_kvern(h, name, replicas, fleet_stack)
+        else:
+            urls, procs = start_sglang(h, name.removeprefix("sglang_"), replicas, fleet_stack)
         contenders.append(Contender(name, replicas, urls, procs, fleet_stack))
     return contenders
 
