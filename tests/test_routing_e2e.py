@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,12 @@ def qwen_ids(tok: Any) -> Callable[[dict[str, Any]], list[int]]:
 
 @contextmanager
 def replicas(
-    tok: Any, n: int = 4, *, capacity_blocks: int = 4000, max_concurrency: int = 8
+    tok: Any,
+    n: int = 4,
+    *,
+    capacity_blocks: int = 4000,
+    max_concurrency: int = 8,
+    decode_s_per_token: float = 0.001,
 ) -> Iterator[list[tuple[str, ReplicaState]]]:
     with ExitStack() as stack:
         out = []
@@ -47,7 +54,7 @@ def replicas(
                 capacity_blocks=capacity_blocks,
                 max_concurrency=max_concurrency,
                 prefill_s_per_token=1e-6,
-                decode_s_per_token=0.001,
+                decode_s_per_token=decode_s_per_token,
                 tokenize=qwen_ids(tok),
                 model=MODEL,
             )
@@ -164,6 +171,43 @@ def test_cache_aware_keeps_each_session_on_one_replica_and_spreads_tenants(
     assert {u["name"] for u in health["routing"]["upstreams"]} == {"r0", "r1", "r2", "r3"}
     held = [u["cache"][MODEL]["held_tokens"] for u in health["routing"]["upstreams"]]
     assert sum(1 for h in held if h > 0) >= 3
+
+
+def test_a_hot_prefix_whose_holder_is_queued_is_copied_once_then_shared(
+    tmp_path: Path, hf_tokenizers: dict[str, Any], tokenizer_fixtures: dict[str, Any]
+) -> None:
+    # Two one-slot replicas, each answer ~0.2 s: a second request at the
+    # holder waits for the first. The tenant's prompt is hot after a few
+    # sessions (threshold lowered so a test's rate reaches it).
+    routing = {"hot_prefix_per_s": 0.5, "hot_prefix_replicas": 2, "decode_load_tokens": 64}
+    with replicas(hf_tokenizers["qwen2"], n=2, max_concurrency=1, decode_s_per_token=0.05) as reps:
+        tok_dir = str(tokenizer_fixtures["qwen2"].directory)
+        data = routed_config(tmp_path, [u for u, _ in reps], tok_dir, **routing)
+        for entry in data["upstreams"]:
+            entry["max_concurrency"] = 1
+        with kvern(data) as url:
+            client = client_for(url)
+            system = {"role": "system", "content": system_prompt(0)}
+
+            def new_session(k: int, pause_s: float = 0.0) -> tuple[str, str, int]:
+                time.sleep(pause_s)  # the previous answer's load is released first
+                return chat_turn(client, [system, {"role": "user", "content": f"Session {k}?"}])
+
+            first = [new_session(k, 0.1) for k in range(4)]  # one at a time: the holder is free
+            home = first[0][0]
+            with ThreadPoolExecutor(4) as pool:
+                futures = []
+                for k in range(4, 8):  # together: all but the first find the holder busy
+                    futures.append(pool.submit(new_session, k))
+                    time.sleep(0.05)  # each decision made before the next arrives
+                burst = [f.result() for f in futures]
+            later = [new_session(k, 0.1) for k in range(8, 12)]
+            reasons = analytics(url)["routing"]["reasons"]
+    assert {u for u, _, _ in first} == {home}
+    assert reasons.get("replicate") == 1, reasons  # copied once ...
+    copy = next(u for u, _, _ in burst if u != home)
+    assert any(u == copy and cached > 0 for u, _, cached in burst + later)  # ... and reused there
+    assert all(cached > 0 for _, _, cached in later)  # both hold it: every later session hits
 
 
 def test_round_robin_scatters_sessions_and_recomputes_prefixes(
