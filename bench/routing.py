@@ -167,8 +167,18 @@ class Harness:
     tokenize: ChatTokenizer  # the replicas' tokenizer, loaded once and forked into them
     logs: Path
     http: httpx.Client  # one client for control requests (a new one costs ~0.1 s)
-    # Replica URL -> where it publishes its KV events (vLLM's form; every replica does).
+    # Replica URL -> where it publishes its KV events (vLLM's form; the events row's only).
     events_of: dict[str, str] = field(default_factory=dict)
+    # Every port handed out this run: the OS may offer a just-released port
+    # again, and two processes given one port make one of them die at start.
+    ports: set[int] = field(default_factory=set)
+
+    def port(self) -> int:
+        """A free port on 127.0.0.1 that no other process of this run was given."""
+        while (port := free_port()) in self.ports:
+            pass
+        self.ports.add(port)
+        return port
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -263,14 +273,14 @@ def start_fleet(
     for i in range(fleet.num_replicas):
         spec = ReplicaSpec(
             name=f"r{i}",
-            port=free_port(),
+            port=h.port(),
             capacity_blocks=fleet.capacity_blocks,
             max_concurrency=fleet.max_concurrency,
             prefill_us_per_token=fleet.prefill_us_per_token,
             decode_ms_per_token=fleet.decode_ms_per_token,
             block_size=fleet.block_size,
             model=MODEL,
-            kv_events_port=free_port() if events else 0,
+            kv_events_port=h.port() if events else 0,
         )
         proc = fork_replica(spec, h.tokenize, str(h.logs / f"{spec.name}-{spec.port}.log"))
         stack.callback(stop_replica, proc)
@@ -363,7 +373,7 @@ def start_kvern(
         # Analytics on, as users run it; /analytics then shows the routing reasons.
         data["analytics"] = {"enabled": True, "db_path": str(h.logs / f"{name}.db")}
         config.write_text(yaml.safe_dump(data), "utf-8")
-        port = free_port()
+        port = h.port()
         args = [
             sys.executable, "-m", "kvern", "serve", "--config", str(config),
             "--port", str(port), "--log-level", "warning",
@@ -414,10 +424,10 @@ def sglang_router_bin() -> Path:
 def start_sglang_router(
     h: Harness, backend: str, replicas: list[str], stack: contextlib.ExitStack
 ) -> tuple[str, Process]:
-    port = free_port()
+    port = h.port()
     args = [
         str(sglang_router_bin()), "launch", "--host", "127.0.0.1", "--port", str(port),
-        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(h.port()),
         "--backend", backend, "--policy", "cache_aware", "--log-level", "warn",
         "--worker-urls", *replicas,
     ]  # fmt: skip
@@ -478,7 +488,12 @@ def start_all(h: Harness, names: list[str], stack: contextlib.ExitStack) -> list
         fleets.append((fleet_stack, start_fleet(h, fleet_stack, events)))
     for _, procs in fleets:
         for replica, url in procs:
-            wait_until(partial(http_ok, h, url + "/health"), replica.is_alive, f"replica {url}")
+            try:
+                wait_until(partial(http_ok, h, url + "/health"), replica.is_alive, f"replica {url}")
+            except RuntimeError as exc:  # its log goes with the temporary folder: show it now
+                port = url.rpartition(":")[2]
+                tail = "".join(log_tail(h, p.stem) for p in h.logs.glob(f"r*-{port}.log"))
+                raise RuntimeError(f"{exc}; its output:\n{tail}") from None
     contenders = []
     for name, (fleet_stack, procs) in zip(names, fleets, strict=True):
         replicas = [url for _, url in procs]
