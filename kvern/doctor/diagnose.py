@@ -5,8 +5,8 @@ first (no network); then the upstreams (reachable, what they list and are),
 which decide which models to check and where parity and the cached-token
 requests go; then the tokenizer hub, which decides how hub ids load; then
 each model's tokenizer, followed at once by its parity, so a slow load is
-seen before the next one begins; last the inference requests. Every line is
-printed when its check ends.
+seen before the next one begins; then the shared state of several instances;
+last the inference requests. Every line is printed when its check ends.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from kvern.config import KvernConfig
 from kvern.doctor.local_checks import ExposureWarning, check_local
 from kvern.doctor.parity_checks import check_model_parity
 from kvern.doctor.report import Progress, Report
+from kvern.doctor.shared_state_checks import check_shared_state
 from kvern.doctor.tokenizer_checks import check_hub, check_model, models_to_check, unconfigured
 from kvern.doctor.upstream_checks import check_upstreams, findings_for
 from kvern.doctor.usage_checks import check_cached_tokens
@@ -76,6 +77,8 @@ async def diagnose(
                 )
         with report.guard("models without a tokenizer"):
             report.extend(await asyncio.to_thread(unconfigured, config, upstreams))
+        with report.guard("shared state"):
+            report.extend(await check_shared_state(config.routing, timeout_s=options.timeout_s))
         with report.guard("cached tokens"):
             report.extend(
                 await check_cached_tokens(
