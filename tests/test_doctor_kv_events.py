@@ -148,6 +148,18 @@ async def test_a_hole_in_the_sequence_is_a_warning_naming_what_is_missing() -> N
     )
 
 
+async def test_a_watch_closed_without_finishing_leaves_no_subscription() -> None:
+    """As when a check between start and finish raised: diagnose closes it in a finally."""
+    async with publisher(replay=False) as (pub, port, _):
+        async with watching(found_for(kv_events=f"tcp://127.0.0.1:{port}")) as watch:
+            await watch.start()
+            await pub.subscribed()
+            await watch.close()
+            gone = await asyncio.wait_for(pub.pub.recv(), 5)
+            assert gone[:1] == b"\x00"  # the SUB went away
+            assert await watch.finish() == []  # and nothing is left to report
+
+
 async def test_a_closed_port_fails_naming_the_endpoint_and_vllms_flag() -> None:
     port, replay_port = free_port(), free_port()
     found = found_for(kv_events=f"tcp://*:{port}", kv_events_replay=f"tcp://*:{replay_port}")
@@ -161,7 +173,7 @@ async def test_a_closed_port_fails_naming_the_endpoint_and_vllms_flag() -> None:
         f'"publisher": "zmq", "endpoint": "tcp://*:{port}", '
         f'"replay_endpoint": "tcp://*:{replay_port}"}}\''
     )
-    assert pub.fix.endswith("or upstreams[0].kv_events")
+    assert pub.fix.endswith("or correct upstreams[0].kv_events")
     assert replay.status == "fail" and replay.subject == "upstream a kv replay"
     assert replay.message.startswith(f"tcp://127.0.0.1:{replay_port} refused: ")
 

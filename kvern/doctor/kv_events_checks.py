@@ -176,8 +176,11 @@ class KvEventsWatch:
             topic = f", topic {endpoints.topic!r}" if endpoints.topic else ""
             checks.append(ok(subject, f"{how}{endpoints.endpoint} accepts connections{topic}"))
         else:
+            instead = f"set {key} to its endpoint by hand" if how else f"correct {key}"
             checks.append(
-                fail(subject, f"{how}{endpoints.endpoint} refused: {refused}", f"{fix}, or {key}")
+                fail(
+                    subject, f"{how}{endpoints.endpoint} refused: {refused}", f"{fix}, or {instead}"
+                )
             )
         replay_ok = False
         if replay is not None:
