@@ -142,6 +142,8 @@ def test_a_good_setup_passes_every_check_and_exits_0(tmp_path: Path, server: str
         "✓ tokenizer hub",
         f"✓ tokenizer for {MODEL}",
         f"✓ parity of {MODEL} with 127.0.0.1",
+        "✓ shared state",
+        "✓ kv events",
         f"✓ upstream {up.split(':')[0]}",
     ]
     out = result.stdout
@@ -151,7 +153,7 @@ def test_a_good_setup_passes_every_check_and_exits_0(tmp_path: Path, server: str
     assert "template and tokens match (llamacpp" in line_about(out, f"parity of {MODEL} with {up}")
     cached = line_about(out, f"upstream {up} cached tokens")
     assert "reports cached tokens in usage.prompt_tokens_details.cached_tokens" in cached
-    oks, warnings = (12, 0) if disk == "✓" else (11, 1)
+    oks, warnings = (14, 0) if disk == "✓" else (13, 1)
     assert out.splitlines()[-1] == f"kvern doctor: {oks} ok, {warnings} warning(s), 0 failure(s)"
     # Progress of the long steps on stderr: what, then how long it took.
     assert f"loading tokenizer for {MODEL} from {qwen2_dir()} ..." in result.stderr

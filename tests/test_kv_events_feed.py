@@ -23,16 +23,9 @@ from kvern.routing.presence import UpstreamCache
 from kvern.tracking.kv_feed import KvFeed
 from kvern.upstream.kv_events import BlockStored
 from kvern.upstream.kv_events.endpoints import configured, connectable, from_server_info
+from tests.kv_publisher import ScriptedPublisher, until
 from tests.servers import free_port
-from tests.test_kv_events import (
-    PROMPT,
-    THREE,
-    ScriptedPublisher,
-    batch,
-    following,
-    stored,
-    until,
-)
+from tests.test_kv_events import PROMPT, THREE, batch, following, stored
 
 # --- config -----------------------------------------------------------------------------
 

@@ -5,8 +5,14 @@ first (no network); then the upstreams (reachable, what they list and are),
 which decide which models to check and where parity and the cached-token
 requests go; then the tokenizer hub, which decides how hub ids load; then
 each model's tokenizer, followed at once by its parity, so a slow load is
-seen before the next one begins; last the inference requests. Every line is
-printed when its check ends.
+seen before the next one begins; then the shared state of several instances;
+last the inference requests. Every line is printed when its check ends.
+
+Why the KV events lines come in two parts, around the cached-token check:
+the doctor's own requests are what makes an upstream publish events, so the
+subscription must be open before they go out and is read after they end
+(:class:`kvern.doctor.kv_events_checks.KvEventsWatch`). The watch is closed in
+a ``finally``, so a failing check in between leaves no socket open.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from dataclasses import dataclass
 import httpx
 
 from kvern.config import KvernConfig
+from kvern.doctor.kv_events_checks import KvEventsWatch
 from kvern.doctor.local_checks import ExposureWarning, check_local
 from kvern.doctor.parity_checks import check_model_parity
 from kvern.doctor.report import Progress, Report
+from kvern.doctor.shared_state_checks import check_shared_state
 from kvern.doctor.tokenizer_checks import check_hub, check_model, models_to_check, unconfigured
 from kvern.doctor.upstream_checks import check_upstreams, findings_for
 from kvern.doctor.usage_checks import check_cached_tokens
@@ -76,14 +84,30 @@ async def diagnose(
                 )
         with report.guard("models without a tokenizer"):
             report.extend(await asyncio.to_thread(unconfigured, config, upstreams))
-        with report.guard("cached tokens"):
-            report.extend(
-                await check_cached_tokens(
-                    client,
-                    config,
-                    upstreams,
-                    progress,
-                    send=options.send_requests,
-                    timeout_s=options.timeout_s,
+        with report.guard("shared state"):
+            report.extend(await check_shared_state(config.routing, timeout_s=options.timeout_s))
+        watch = KvEventsWatch(
+            client,
+            upstreams,
+            listen=options.send_requests,
+            timeout_s=options.timeout_s,
+            connect_timeout_s=config.upstream.connect_timeout_s,
+        )
+        try:
+            with report.guard("kv events"):
+                report.extend(await watch.start())
+            with report.guard("cached tokens"):
+                report.extend(
+                    await check_cached_tokens(
+                        client,
+                        config,
+                        upstreams,
+                        progress,
+                        send=options.send_requests,
+                        timeout_s=options.timeout_s,
+                    )
                 )
-            )
+            with report.guard("kv events"):
+                report.extend(await watch.finish())
+        finally:
+            await watch.close()

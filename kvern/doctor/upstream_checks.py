@@ -47,6 +47,7 @@ class UpstreamFindings:
     reachable: bool = False
     models: list[str] | None = None  # None: it did not list its models
     facts: BackendFacts | None = None  # None: not asked (unreachable)
+    chats_sent: int = 0  # the cached-token check's chats it answered (any status)
 
     def serves(self, model: str) -> bool:
         """Whether kvern would route ``model`` here (the entry's ``models`` globs)."""

@@ -141,6 +141,7 @@ async def check_one(
         with progress.step(f"sending 2 one-token requests for {model} to {upstream.upstream.name}"):
             for _ in range(2):
                 answers.append(await _ask(client, upstream, body, timeout_s))
+                upstream.chats_sent += 1  # the KV events check asks whether they made events
                 if answers[-1].status_code != 200:
                     break
     except UpstreamError as exc:

@@ -35,6 +35,15 @@ from kvern.routing.pool import UpstreamPool
 from kvern.routing.shared_state import LinkThread, instance_id, link_view
 
 
+def load_keys(prefix: str) -> tuple[str, str]:
+    """(the start of each instance's load key, the key of the set of instances) under ``prefix``.
+
+    One place for the layout above, read by ``kvern doctor`` too, so what it
+    counts is what the instances write.
+    """
+    return f"{prefix}:load:", f"{prefix}:load:instances"
+
+
 @dataclass(frozen=True, slots=True)
 class FleetShare:
     """The other instances' load on one upstream, summed."""
@@ -71,9 +80,7 @@ class SharedLoad(LinkThread):
         self._publish_s = config.shared_state_publish_ms / 1000.0
         self._stale_s = config.shared_state_stale_ms / 1000.0
         self._ttl_ms = max(1, int(config.shared_state_stale_ms))
-        prefix = config.shared_state_prefix
-        self._key_prefix = f"{prefix}:load:"
-        self._members_key = f"{prefix}:load:instances"
+        self._key_prefix, self._members_key = load_keys(config.shared_state_prefix)
         self._known: list[str] = []  # other instances, as of the last read
         self._gone: list[str] = []  # members whose key expired: pruned next round
         self._copy: _Copy | None = None
