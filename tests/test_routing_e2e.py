@@ -187,6 +187,10 @@ def test_a_hot_prefix_whose_holder_is_queued_is_copied_once_then_shared(
             entry["max_concurrency"] = 1
         with kvern(data) as url:
             client = client_for(url)
+            client.chat.completions.create(  # loads the tokenizer: later requests route by prefix
+                model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=1
+            )
+            httpx.get(url + "/trie/visualize", params={"wait_s": 20}, timeout=30)
             system = {"role": "system", "content": system_prompt(0)}
 
             def new_session(k: int, pause_s: float = 0.0) -> tuple[str, str, int]:
