@@ -19,6 +19,7 @@ from kvern.config.loading import with_overrides
 from kvern.config.urls import redact_url
 from kvern.config.watch import ConfigSource
 from kvern.doctor import cli as doctor_cli
+from kvern.engine import cli as engine_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         "analyze", help="why a log of requests missed the cache, offline (no proxy needed)"
     )
     analyze_cli.add_arguments(analyze)
+    engine = sub.add_parser(
+        "engine", help="serve a model itself, reusing KV across requests (the engine extra)"
+    )
+    engine_cli.add_arguments(engine)
     return parser
 
 
@@ -139,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return doctor_cli.run(args, doctor_cli.CliHooks(load_for_serve, exposure_warning))
     if args.command == "analyze":
         return analyze_cli.run(args, lambda a: load_config(config_path(a)))
+    if args.command == "engine":
+        return engine_cli.run(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 

@@ -29,7 +29,8 @@ FLOORS: list[set[str]] = [
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer
     {"metrics"},  # Prometheus instruments fed by rows, and what the other parts report
     # handlers, app, CLI, doctor, the offline analysis of a log
-    {"services", "routes", "app", "serving", "__main__", "doctor", "cli_logs", "analyze"},
+    # and the engine, an inference server of its own that needs only the floors below
+    {"services", "routes", "app", "serving", "__main__", "doctor", "cli_logs", "analyze", "engine"},
 ]
 TOP_LEVEL = {"__init__"}  # kvern/__init__.py: the version, importable from any floor
 

@@ -1,0 +1,129 @@
+"""The model's forward passes: prefill with reuse, one decode step, storing a sequence's blocks.
+
+Why the request's cache is a copy: a request assembles a transformers
+``DynamicCache`` from the stored blocks it reuses (decoded to the model's
+dtype) and grows it as it computes; the store keeps its own encoded blocks.
+So eviction never pulls tensors out from under a running request and the
+store needs no pins, at the price of one copy of the reused prefix per
+request (a concatenation, far cheaper than computing it).
+
+The reuse rule is vLLM's and kvern's ``radix`` cache model's: the longest
+run of the prompt's leading full blocks found in the store, never the block
+that holds the prompt's last token (its logits give the first output
+token, so it is always computed). After prefill the prompt's full blocks are
+stored; when the request ends, so are those of prompt + answer but its last
+sampled token (which never went through the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from kvern.engine.kv_codec import BlockShape, EncodedBlock, KvBits, decode, encode
+from kvern.engine.store import BlockStore
+from kvern.routing.block_chains import ChainHash, chain_hashes, token_bytes
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """One request's state between steps: its tokens so far and its KV cache."""
+
+    tokens: list[int]  # prompt, then each token fed back through the model
+    cache: DynamicCache
+    reused_tokens: int  # prompt tokens taken from the store, not computed
+    prompt_tokens: int
+
+
+class Runner:
+    """Runs ``model`` one request step at a time, reusing and filling ``store``."""
+
+    def __init__(self, model: PreTrainedModel, store: BlockStore | None, kv_bits: KvBits) -> None:
+        self.model = model
+        self.store = store
+        self.kv_bits = kv_bits
+        config = model.config.get_text_config()
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        heads = config.num_attention_heads
+        self.shape = BlockShape(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            block_tokens=store.block_tokens if store is not None else 1,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            layer_types = getattr(config, "layer_types", None) or []
+            if any(t != "full_attention" for t in layer_types):
+                raise ValueError("the engine's block store needs full attention in every layer")
+
+    @property
+    def block_tokens(self) -> int:
+        return self.shape.block_tokens
+
+    def hashes(self, tokens: Sequence[int]) -> list[ChainHash]:
+        """Chained hashes of ``tokens``' full blocks, as the store and kvern key them."""
+        return chain_hashes(token_bytes(tokens), self.block_tokens)
+
+    @torch.inference_mode()
+    def prefill(
+        self, prompt: Sequence[int], reuse: bool = True
+    ) -> tuple[SequenceState, torch.Tensor]:
+        """Compute what the store lacks of ``prompt``; returns its state and last logits."""
+        if not prompt:
+            raise ValueError("an empty prompt")
+        tokens = list(prompt)
+        hashes = self.hashes(tokens) if self.store is not None else []
+        usable = (len(tokens) - 1) // self.block_tokens
+        found: list[EncodedBlock] = []
+        if self.store is not None and reuse:
+            found = self.store.lookup(hashes[:usable], tokens)
+        cache = DynamicCache(config=self.model.config)
+        reused = len(found) * self.block_tokens
+        if found:
+            self._load(cache, found)
+        ids = torch.tensor([tokens[reused:]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        state = SequenceState(tokens, cache, reused, len(tokens))
+        if self.store is not None:
+            self._store(state, hashes)
+        return state, out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def step(self, state: SequenceState, token: int) -> torch.Tensor:
+        """Feed the sampled ``token`` back; the logits for the next one."""
+        ids = torch.tensor([[token]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
+        state.tokens.append(token)
+        logits: torch.Tensor = out.logits[0, -1].float()
+        return logits
+
+    def finish(self, state: SequenceState) -> None:
+        """The request ended: store the full blocks of all it fed through the model."""
+        if self.store is not None:
+            self._store(state, self.hashes(state.tokens))
+
+    def _load(self, cache: DynamicCache, blocks: list[EncodedBlock]) -> None:
+        pairs = [decode(b, self.dtype) for b in blocks]
+        keys = torch.cat([k for k, _ in pairs], dim=2).to(self.device)
+        values = torch.cat([v for _, v in pairs], dim=2).to(self.device)
+        for layer in range(self.shape.num_layers):
+            cache.update(keys[layer].unsqueeze(0), values[layer].unsqueeze(0), layer)
+
+    def _store(self, state: SequenceState, hashes: list[ChainHash]) -> None:
+        assert self.store is not None
+        size = self.block_tokens
+        computed = state.cache.get_seq_length()
+        hashes = hashes[: computed // size]
+        layers = [(layer.keys, layer.values) for layer in state.cache.layers]  # type: ignore[union-attr]
+
+        def encode_block(i: int) -> EncodedBlock:
+            span = slice(i * size, (i + 1) * size)
+            keys = torch.stack([k[0, :, span] for k, _ in layers]).cpu()  # type: ignore[index]
+            values = torch.stack([v[0, :, span] for _, v in layers]).cpu()  # type: ignore[index]
+            return encode(keys, values, self.kv_bits)
+
+        self.store.put(hashes, state.tokens, encode_block)

@@ -1,0 +1,120 @@
+"""The engine's model: a folder of weights, or a GGUF converted once into one, and its fingerprint.
+
+Why convert a GGUF once: transformers loads GGUF weights by dequantizing
+every tensor (about 30 s for SmolLM2-135M on two cores); saved as a plain
+folder the same weights load in about a second. The converted folder is
+kept under ``cache_dir`` keyed by the GGUF's fingerprint, so a changed file
+is converted again. Saving needs the weights loaded dequantized
+(``GgufConfig(dequantize=True)``) and the GGUF quantization config removed,
+or ``save_pretrained`` refuses a "quantized" model.
+
+Why a fingerprint: stored KV is only valid for the exact weights and dtype
+that computed it. The disk tier is keyed by it, so a restart reuses blocks
+only of the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """What the engine serves: the model, its tokenizer, and what identifies its KV."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # the id clients send as "model"
+    fingerprint: str  # of the weight files and the dtype (hex)
+    folder: Path  # the folder the weights were loaded from
+
+
+def fingerprint(files: list[Path], dtype: torch.dtype) -> str:
+    """A short hash of the weight files' bytes and the compute dtype."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(dtype).encode())
+    for path in sorted(files):
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+
+
+def load_model(
+    source: str, cache_dir: Path, dtype: torch.dtype = torch.float32, name: str | None = None
+) -> LoadedModel:
+    """Load ``source`` (a ``.gguf`` file or a transformers folder) for serving."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        served_name = name or path.stem
+        folder = _converted(path, cache_dir, dtype)
+    elif path.is_dir():
+        served_name = name or path.name
+        folder = path
+    else:
+        raise ValueError(
+            f"--model {source!r} is neither a .gguf file nor a model folder (the engine "
+            "works offline: download or convert the weights first)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()  # type: ignore[no-untyped-call]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    marker = folder / "kvern-fingerprint.json"
+    if marker.exists():
+        weights_fp = json.loads(marker.read_text())["fingerprint"]
+    else:
+        weights_fp = fingerprint(weight_files(folder), dtype)
+    return LoadedModel(model, tokenizer, served_name, weights_fp, folder)
+
+
+def _converted(gguf: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
+    """The GGUF saved as a transformers folder under ``cache_dir`` (converting it once)."""
+    fp = fingerprint([gguf], dtype)
+    target = cache_dir / f"{gguf.stem}-{fp}"
+    if (target / "kvern-fingerprint.json").exists():
+        return target
+    from transformers import GgufConfig
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        quant = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=dtype, quantization_config=quant
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain tensors now; without this save_pretrained
+        # refuses a model it believes is GGUF-quantized.
+        model.hf_quantizer = None  # type: ignore[assignment]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvern-fingerprint.json").write_text(
+            json.dumps({"fingerprint": fp, "source": str(gguf), "dtype": str(dtype)})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
