@@ -22,6 +22,7 @@ _KIND_OF: dict[str, Literal["radix", "llamacpp"]] = {
     "sglang": "radix",
     "llamacpp": "llamacpp",
     "ollama": "llamacpp",
+    "kvern_engine": "radix",  # whole blocks, the longest stored run, the last token computed
 }
 
 

@@ -33,6 +33,7 @@ KIND_NAMES = {
     "llamacpp": "llama.cpp's server",
     "sglang": "SGLang",
     "ollama": "Ollama",
+    "kvern_engine": "kvern's engine",
     "unknown": "an unrecognised backend",
 }
 

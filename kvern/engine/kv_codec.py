@@ -58,15 +58,26 @@ class EncodedBlock:
 
 
 def _quantize(x: torch.Tensor, bits: int, dim: int) -> list[torch.Tensor]:
-    """Asymmetric min/max codes of ``x`` reduced over ``dim``: [codes, scale, zero]."""
+    """Asymmetric min/max codes of ``x`` reduced over ``dim``: [codes, scale, zero].
+
+    Scale and zero are kept as float16 (they are a quarter of a short
+    block's bytes at float32), and the codes are computed against those
+    rounded values, so what decodes is within half a step of ``x``: the
+    zero is rounded down and the scale up, so the range is still covered.
+    """
     levels = (1 << bits) - 1
     low = x.amin(dim=dim, keepdim=True)
     high = x.amax(dim=dim, keepdim=True)
-    scale = ((high - low) / levels).clamp_min(1e-8)
-    codes = ((x - low) / scale).round_().clamp_(0, levels).to(torch.uint8)
+    zero = low.to(torch.float16)
+    below = zero.float() > low
+    zero = torch.where(below, torch.nextafter(zero, torch.full_like(zero, -torch.inf)), zero)
+    scale = ((high - zero.float()) / levels).clamp_min(1e-6).to(torch.float16)
+    short = scale.float() * levels + zero.float() < high
+    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
     if bits == 4:
         codes = _pack4(codes)
-    return [codes, scale.to(torch.float16), low.to(torch.float16)]
+    return [codes, scale, zero]
 
 
 def _dequantize(parts: list[torch.Tensor], bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -124,6 +135,8 @@ def to_bytes(block: EncodedBlock) -> bytes:
 def from_bytes(data: bytes, shape: BlockShape, bits: KvBits) -> EncodedBlock:
     """What :func:`to_bytes` wrote, for a block of ``shape`` stored at ``bits``."""
     template = encode(torch.zeros(shape.dims), torch.zeros(shape.dims), bits)
+    if len(data) != template.num_bytes:
+        raise ValueError(f"a stored block of {len(data)} bytes, expected {template.num_bytes}")
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     out: list[torch.Tensor] = []
     offset = 0
@@ -131,8 +144,6 @@ def from_bytes(data: bytes, shape: BlockShape, bits: KvBits) -> EncodedBlock:
         size = t.numel() * t.element_size()
         out.append(flat[offset : offset + size].view(t.dtype).reshape(t.shape))
         offset += size
-    if offset != len(data):
-        raise ValueError(f"a stored block of {len(data)} bytes, expected {offset}")
     half = len(template.keys)
     return EncodedBlock(bits, out[:half], out[half:])
 

@@ -27,6 +27,7 @@ are plain ints other threads may read.
 
 from __future__ import annotations
 
+import heapq
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,19 +210,29 @@ class BlockStore:
         self.policy.on_access(node, now_s)
 
     def _fit(self) -> None:
-        """Evict lowest-ranked leaves until under the low watermark, if over the budget."""
+        """Evict lowest-ranked leaves until under the low watermark, if over the budget.
+
+        One ranking per batch, kept in a heap: a parent whose last child goes
+        joins the heap then, so the order is the policy's, block by block.
+        """
         if self._bytes <= self.capacity_bytes:
             return
         target = int(self.capacity_bytes * self.low_watermark)
         now = self._clock()
-        while self._bytes > target and self._entries:
-            leaves = [(h, e) for h, e in self._entries.items() if not e.children]
-            ranked = sorted(leaves, key=lambda he: self.policy.sort_key(he[1].node, now))
-            for h, entry in ranked:
-                if self._bytes <= target:
-                    break
-                self.policy.on_evict(entry.node, self.policy.sort_key(entry.node, now))
-                self._remove(h, entry)
+        key = self.policy.sort_key
+        heap = [(key(e.node, now), i, h) for i, (h, e) in enumerate(self._entries.items())]
+        heap = [item for item in heap if not self._entries[item[2]].children]
+        heapq.heapify(heap)
+        tiebreak = len(self._entries)
+        while self._bytes > target and heap:
+            rank, _, h = heapq.heappop(heap)
+            entry = self._entries[h]
+            self.policy.on_evict(entry.node, rank)
+            self._remove(h, entry)
+            parent = entry.parent
+            if parent is not None and not self._entries[parent].children:
+                tiebreak += 1
+                heapq.heappush(heap, (key(self._entries[parent].node, now), tiebreak, parent))
 
     def _remove(self, h: ChainHash, entry: _Entry) -> None:
         del self._entries[h]

@@ -11,7 +11,12 @@ default is 128). Each server says it somewhere:
 - llama.cpp's server: ``GET /props`` (``total_slots``, the slot context);
 - SGLang: ``GET /get_server_info`` (``page_size``, ``max_total_num_tokens``);
 - Ollama: ``GET /api/version`` (it runs llama.cpp; its OpenAI API reports no
-  cached tokens).
+  cached tokens);
+- kvern's own engine (``kvern engine``): ``GET /metrics`` carries
+  ``kvern_engine_cache_config_info`` with ``block_size`` and
+  ``enable_prefix_caching``. Its block store follows the ``radix`` rules in
+  whole blocks; its capacity is not passed on, because it evicts by kvern's
+  policies, not by vLLM's LRU pool that a ``radix`` capacity replays.
 
 Every probe is short and optional: a backend that answers none is
 ``unknown``, and kvern keeps its configured (or default) model.
@@ -26,11 +31,12 @@ from typing import Any, Literal
 
 import httpx
 
-BackendKind = Literal["vllm", "llamacpp", "sglang", "ollama", "unknown"]
+BackendKind = Literal["vllm", "llamacpp", "sglang", "ollama", "kvern_engine", "unknown"]
 
 PROBE_TIMEOUT_S = 2.0
 
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(?P<labels>[^}]*)\}", re.MULTILINE)
+_ENGINE_INFO = re.compile(r"^kvern_engine_cache_config_info\{(?P<labels>[^}]*)\}", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -78,6 +84,22 @@ def parse_vllm_metrics(text: str) -> BackendFacts | None:
         capacity_tokens=block * blocks if block and blocks else None,
         prefix_caching=None if caching is None else caching.lower() == "true",
         source="/metrics vllm:cache_config_info",
+    )
+
+
+def parse_engine_metrics(text: str) -> BackendFacts | None:
+    """The facts in ``kvern engine``'s Prometheus text, or None if it is not the engine's."""
+    found = _ENGINE_INFO.search(text)
+    if found is None:
+        return None
+    labels = dict(_LABEL.findall(found["labels"]))
+    caching = labels.get("enable_prefix_caching")
+    return BackendFacts(
+        kind="kvern_engine",
+        block_size=_int(labels.get("block_size")),
+        prefix_caching=None if caching is None else caching.lower() == "true",
+        reports_cached_tokens=True,
+        source="/metrics kvern_engine_cache_config_info",
     )
 
 
@@ -139,7 +161,8 @@ async def discover(client: httpx.AsyncClient, origin: str) -> BackendFacts:
 
 def _facts_from(got: dict[str, httpx.Response]) -> BackendFacts:
     if "/metrics" in got:
-        found = parse_vllm_metrics(got["/metrics"].text)
+        text = got["/metrics"].text
+        found = parse_vllm_metrics(text) or parse_engine_metrics(text)
         if found is not None:
             return found
     for path, parse in (("/props", parse_llamacpp_props), ("/get_server_info", parse_sglang_info)):
