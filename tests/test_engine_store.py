@@ -1,4 +1,4 @@
-"""The engine's block store: longest stored run, budgeted eviction by kvern's policies, disk tier."""
+"""The block store: the longest stored run, eviction by kvern's policies, the disk tier."""
 
 from __future__ import annotations
 
