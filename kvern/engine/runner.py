@@ -38,6 +38,24 @@ class SequenceState:
     prompt_tokens: int
 
 
+def block_shape(model: PreTrainedModel, block_tokens: int) -> BlockShape:
+    """The shape of one block of ``model``'s KV; refuses a model this store cannot serve."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            "the engine's block store needs full attention in every layer; this model has "
+            f"{sorted(set(layer_types))}"
+        )
+    heads = config.num_attention_heads
+    return BlockShape(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        block_tokens=block_tokens,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
 class Runner:
     """Runs ``model`` one request step at a time, reusing and filling ``store``."""
 
@@ -45,20 +63,9 @@ class Runner:
         self.model = model
         self.store = store
         self.kv_bits = kv_bits
-        config = model.config.get_text_config()
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        heads = config.num_attention_heads
-        self.shape = BlockShape(
-            num_layers=config.num_hidden_layers,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            block_tokens=store.block_tokens if store is not None else 1,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        )
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            layer_types = getattr(config, "layer_types", None) or []
-            if any(t != "full_attention" for t in layer_types):
-                raise ValueError("the engine's block store needs full attention in every layer")
+        self.shape = block_shape(model, store.block_tokens if store is not None else 1)
 
     @property
     def block_tokens(self) -> int:
@@ -86,7 +93,7 @@ class Runner:
         if found:
             self._load(cache, found)
         ids = torch.tensor([tokens[reused:]], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True)
         state = SequenceState(tokens, cache, reused, len(tokens))
         if self.store is not None:
             self._store(state, hashes)
@@ -96,7 +103,7 @@ class Runner:
     def step(self, state: SequenceState, token: int) -> torch.Tensor:
         """Feed the sampled ``token`` back; the logits for the next one."""
         ids = torch.tensor([[token]], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
+        out = self.model(input_ids=ids, cache=state.cache, use_cache=True)
         state.tokens.append(token)
         logits: torch.Tensor = out.logits[0, -1].float()
         return logits

@@ -16,7 +16,7 @@ import torch
 
 from kvern.engine.disk_tier import DiskTier
 from kvern.engine.kv_codec import KV_BITS, KvBits, encoded_bytes
-from kvern.engine.runner import Runner
+from kvern.engine.runner import Runner, block_shape
 from kvern.engine.scheduler import Scheduler
 from kvern.engine.store import BlockStore
 from kvern.engine.weights import LoadedModel, load_model
@@ -66,13 +66,7 @@ class EngineService:
         self.started_s = time.time()
         config = self.loaded.model.config.get_text_config()
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 4096)
-        probe = Runner(self.loaded.model, None, settings.kv_bits)
-        shape = type(probe.shape)(
-            probe.shape.num_layers,
-            probe.shape.num_kv_heads,
-            settings.block_tokens,
-            probe.shape.head_dim,
-        )
+        shape = block_shape(self.loaded.model, settings.block_tokens)
         self.block_bytes = encoded_bytes(shape, settings.kv_bits)
         self.disk: DiskTier | None = None
         if settings.disk_dir is not None:
