@@ -20,10 +20,13 @@ NAME = "smollm2-135m"
 
 
 @functools.cache
-def smollm2() -> LoadedModel:
+def smollm2(dtype: str = "float32") -> LoadedModel:
+    """The model in ``dtype`` (the engine's default compute dtype unless told)."""
     import torch
 
+    from kvern.engine.service import DTYPES
     from kvern.engine.weights import load_model
 
     torch.set_num_threads(2)
-    return load_model(str(assets.smollm2_gguf()), assets.cache_root() / "engine", name=NAME)
+    gguf = str(assets.smollm2_gguf())
+    return load_model(gguf, assets.cache_root() / "engine", dtype=DTYPES[dtype], name=NAME)

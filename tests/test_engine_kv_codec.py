@@ -79,3 +79,11 @@ def test_a_wrong_size_is_refused() -> None:
     keys, values = _kv()
     with pytest.raises(ValueError, match="expected"):
         from_bytes(to_bytes(encode(keys, values, 8))[:-1], SHAPE, 8)
+
+
+def test_16_bits_keeps_a_bfloat16_models_kv_exactly() -> None:
+    keys, values = (t.to(torch.bfloat16) for t in _kv(2))
+    block = encode(keys, values, 16)
+    k, v = decode(from_bytes(to_bytes(block), SHAPE, 16, torch.bfloat16), torch.bfloat16)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+    assert encoded_bytes(SHAPE, 16, torch.bfloat16) == block.num_bytes

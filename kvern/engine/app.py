@@ -72,9 +72,20 @@ def create_engine_app(service: EngineService, *, own_service: bool = True) -> Fa
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's form: ``prompt`` (``add_special_tokens``) or ``messages``."""
         body = await _json(request)
         ids = await asyncio.to_thread(_prompt_ids, service, body, "auto")
         return {"tokens": ids, "count": len(ids), "max_model_len": service.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise BadRequest("tokens must be a list of token ids", param="tokens")
+        return {"prompt": service.loaded.tokenizer.decode(tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -113,6 +124,8 @@ def _prompt_ids(service: EngineService, body: dict[str, Any], kind: str) -> list
         extra: dict[str, Any] = {}
         if body.get("tools"):
             extra["tools"] = body["tools"]
+        if kind == "auto" and body.get("add_generation_prompt") is False:
+            extra["add_generation_prompt"] = False
         try:
             return service.chat_ids(messages, extra)
         except Exception as exc:  # the template's own error (a role it refuses)
@@ -125,7 +138,8 @@ def _prompt_ids(service: EngineService, body: dict[str, Any], kind: str) -> list
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return service.text_ids(prompt)
+        special = body.get("add_special_tokens", True) if kind == "auto" else True
+        return service.text_ids(prompt, special=bool(special))
     if (
         isinstance(prompt, list)
         and prompt

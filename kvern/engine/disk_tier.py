@@ -28,6 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvern.engine.kv_codec import (
     BlockShape,
     EncodedBlock,
@@ -49,12 +51,14 @@ class DiskTier:
         bits: KvBits,
         disk_bytes: int,
         *,
+        dtype: torch.dtype = torch.float32,
         flush_s: float = 2.0,
     ) -> None:
         self.folder = folder
         self.shape = shape
         self.bits = bits
-        self.slot_bytes = encoded_bytes(shape, bits)
+        self.dtype = dtype  # the model's compute dtype (16-bit blocks keep a 16-bit one)
+        self.slot_bytes = encoded_bytes(shape, bits, dtype)
         self.num_slots = disk_bytes // self.slot_bytes
         if self.num_slots < 1:
             raise ValueError(f"disk_bytes {disk_bytes} holds no block of {self.slot_bytes} bytes")
@@ -108,7 +112,7 @@ class DiskTier:
         self._slots.move_to_end(block_hash)
         data = os.pread(self._fd, self.slot_bytes, found[0] * self.slot_bytes)
         self.reads += 1
-        return from_bytes(data, self.shape, self.bits)
+        return from_bytes(data, self.shape, self.bits, self.dtype)
 
     def facts(self) -> dict[str, Any]:
         return {

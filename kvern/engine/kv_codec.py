@@ -99,13 +99,18 @@ def _unpack4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def encode(keys: torch.Tensor, values: torch.Tensor, bits: KvBits) -> EncodedBlock:
-    """Store one block: ``keys``/``values`` shaped ``[layers, heads, tokens, head_dim]``."""
+    """Store one block: ``keys``/``values`` shaped ``[layers, heads, tokens, head_dim]``.
+
+    32 bits keeps float32 as it is; 16 keeps a 16-bit model's own dtype
+    (exact) and turns float32 into float16.
+    """
     if bits == 32:
         return EncodedBlock(
             bits, [keys.to(torch.float32).clone()], [values.to(torch.float32).clone()]
         )
     if bits == 16:
-        return EncodedBlock(bits, [keys.to(torch.float16)], [values.to(torch.float16)])
+        half = keys.dtype if keys.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return EncodedBlock(bits, [keys.to(half).clone()], [values.to(half).clone()])
     if bits not in (8, 4):
         raise ValueError(f"kv_bits must be one of {KV_BITS}, got {bits!r}")
     if bits == 4 and keys.shape[-1] % 2:
@@ -121,9 +126,9 @@ def decode(block: EncodedBlock, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return _dequantize(block.keys, block.bits, dtype), _dequantize(block.values, block.bits, dtype)
 
 
-def encoded_bytes(shape: BlockShape, bits: KvBits) -> int:
-    """Bytes one block of ``shape`` takes at ``bits`` (every block the same: the disk slot size)."""
-    zeros = torch.zeros(shape.dims)
+def encoded_bytes(shape: BlockShape, bits: KvBits, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one block of ``shape`` computed in ``dtype`` takes at ``bits`` (the disk slot size)."""
+    zeros = torch.zeros(shape.dims, dtype=dtype)
     return encode(zeros, zeros, bits).num_bytes
 
 
@@ -132,9 +137,12 @@ def to_bytes(block: EncodedBlock) -> bytes:
     return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in _parts(block))
 
 
-def from_bytes(data: bytes, shape: BlockShape, bits: KvBits) -> EncodedBlock:
-    """What :func:`to_bytes` wrote, for a block of ``shape`` stored at ``bits``."""
-    template = encode(torch.zeros(shape.dims), torch.zeros(shape.dims), bits)
+def from_bytes(
+    data: bytes, shape: BlockShape, bits: KvBits, dtype: torch.dtype = torch.float32
+) -> EncodedBlock:
+    """What :func:`to_bytes` wrote, for a block of ``shape`` computed in ``dtype``, at ``bits``."""
+    zeros = torch.zeros(shape.dims, dtype=dtype)
+    template = encode(zeros, zeros, bits)
     if len(data) != template.num_bytes:
         raise ValueError(f"a stored block of {len(data)} bytes, expected {template.num_bytes}")
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)

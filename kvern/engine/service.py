@@ -22,6 +22,8 @@ from kvern.engine.store import BlockStore
 from kvern.engine.weights import LoadedModel, load_model
 from kvern.trie.policies import make_policy
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "kvern" / "engine"
@@ -40,12 +42,15 @@ class EngineSettings:
     disk_dir: Path | None = None  # the cold tier's folder; None: no disk tier
     disk_bytes: int = 4 << 30  # the cold tier's file size
     reuse: bool = True  # False: compute every prompt whole (a baseline)
+    dtype: str = "float32"  # compute dtype; bfloat16 halves prefill time on AVX-512 CPUs
     threads: int | None = None  # torch threads; None: torch's default
     cache_dir: Path = field(default_factory=default_cache_dir)  # converted GGUFs
 
     def __post_init__(self) -> None:
         if self.kv_bits not in KV_BITS:
             raise ValueError(f"kv_bits must be one of {KV_BITS}, got {self.kv_bits!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
 
@@ -60,19 +65,25 @@ class EngineService:
         self.loaded = (
             loaded
             if loaded is not None
-            else load_model(settings.model, settings.cache_dir, name=settings.served_name)
+            else load_model(
+                settings.model,
+                settings.cache_dir,
+                dtype=DTYPES[settings.dtype],
+                name=settings.served_name,
+            )
         )
         self.name = settings.served_name or self.loaded.name
         self.started_s = time.time()
         config = self.loaded.model.config.get_text_config()
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 4096)
         shape = block_shape(self.loaded.model, settings.block_tokens)
-        self.block_bytes = encoded_bytes(shape, settings.kv_bits)
+        dtype = next(self.loaded.model.parameters()).dtype
+        self.block_bytes = encoded_bytes(shape, settings.kv_bits, dtype)
         self.disk: DiskTier | None = None
         if settings.disk_dir is not None:
             key = f"{self.loaded.fingerprint}-b{settings.block_tokens}-k{settings.kv_bits}"
             self.disk = DiskTier(
-                settings.disk_dir / key, shape, settings.kv_bits, settings.disk_bytes
+                settings.disk_dir / key, shape, settings.kv_bits, settings.disk_bytes, dtype=dtype
             )
         self.store = BlockStore(
             settings.block_tokens,
@@ -108,9 +119,8 @@ class EngineService:
 
     def chat_ids(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> list[int]:
         """The chat rendered by the model's own template and tokenized."""
-        rendered = self.loaded.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **extra
-        )
+        options = {"add_generation_prompt": True, **extra}
+        rendered = self.loaded.tokenizer.apply_chat_template(messages, tokenize=False, **options)
         return self.text_ids(str(rendered), special=False)
 
     def text_ids(self, text: str, special: bool = True) -> list[int]:
@@ -127,6 +137,7 @@ class EngineService:
             "fingerprint": self.loaded.fingerprint,
             "block_size": s.block_tokens,
             "kv_bits": s.kv_bits,
+            "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
             "reuse": s.reuse,
             "policy": s.policy,
             "capacity_bytes": s.cache_bytes,

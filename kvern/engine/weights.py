@@ -42,10 +42,9 @@ class LoadedModel:
     folder: Path  # the folder the weights were loaded from
 
 
-def fingerprint(files: list[Path], dtype: torch.dtype) -> str:
-    """A short hash of the weight files' bytes and the compute dtype."""
+def fingerprint(files: list[Path]) -> str:
+    """A short hash of the weight files' names and bytes."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(str(dtype).encode())
     for path in sorted(files):
         h.update(path.name.encode())
         with path.open("rb") as f:
@@ -65,7 +64,7 @@ def load_model(
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         served_name = name or path.stem
-        folder = _converted(path, cache_dir, dtype)
+        folder = _converted(path, cache_dir)
     elif path.is_dir():
         served_name = name or path.name
         folder = path
@@ -79,15 +78,22 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     marker = folder / "kvern-fingerprint.json"
     if marker.exists():
-        weights_fp = json.loads(marker.read_text())["fingerprint"]
+        files_fp = json.loads(marker.read_text())["fingerprint"]
     else:
-        weights_fp = fingerprint(weight_files(folder), dtype)
+        files_fp = fingerprint(weight_files(folder))
+    # KV is only valid for the weights and the dtype that computed it.
+    weights_fp = hashlib.blake2b(f"{files_fp}:{dtype}".encode(), digest_size=8).hexdigest()
     return LoadedModel(model, tokenizer, served_name, weights_fp, folder)
 
 
-def _converted(gguf: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
-    """The GGUF saved as a transformers folder under ``cache_dir`` (converting it once)."""
-    fp = fingerprint([gguf], dtype)
+def _converted(gguf: Path, cache_dir: Path) -> Path:
+    """The GGUF saved as a float32 transformers folder under ``cache_dir`` (converting it once).
+
+    float32 holds every GGUF type's dequantized values exactly; the engine
+    casts to its compute dtype when it loads the folder.
+    """
+    fp = fingerprint([gguf])
+    dtype = torch.float32
     target = cache_dir / f"{gguf.stem}-{fp}"
     if (target / "kvern-fingerprint.json").exists():
         return target
