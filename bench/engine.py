@@ -132,9 +132,9 @@ def main() -> int:
     turns, questions, repeats = (4, 2, 1) if args.quick else (8, 5, args.repeats)
     started = time.monotonic()
     gguf = assets.smollm2_gguf()
-    from kvern.engine.weights import load_model
-
     import torch
+
+    from kvern.engine.weights import load_model
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     loaded = load_model(

@@ -23,9 +23,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from kvern.engine.chunks import ChunkIndex, ChunkRun, check_rope, rotate_keys
+from kvern.engine.kv_cache import GrowingLayer, new_cache
 from kvern.engine.kv_codec import BlockShape, EncodedBlock, KvBits, decode, encode
 from kvern.engine.store import BlockStore
 from kvern.routing.block_chains import ChainHash, chain_hashes, token_bytes
+
+# Tokens of answer a request's KV buffers have room for before they grow.
+_DECODE_ROOM = 256
 
 
 @dataclass(slots=True)
@@ -34,8 +39,11 @@ class SequenceState:
 
     tokens: list[int]  # prompt, then each token fed back through the model
     cache: DynamicCache
-    reused_tokens: int  # prompt tokens taken from the store, not computed
+    reused_tokens: int  # prompt tokens taken from the store as a prefix, not computed
     prompt_tokens: int
+    chunk_reused_tokens: int = 0  # prompt tokens taken from stored chunks after a seam
+    # Tokens whose KV is exactly full prefill's (None: all); blocks past it are not stored.
+    exact_tokens: int | None = None
 
 
 def block_shape(model: PreTrainedModel, block_tokens: int) -> BlockShape:
@@ -59,10 +67,25 @@ def block_shape(model: PreTrainedModel, block_tokens: int) -> BlockShape:
 class Runner:
     """Runs ``model`` one request step at a time, reusing and filling ``store``."""
 
-    def __init__(self, model: PreTrainedModel, store: BlockStore | None, kv_bits: KvBits) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        store: BlockStore | None,
+        kv_bits: KvBits,
+        chunks: ChunkIndex | None = None,
+    ) -> None:
         self.model = model
         self.store = store
         self.kv_bits = kv_bits
+        self.chunks = chunks
+        self._inv_freq: torch.Tensor | None = None
+        if chunks is not None:
+            check_rope(model.config.get_text_config())
+            rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+            inv_freq = getattr(rotary, "inv_freq", None)
+            if not isinstance(inv_freq, torch.Tensor):
+                raise ValueError("chunk reuse needs a model with rotary position embeddings")
+            self._inv_freq = inv_freq.detach().float().cpu()
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.shape = block_shape(model, store.block_tokens if store is not None else 1)
@@ -88,18 +111,50 @@ class Runner:
         found: list[EncodedBlock] = []
         if self.store is not None and reuse:
             found = self.store.lookup(hashes[:usable], tokens)
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(
+            self.model.config, self.shape.num_layers, len(tokens) + _DECODE_ROOM, self.dtype
+        )
         reused = len(found) * self.block_tokens
         if found:
             self._load(cache, found)
-        ids = torch.tensor([tokens[reused:]], device=self.device)
-        # Only the last position's logits are needed: the vocabulary projection of
-        # every prompt position would be a fifth of a small model's prefill.
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         state = SequenceState(tokens, cache, reused, len(tokens))
+        runs = self.chunks.find(tokens, reused, len(tokens) - 1) if self.chunks and reuse else []
+        position = reused
+        for run in runs:
+            seam = run.start + self.chunks.recompute_tokens  # type: ignore[union-attr]
+            self._forward(cache, tokens[position:seam])
+            self._load_moved(cache, run, skip=seam - run.start)
+            state.chunk_reused_tokens += run.end - seam
+            if state.exact_tokens is None:
+                state.exact_tokens = seam
+            position = run.end
+        logits = self._forward(cache, tokens[position:])
         if self.store is not None:
             self._store(state, hashes)
-        return state, out.logits[0, -1].float()
+            if self.chunks is not None:
+                self.chunks.add(tokens, hashes[: self._storable(state) // self.block_tokens])
+        return state, logits
+
+    def _forward(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` after what ``cache`` holds; the last position's logits."""
+        tensor = torch.tensor([ids], device=self.device)
+        # Only the last position's logits are needed: the vocabulary projection of
+        # every prompt position would be a fifth of a small model's prefill.
+        out = self.model(input_ids=tensor, cache=cache, use_cache=True, logits_to_keep=1)
+        logits: torch.Tensor = out.logits[0, -1].float()
+        return logits
+
+    def _load_moved(self, cache: DynamicCache, run: ChunkRun, skip: int) -> None:
+        """Append a stored run's KV from token ``skip`` on, its keys turned to their new places."""
+        assert self._inv_freq is not None
+        pairs = [decode(b, self.dtype) for b in run.blocks]
+        keys = torch.cat([k for k, _ in pairs], dim=2)[:, :, skip:]
+        values = torch.cat([v for _, v in pairs], dim=2)[:, :, skip:]
+        keys = rotate_keys(keys.float(), run.start - run.old_start, self._inv_freq).to(self.dtype)
+        at = cache.get_seq_length()
+        for n, layer in enumerate(cache.layers):
+            assert isinstance(layer, GrowingLayer)
+            layer.write(at, keys[n].unsqueeze(0), values[n].unsqueeze(0))
 
     @torch.inference_mode()
     def step(self, state: SequenceState, token: int) -> torch.Tensor:
@@ -115,18 +170,34 @@ class Runner:
         if self.store is not None:
             self._store(state, self.hashes(state.tokens))
 
+    @staticmethod
+    def _storable(state: SequenceState) -> int:
+        """Tokens whose KV may be stored: all computed, up to the first chunk seam."""
+        computed = state.cache.get_seq_length()
+        return computed if state.exact_tokens is None else min(computed, state.exact_tokens)
+
     def _load(self, cache: DynamicCache, blocks: list[EncodedBlock]) -> None:
-        pairs = [decode(b, self.dtype) for b in blocks]
-        keys = torch.cat([k for k, _ in pairs], dim=2).to(self.device)
-        values = torch.cat([v for _, v in pairs], dim=2).to(self.device)
-        for layer in range(self.shape.num_layers):
-            cache.update(keys[layer].unsqueeze(0), values[layer].unsqueeze(0), layer)
+        """Decode the reused blocks into the request's buffers: one copy a layer.
+
+        The blocks are joined in their stored dtype (half the bytes at 16
+        bits) and converted as they are written; a copy per block and layer
+        would cost more in Python than in memory.
+        """
+        if blocks[0].bits in (32, 16):
+            keys = torch.cat([b.keys[0] for b in blocks], dim=2)
+            values = torch.cat([b.values[0] for b in blocks], dim=2)
+        else:
+            pairs = [decode(b, self.dtype) for b in blocks]
+            keys = torch.cat([k for k, _ in pairs], dim=2)
+            values = torch.cat([v for _, v in pairs], dim=2)
+        for n, layer in enumerate(cache.layers):
+            assert isinstance(layer, GrowingLayer)
+            layer.write(0, keys[n].unsqueeze(0), values[n].unsqueeze(0))
 
     def _store(self, state: SequenceState, hashes: list[ChainHash]) -> None:
         assert self.store is not None
         size = self.block_tokens
-        computed = state.cache.get_seq_length()
-        hashes = hashes[: computed // size]
+        hashes = hashes[: self._storable(state) // size]
         layers = [(layer.keys, layer.values) for layer in state.cache.layers]  # type: ignore[union-attr]
 
         def encode_block(i: int) -> EncodedBlock:

@@ -137,6 +137,19 @@ class BlockStore:
         self._fit()
         return found
 
+    def position_of(self, block_hash: ChainHash) -> int | None:
+        """Where the stored block's first token stands in its sequence (None: not stored)."""
+        entry = self._entries.get(block_hash)
+        return None if entry is None else entry.node.depth - len(entry.node.key)
+
+    def use(self, hashes: Sequence[ChainHash]) -> list[EncodedBlock]:
+        """The stored blocks ``hashes`` (all stored), touched as used now (chunk reuse)."""
+        now = self._clock()
+        entries = [self._entries[h] for h in hashes]
+        for entry in entries:
+            self._touch(entry.node, now)
+        return [e.block for e in entries]
+
     def put(
         self,
         hashes: Sequence[ChainHash],
