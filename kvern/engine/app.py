@@ -187,7 +187,7 @@ async def _complete(service: EngineService, body: dict[str, Any], kind: str) -> 
             parts.append(event.delta)
         elif isinstance(event, Finished):
             _count(service, event)
-            use = protocol.usage(event.prompt_tokens, event.cached_tokens, event.completion_tokens)
+            use = _usage(event)
             answer = protocol.whole_answer(kind, rid, name, "".join(parts), event.reason, use)
             return JSONResponse(answer)
         elif isinstance(event, Failed):
@@ -233,9 +233,7 @@ async def _stream(
                 else:
                     yield protocol.sse(protocol.text_chunk(rid, name, created, "", reason))
                 if include_usage:
-                    use = protocol.usage(
-                        event.prompt_tokens, event.cached_tokens, event.completion_tokens
-                    )
+                    use = _usage(event)
                     yield protocol.sse(protocol.usage_chunk(rid, name, created, kind, use))
                 yield protocol.SSE_DONE
                 return
@@ -254,8 +252,15 @@ async def _stream(
         job.cancelled.set()  # a no-op once finished; stops a request whose client left
 
 
+def _usage(event: Finished) -> dict[str, Any]:
+    return protocol.usage(
+        event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.chunk_reused_tokens
+    )
+
+
 def _count(service: EngineService, event: Finished) -> None:
     service.requests += 1
     service.prompt_tokens += event.prompt_tokens
     service.cached_tokens += event.cached_tokens
+    service.chunk_reused_tokens += event.chunk_reused_tokens
     service.completion_tokens += event.completion_tokens

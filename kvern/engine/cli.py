@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute dtype. bfloat16 halves prefill time on CPUs with AVX-512 but rounds "
         "logits to 1/8 near 20, so reuse and 8-bit storage can flip a greedy near-tie",
     )
+    parser.add_argument(
+        "--chunk-reuse",
+        action="store_true",
+        help="also reuse stored blocks found after a different prefix (a document in another "
+        "prompt): approximate, measured by bench/engine.py",
+    )
+    parser.add_argument(
+        "--chunk-recompute-tokens", type=int, default=16, help="computed again after each seam"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where GGUFs are converted")
     parser.add_argument(
@@ -99,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             reuse=not args.no_reuse,
             threads=args.threads,
             dtype=args.dtype,
+            chunk_reuse=args.chunk_reuse,
+            chunk_recompute_tokens=args.chunk_recompute_tokens,
             cache_dir=args.cache_dir or default_cache_dir(),
         )
         service = EngineService(settings)

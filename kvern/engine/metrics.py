@@ -47,6 +47,10 @@ class _EngineCollector(Collector):
             "requests": ("Requests answered", s.requests),
             "prompt_tokens": ("Prompt tokens of answered requests", s.prompt_tokens),
             "cached_tokens": ("Prompt tokens reused from the block store", s.cached_tokens),
+            "chunk_reused_tokens": (
+                "Prompt tokens reused from stored chunks after another prefix (opt-in)",
+                s.chunk_reused_tokens,
+            ),
             "completion_tokens": ("Tokens generated", s.completion_tokens),
             "blocks_stored": ("Blocks added to the store", s.store.stats.stored_blocks),
             "blocks_evicted": ("Blocks evicted from memory", s.store.stats.evicted_blocks),

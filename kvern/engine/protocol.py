@@ -75,12 +75,22 @@ def wants_usage_in_stream(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, cached_tokens: int, completion_tokens: int, chunk_reused_tokens: int = 0
+) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens`` is the reused prefix only (exact, what kvern predicts).
+
+    Tokens reused from chunks after a seam (opt-in, approximate) are counted
+    apart, in ``prompt_tokens_details.chunk_reused_tokens``, when there are any.
+    """
+    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    if chunk_reused_tokens:
+        details["chunk_reused_tokens"] = chunk_reused_tokens
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": details,
     }
 
 

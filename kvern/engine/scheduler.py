@@ -42,6 +42,7 @@ log = logging.getLogger("kvern.engine")
 class Started:
     prompt_tokens: int
     cached_tokens: int
+    chunk_reused_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class Finished:
     cached_tokens: int
     completion_tokens: int
     token_ids: list[int]
+    chunk_reused_tokens: int = 0  # prompt tokens reused from chunks after a seam
 
 
 @dataclass(slots=True)
@@ -163,7 +165,7 @@ class Scheduler:
             log.exception("prefill failed")
             job.emit(Failed(f"prefill failed: {exc}"))
             return None
-        job.emit(Started(state.prompt_tokens, state.reused_tokens))
+        job.emit(Started(state.prompt_tokens, state.reused_tokens, state.chunk_reused_tokens))
         return _Running(job, state, Sampler(job.params), logits)
 
     def _advance(self, r: _Running) -> bool:
@@ -217,6 +219,7 @@ class Scheduler:
                 r.state.reused_tokens,
                 len(r.generated),
                 list(r.generated),
+                r.state.chunk_reused_tokens,
             )
         )
         return True

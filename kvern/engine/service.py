@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kvern.engine.chunks import ChunkIndex
 from kvern.engine.disk_tier import DiskTier
 from kvern.engine.kv_codec import KV_BITS, KvBits, encoded_bytes
 from kvern.engine.runner import Runner, block_shape
@@ -44,6 +45,8 @@ class EngineSettings:
     reuse: bool = True  # False: compute every prompt whole (a baseline)
     dtype: str = "float32"  # compute dtype; bfloat16 halves prefill time on AVX-512 CPUs
     threads: int | None = None  # torch threads; None: torch's default
+    chunk_reuse: bool = False  # reuse stored blocks after a different prefix (approximate)
+    chunk_recompute_tokens: int = 16  # computed again after each seam of a reused chunk
     cache_dir: Path = field(default_factory=default_cache_dir)  # converted GGUFs
 
     def __post_init__(self) -> None:
@@ -92,7 +95,12 @@ class EngineService:
             cold=self.disk,
             clock=time.monotonic,
         )
-        self.runner = Runner(self.loaded.model, self.store, settings.kv_bits)
+        self.chunks = (
+            ChunkIndex(self.store, recompute_tokens=settings.chunk_recompute_tokens)
+            if settings.chunk_reuse
+            else None
+        )
+        self.runner = Runner(self.loaded.model, self.store, settings.kv_bits, self.chunks)
         tokenizer = self.loaded.tokenizer
         eos = self.loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -107,6 +115,7 @@ class EngineService:
         self.requests = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.chunk_reused_tokens = 0
         self.completion_tokens = 0
 
     def start(self) -> None:
@@ -139,6 +148,7 @@ class EngineService:
             "kv_bits": s.kv_bits,
             "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
             "reuse": s.reuse,
+            "chunk_reuse": s.chunk_reuse,
             "policy": s.policy,
             "capacity_bytes": s.cache_bytes,
             "capacity_tokens": s.cache_bytes // self.block_bytes * s.block_tokens,
