@@ -101,3 +101,74 @@ def measure(
             )
         )
     return out
+
+
+@dataclass(slots=True)
+class ChunkQuality:
+    recompute_tokens: int
+    prompts: int  # RAG prompts whose document came after another prefix
+    greedy_identical: int
+    token_agreement: float
+    chunk_reused_tokens: int
+    prompt_tokens: int
+    prefill_ms_median: float  # in-process prefill with chunk reuse
+    full_prefill_ms_median: float  # the same prompts computed whole
+
+
+def measure_chunks(
+    model: torch.nn.Module,
+    warm: list[list[int]],
+    prompts: list[list[int]],
+    recompute: list[int],
+    *,
+    block: int = 16,
+    new: int = 16,
+) -> list[ChunkQuality]:
+    """Each document stored once (``warm``), then asked after other prefixes (``prompts``)."""
+    from kvern.engine.chunks import ChunkIndex
+
+    plain = Runner(model, None, 32)  # type: ignore[arg-type]
+    full_ms: list[float] = []
+    reference = []
+    for p in prompts:
+        t = time.perf_counter()
+        state, logits = plain.prefill(p, reuse=False)
+        full_ms.append((time.perf_counter() - t) * 1000)
+        want: list[int] = []
+        for _ in range(new):
+            want.append(int(logits.argmax()))
+            logits = plain.step(state, want[-1])
+        reference.append(want)
+    out = []
+    for r in recompute:
+        store = BlockStore(block, 1 << 31, clock=time.monotonic)
+        runner = Runner(model, store, 16, ChunkIndex(store, recompute_tokens=r))  # type: ignore[arg-type]
+        for p in warm:
+            _greedy(runner, p, 1, reuse=True)
+        same = agree = total = moved = 0
+        ms: list[float] = []
+        for p, expected in zip(prompts, reference, strict=True):
+            t = time.perf_counter()
+            state, logits = runner.prefill(p)
+            ms.append((time.perf_counter() - t) * 1000)
+            got: list[int] = []
+            for _ in range(new):
+                got.append(int(logits.argmax()))
+                logits = runner.step(state, got[-1])
+            moved += state.chunk_reused_tokens
+            same += got == expected
+            agree += sum(a == b for a, b in zip(got, expected, strict=True))
+            total += len(expected)
+        out.append(
+            ChunkQuality(
+                recompute_tokens=r,
+                prompts=len(prompts),
+                greedy_identical=same,
+                token_agreement=agree / total,
+                chunk_reused_tokens=moved,
+                prompt_tokens=sum(len(p) for p in prompts),
+                prefill_ms_median=sorted(ms)[len(ms) // 2],
+                full_prefill_ms_median=sorted(full_ms)[len(full_ms) // 2],
+            )
+        )
+    return out
