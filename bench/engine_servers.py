@@ -83,8 +83,7 @@ def engine(
         name, "--port", str(port), "--kv-bits", str(kv_bits), "--cache-bytes", str(cache_bytes),
         "--dtype", dtype, "--log-level", "warning",
     ]  # fmt: skip
-    if device == "cpu":
-        args += ["--threads", "2"]
+    args += ["--device", device] + (["--threads", "2"] if device == "cpu" else [])
     if not reuse:
         args.append("--no-reuse")
     label = "kvern engine" + ("" if reuse else " (no reuse)")

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-recompute-tokens", type=int, default=16, help="computed again after each seam"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu, or cuda (a GPU build of torch)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where GGUFs are converted")
     parser.add_argument(
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             reuse=not args.no_reuse,
             threads=args.threads,
             dtype=args.dtype,
+            device=args.device,
             chunk_reuse=args.chunk_reuse,
             chunk_recompute_tokens=args.chunk_recompute_tokens,
             cache_dir=args.cache_dir or default_cache_dir(),

@@ -20,16 +20,16 @@ from transformers.cache_utils import DynamicLayer
 class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """One layer's keys and values in preallocated buffers, filled to ``length``."""
 
-    def __init__(self, reserve_tokens: int, dtype: torch.dtype) -> None:
+    def __init__(self, reserve_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._reserve = reserve_tokens
         self.dtype = dtype  # the model's: stored blocks of another dtype are converted in
+        self.device = device  # the model's: stored blocks live on the CPU
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
         self._shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
         self._grow(max(self._reserve, key_states.shape[-2], 64))
         self.is_initialized = True
@@ -49,8 +49,8 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         end = at + key_states.shape[-2]
         if end > self._keys.shape[-2]:
             self._grow(max(end, 2 * self._keys.shape[-2]))
-        self._keys[:, :, at:end].copy_(key_states)
-        self._values[:, :, at:end].copy_(value_states)
+        self._keys[:, :, at:end].copy_(key_states, non_blocking=True)
+        self._values[:, :, at:end].copy_(value_states, non_blocking=True)
         self.length = max(self.length, end)
         self.keys = self._keys[:, :, : self.length]
         self.values = self._values[:, :, : self.length]
@@ -69,9 +69,13 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
 
 def new_cache(
-    config: PretrainedConfig, num_layers: int, reserve_tokens: int, dtype: torch.dtype
+    config: PretrainedConfig,
+    num_layers: int,
+    reserve_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> DynamicCache:
     """A cache of :class:`GrowingLayer` s with room for ``reserve_tokens`` before it grows."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer(reserve_tokens, dtype) for _ in range(num_layers)]
+    cache.layers = [GrowingLayer(reserve_tokens, dtype, device) for _ in range(num_layers)]
     return cache

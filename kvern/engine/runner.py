@@ -112,7 +112,11 @@ class Runner:
         if self.store is not None and reuse:
             found = self.store.lookup(hashes[:usable], tokens)
         cache = new_cache(
-            self.model.config, self.shape.num_layers, len(tokens) + _DECODE_ROOM, self.dtype
+            self.model.config,
+            self.shape.num_layers,
+            len(tokens) + _DECODE_ROOM,
+            self.dtype,
+            self.device,
         )
         reused = len(found) * self.block_tokens
         if found:

@@ -45,6 +45,7 @@ class EngineSettings:
     reuse: bool = True  # False: compute every prompt whole (a baseline)
     dtype: str = "float32"  # compute dtype; bfloat16 halves prefill time on AVX-512 CPUs
     threads: int | None = None  # torch threads; None: torch's default
+    device: str = "cpu"  # where the model runs ("cuda" on a GPU); stored blocks stay in RAM
     chunk_reuse: bool = False  # reuse stored blocks after a different prefix (approximate)
     chunk_recompute_tokens: int = 16  # computed again after each seam of a reused chunk
     cache_dir: Path = field(default_factory=default_cache_dir)  # converted GGUFs
@@ -73,6 +74,7 @@ class EngineService:
                 settings.cache_dir,
                 dtype=DTYPES[settings.dtype],
                 name=settings.served_name,
+                device=settings.device,
             )
         )
         self.name = settings.served_name or self.loaded.name

@@ -78,7 +78,11 @@ def resolve_source(source: str) -> Path:
 
 
 def load_model(
-    source: str, cache_dir: Path, dtype: torch.dtype = torch.float32, name: str | None = None
+    source: str,
+    cache_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
     """Load ``source`` (a ``.gguf`` file or a transformers folder) for serving."""
     path = resolve_source(source)
@@ -94,6 +98,7 @@ def load_model(
             "works offline: download or convert the weights first)"
         )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.to(torch.device(device))  # type: ignore[arg-type]
     model.eval()  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     marker = folder / "kvern-fingerprint.json"
