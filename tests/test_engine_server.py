@@ -168,3 +168,27 @@ def test_a_client_that_leaves_mid_stream_does_not_stall_the_next(engine: str) ->
     assert answer.choices[0].message.content is not None
     running = httpx.get(engine + "/metrics").text
     assert "kvern_engine_requests_running 0.0" in running
+
+
+def test_the_command_serves_from_the_main_thread_and_stops_on_sigterm() -> None:
+    """``kvern engine`` as users run it: its HTTP on a thread, the model on the main one."""
+    import sys
+
+    from tests import assets
+    from tests.servers import free_port, serving_process
+
+    port = free_port()
+    args = [
+        sys.executable, "-m", "kvern", "engine", "--model", str(assets.smollm2_gguf()),
+        "--served-model-name", "cli-model", "--port", str(port), "--threads", "2",
+        "--cache-dir", str(assets.cache_root() / "engine"), "--log-level", "warning",
+    ]  # fmt: skip
+    with serving_process(args, port=port, name="engine", start_timeout_s=180) as (proc, url):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        first = c.chat.completions.create(model="cli-model", messages=messages, max_tokens=4)
+        again = c.chat.completions.create(model="cli-model", messages=messages, max_tokens=4)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert again.usage.prompt_tokens_details.cached_tokens >= 48
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0  # a graceful stop, not a kill

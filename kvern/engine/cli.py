@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -84,9 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from kvern.engine.app import create_engine_app
         from kvern.engine.service import EngineService, EngineSettings, default_cache_dir
     except ImportError as exc:
         print(
@@ -126,6 +128,30 @@ def run(args: argparse.Namespace) -> int:
         f"{settings.cache_bytes >> 20} MiB budget, eviction {settings.policy})",
         file=sys.stderr,
     )
-    app = create_engine_app(service)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve_on_main_thread(service, args.host, args.port, args.log_level)
     return 0
+
+
+def serve_on_main_thread(service: Any, host: str, port: int, log_level: str) -> None:
+    """HTTP on a thread of its own, the model's work on this one, until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from kvern.engine.app import create_engine_app
+
+    app = create_engine_app(service, own_service=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="kvern-engine-http", daemon=True)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+        service.scheduler.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    http.start()
+    try:
+        service.scheduler.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+        service.stop()

@@ -104,18 +104,22 @@ class Scheduler:
         self._eos = eos_ids
         self._reuse = reuse
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kvern-engine", daemon=True)
+        self._thread: threading.Thread | None = None
         self._stopping = False
         self.running = 0  # requests prefilled and decoding (read by /metrics)
         self.waiting = 0  # requests submitted, not prefilled yet
 
     def start(self) -> None:
+        """Run the worker loop on a thread of its own (tests; apps that own the main thread)."""
+        self._thread = threading.Thread(target=self.run, name="kvern-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop (from any thread or a signal handler); joins the worker thread if any."""
         self._stopping = True
         self._inbox.put(None)
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         self.waiting += 1
@@ -134,7 +138,15 @@ class Scheduler:
         self.submit(job)
         return job, events
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker loop, in the calling thread, until :meth:`stop`.
+
+        ``kvern engine`` calls it on the main thread and serves HTTP from
+        another: on these two-core machines the chat of ``bench/engine.py``
+        took 310-600 ms to its first token (turns 2-8, two runs) with the
+        model on a worker thread, 255-357 ms with it on the main thread,
+        which loaded it (OpenMP keeps a thread team per calling thread).
+        """
         running: list[_Running] = []
         while not self._stopping:
             try:
