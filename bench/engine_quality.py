@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvern.engine.kv_codec import decode, encode, encoded_bytes
-from kvern.engine.runner import Runner, block_shape
+from kvern.engine.runner import Runner, block_shape, greedy
 from kvern.engine.store import BlockStore
 
 
@@ -35,15 +35,8 @@ class Quality:
 def _greedy(
     runner: Runner, prompt: list[int], new: int, reuse: bool
 ) -> tuple[list[int], torch.Tensor, int]:
-    state, logits = runner.prefill(prompt, reuse=reuse)
-    first = logits.clone()
-    out: list[int] = []
-    for _ in range(new):
-        token = int(logits.argmax())
-        out.append(token)
-        logits = runner.step(state, token)
-    runner.finish(state)
-    return out, first, state.reused_tokens
+    g = greedy(runner, prompt, new, reuse=reuse)
+    return g.tokens, g.first_logits, g.reused_tokens
 
 
 def _max_codec_error(runner: Runner, prompt: list[int], bits: int, block: int) -> float:

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="the engine extra (torch) is not ins
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from kvern.engine.chunks import ChunkIndex, rotate_keys  # noqa: E402
-from kvern.engine.runner import Runner  # noqa: E402
+from kvern.engine.runner import Runner, greedy  # noqa: E402
 from kvern.engine.store import BlockStore  # noqa: E402
 from tests.engine_model import smollm2  # noqa: E402
 
@@ -38,16 +38,11 @@ def rag(system: str, question: str) -> list[int]:
     )
 
 
-def greedy(
+def generate(
     runner: Runner, prompt: list[int], reuse: bool = True, new: int = 12
 ) -> tuple[list[int], int, int]:
-    state, logits = runner.prefill(prompt, reuse=reuse)
-    out = []
-    for _ in range(new):
-        out.append(int(logits.argmax()))
-        logits = runner.step(state, out[-1])
-    runner.finish(state)
-    return out, state.reused_tokens, state.chunk_reused_tokens
+    g = greedy(runner, prompt, new, reuse=reuse)
+    return g.tokens, g.reused_tokens, g.chunk_reused_tokens
 
 
 def test_moving_a_key_by_a_rotation_equals_computing_it_at_the_new_place() -> None:
@@ -73,9 +68,9 @@ def test_a_document_after_another_system_prompt_is_reused_past_a_recomputed_seam
         "You answer questions about documents for a property company. Quote the document.",
         "When is the rent due?",
     )
-    greedy(runner, first)
+    generate(runner, first)
     stored_before = store.num_blocks
-    _, prefix, moved = greedy(runner, second)
+    _, prefix, moved = generate(runner, second)
     # The system prompts differ early: prefix reuse stops there; the document is found.
     assert prefix < 48
     assert moved >= len(smollm2().tokenizer(DOCUMENT)["input_ids"]) - 64
@@ -84,14 +79,14 @@ def test_a_document_after_another_system_prompt_is_reused_past_a_recomputed_seam
     # A third request re-sending the second prompt: prefix reuse is exact only up to the
     # seam, and what it generates equals full prefill there (greedy identity kept).
     plain = Runner(model, None, 32)
-    again, prefix_again, _ = greedy(Runner(model, store, 16), second)
-    assert again == greedy(plain, second, reuse=False)[0]
+    again, prefix_again, _ = generate(Runner(model, store, 16), second)
+    assert again == generate(plain, second, reuse=False)[0]
     assert prefix <= prefix_again <= len(second) - moved
 
 
 def test_runs_shorter_than_the_minimum_are_computed() -> None:
     store = BlockStore(16, 1 << 30, clock=time.monotonic)
     runner = Runner(smollm2().model, store, 16, chunks=ChunkIndex(store, min_run_tokens=10_000))
-    greedy(runner, rag("A.", "Who repairs the roof?"), new=1)
-    _, _, moved = greedy(runner, rag("B, a different start.", "When?"), new=1)
+    generate(runner, rag("A.", "Who repairs the roof?"), new=1)
+    _, _, moved = generate(runner, rag("B, a different start.", "When?"), new=1)
     assert moved == 0

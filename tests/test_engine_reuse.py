@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="the engine extra (torch) is not ins
 
 from kvern.engine.disk_tier import DiskTier  # noqa: E402
 from kvern.engine.kv_codec import encoded_bytes  # noqa: E402
-from kvern.engine.runner import Runner, block_shape  # noqa: E402
+from kvern.engine.runner import Runner, block_shape, greedy  # noqa: E402
 from kvern.engine.store import BlockStore  # noqa: E402
 from tests.engine_model import smollm2  # noqa: E402
 
@@ -48,21 +48,15 @@ def prompts() -> list[list[int]]:
     return out
 
 
-def greedy(runner: Runner, prompt: list[int], reuse: bool = True) -> tuple[list[int], int]:
-    state, logits = runner.prefill(prompt, reuse=reuse)
-    out: list[int] = []
-    for _ in range(MAX_NEW):
-        token = int(logits.argmax())
-        out.append(token)
-        logits = runner.step(state, token)
-    runner.finish(state)
-    return out, state.reused_tokens
+def generate(runner: Runner, prompt: list[int], reuse: bool = True) -> tuple[list[int], int]:
+    g = greedy(runner, prompt, MAX_NEW, reuse=reuse)
+    return g.tokens, g.reused_tokens
 
 
 @pytest.fixture(scope="module")
 def baseline() -> list[list[int]]:
     plain = Runner(smollm2().model, None, 32)
-    return [greedy(plain, p, reuse=False)[0] for p in prompts()]
+    return [generate(plain, p, reuse=False)[0] for p in prompts()]
 
 
 def store(capacity_bytes: int = 1 << 30, **kw: object) -> BlockStore:
@@ -86,7 +80,7 @@ def test_reuse_generates_what_full_prefill_generates(bits: int, baseline: list[l
     held: list[list[int]] = []
     reused_any = 0
     for prompt, want in zip(prompts(), baseline, strict=True):
-        got, reused = greedy(runner, prompt)
+        got, reused = generate(runner, prompt)
         assert got == want, f"{bits}-bit storage changed the answer of a {len(prompt)}-token prompt"
         assert reused == expected_reuse(prompt, held)
         held.append(prompt + got[:-1])  # what the sequence fed through the model
@@ -103,7 +97,7 @@ def test_blocks_promoted_from_disk_generate_the_same(
     small = store(8 * encoded_bytes(shape, 16), cold=disk)
     runner = Runner(smollm2().model, small, 16)
     for prompt, want in zip(prompts(), baseline, strict=True):
-        got, _ = greedy(runner, prompt)
+        got, _ = generate(runner, prompt)
         assert got == want
         small.check_invariants()
     assert small.stats.promoted_blocks > 0 and disk.writes > 0

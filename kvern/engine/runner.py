@@ -211,3 +211,25 @@ class Runner:
             return encode(keys, values, self.kv_bits)
 
         self.store.put(hashes, state.tokens, encode_block)
+
+
+@dataclass(slots=True)
+class Greedy:
+    """What :func:`greedy` generated, and what its prefill reused."""
+
+    tokens: list[int]
+    first_logits: torch.Tensor  # the prompt's last position: the first token's distribution
+    reused_tokens: int
+    chunk_reused_tokens: int
+
+
+def greedy(runner: Runner, prompt: Sequence[int], new: int, *, reuse: bool = True) -> Greedy:
+    """``new`` greedy tokens without the scheduler (tests and the quality bench compare these)."""
+    state, logits = runner.prefill(prompt, reuse=reuse)
+    first = logits.clone()
+    out: list[int] = []
+    for _ in range(new):
+        out.append(int(logits.argmax()))
+        logits = runner.step(state, out[-1])
+    runner.finish(state)
+    return Greedy(out, first, state.reused_tokens, state.chunk_reused_tokens)
