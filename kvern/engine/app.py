@@ -22,7 +22,7 @@ from kvern.engine import protocol
 from kvern.engine.metrics import render_metrics
 from kvern.engine.scheduler import Event, Failed, Finished, Job, Started, Text
 from kvern.engine.service import EngineService
-from kvern.errors import BadRequest, KvernError, ModelNotServed, error_response
+from kvern.errors import BadRequest, BodyTooLarge, KvernError, ModelNotServed, error_response
 
 _MAX_BODY_BYTES = 32 << 20
 
@@ -101,7 +101,7 @@ def create_engine_app(service: EngineService, *, own_service: bool = True) -> Fa
 async def _json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > _MAX_BODY_BYTES:
-        raise BadRequest(f"the body is over {_MAX_BODY_BYTES} bytes", code="body_too_large")
+        raise BodyTooLarge(f"the body is over {_MAX_BODY_BYTES} bytes")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -214,39 +214,24 @@ async def _stream(
     created = int(time.time())
     try:
         if kind == "chat":
-            yield protocol.sse(
-                protocol.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, None)
-            )
+            yield protocol.sse(protocol.delta_chunk(kind, rid, name, created, None, None))
         while True:
             event = await _next(events, job)
             if isinstance(event, Text):
-                if kind == "chat":
-                    chunk = protocol.chat_chunk(rid, name, created, {"content": event.delta}, None)
-                else:
-                    chunk = protocol.text_chunk(rid, name, created, event.delta, None)
-                yield protocol.sse(chunk)
+                yield protocol.sse(
+                    protocol.delta_chunk(kind, rid, name, created, event.delta, None)
+                )
             elif isinstance(event, Finished):
                 _count(service, event)
                 reason = "stop" if event.reason == "cancelled" else event.reason
-                if kind == "chat":
-                    yield protocol.sse(protocol.chat_chunk(rid, name, created, {}, reason))
-                else:
-                    yield protocol.sse(protocol.text_chunk(rid, name, created, "", reason))
+                yield protocol.sse(protocol.delta_chunk(kind, rid, name, created, "", reason))
                 if include_usage:
                     use = _usage(event)
                     yield protocol.sse(protocol.usage_chunk(rid, name, created, kind, use))
                 yield protocol.SSE_DONE
                 return
             elif isinstance(event, Failed):
-                error = {
-                    "error": {
-                        "message": event.message,
-                        "type": "server_error",
-                        "param": None,
-                        "code": "engine_error",
-                    }
-                }
-                yield protocol.sse(error)
+                yield protocol.sse(KvernError(event.message, code="engine_error").body())
                 return
     finally:
         job.cancelled.set()  # a no-op once finished; stops a request whose client left

@@ -105,26 +105,21 @@ def sse(payload: dict[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def chat_chunk(
-    rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None
+def delta_chunk(
+    kind: str, rid: str, model: str, created: int, text: str | None, finish: str | None
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-
-
-def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
+    """A stream chunk: ``text`` (None: the role chunk that opens a chat), ``finish`` at the end."""
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if kind == "chat":
+        if text is None:
+            choice["delta"] = {"role": "assistant", "content": ""}
+        else:
+            choice["delta"] = {"content": text} if text else {}
+        obj = "chat.completion.chunk"
+    else:
+        choice["text"] = text or ""
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
 def usage_chunk(

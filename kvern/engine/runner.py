@@ -1,11 +1,11 @@
 """The model's forward passes: prefill with reuse, one decode step, storing a sequence's blocks.
 
-Why the request's cache is a copy: a request assembles a transformers
-``DynamicCache`` from the stored blocks it reuses (decoded to the model's
-dtype) and grows it as it computes; the store keeps its own encoded blocks.
-So eviction never pulls tensors out from under a running request and the
-store needs no pins, at the price of one copy of the reused prefix per
-request (a concatenation, far cheaper than computing it).
+Why the request's cache is a copy: a request writes the stored blocks it
+reuses (decoded to the model's dtype) into a cache of its own
+(:mod:`kvern.engine.kv_cache`) and grows it as it computes; the store keeps
+its own encoded blocks. So eviction never pulls tensors out from under a
+running request and the store needs no pins, at the price of one copy of the
+reused prefix per request (far cheaper than computing it).
 
 The reuse rule is vLLM's and kvern's ``radix`` cache model's: the longest
 run of the prompt's leading full blocks found in the store, never the block
@@ -18,7 +18,7 @@ sampled token (which never went through the model).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -44,6 +44,8 @@ class SequenceState:
     chunk_reused_tokens: int = 0  # prompt tokens taken from stored chunks after a seam
     # Tokens whose KV is exactly full prefill's (None: all); blocks past it are not stored.
     exact_tokens: int | None = None
+    # Chained hashes of the prompt's full blocks (finish extends them over the answer).
+    hashes: list[ChainHash] = field(default_factory=list)
 
 
 def block_shape(model: PreTrainedModel, block_tokens: int) -> BlockShape:
@@ -121,7 +123,7 @@ class Runner:
         reused = len(found) * self.block_tokens
         if found:
             self._load(cache, found)
-        state = SequenceState(tokens, cache, reused, len(tokens))
+        state = SequenceState(tokens, cache, reused, len(tokens), hashes=hashes)
         runs = self.chunks.find(tokens, reused, len(tokens) - 1) if self.chunks and reuse else []
         position = reused
         for run in runs:
@@ -151,14 +153,9 @@ class Runner:
     def _load_moved(self, cache: DynamicCache, run: ChunkRun, skip: int) -> None:
         """Append a stored run's KV from token ``skip`` on, its keys turned to their new places."""
         assert self._inv_freq is not None
-        pairs = [decode(b, self.dtype) for b in run.blocks]
-        keys = torch.cat([k for k, _ in pairs], dim=2)[:, :, skip:]
-        values = torch.cat([v for _, v in pairs], dim=2)[:, :, skip:]
-        keys = rotate_keys(keys.float(), run.start - run.old_start, self._inv_freq).to(self.dtype)
-        at = cache.get_seq_length()
-        for n, layer in enumerate(cache.layers):
-            assert isinstance(layer, GrowingLayer)
-            layer.write(at, keys[n].unsqueeze(0), values[n].unsqueeze(0))
+        keys, values = self._joined(run.blocks)
+        keys = rotate_keys(keys[:, :, skip:].float(), run.start - run.old_start, self._inv_freq)
+        self._write(cache, cache.get_seq_length(), keys, values[:, :, skip:])
 
     @torch.inference_mode()
     def step(self, state: SequenceState, token: int) -> torch.Tensor:
@@ -172,7 +169,14 @@ class Runner:
     def finish(self, state: SequenceState) -> None:
         """The request ended: store the full blocks of all it fed through the model."""
         if self.store is not None:
-            self._store(state, self.hashes(state.tokens))
+            # The prompt's hashes were made at prefill; only the answer's are new.
+            known = state.hashes
+            data = token_bytes(state.tokens)
+            if known:
+                more = chain_hashes(data, self.block_tokens, start=len(known), parent=known[-1])
+            else:
+                more = chain_hashes(data, self.block_tokens)
+            self._store(state, known + more)
 
     @staticmethod
     def _storable(state: SequenceState) -> int:
@@ -181,11 +185,17 @@ class Runner:
         return computed if state.exact_tokens is None else min(computed, state.exact_tokens)
 
     def _load(self, cache: DynamicCache, blocks: list[EncodedBlock]) -> None:
-        """Decode the reused blocks into the request's buffers: one copy a layer.
+        """Decode the reused blocks into the request's buffers: one copy a layer."""
+        keys, values = self._joined(blocks)
+        self._write(cache, 0, keys, values)
 
-        The blocks are joined in their stored dtype (half the bytes at 16
-        bits) and converted as they are written; a copy per block and layer
-        would cost more in Python than in memory.
+    def _joined(self, blocks: list[EncodedBlock]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' keys and values end to end, ``[layers, heads, tokens, head_dim]``.
+
+        32- and 16-bit blocks are joined in their stored dtype (half the bytes
+        at 16 bits) and converted as they are written; quantized ones are
+        decoded first. A copy per block and layer would cost more in Python
+        than in memory.
         """
         if blocks[0].bits in (32, 16):
             keys = torch.cat([b.keys[0] for b in blocks], dim=2)
@@ -194,9 +204,14 @@ class Runner:
             pairs = [decode(b, self.dtype) for b in blocks]
             keys = torch.cat([k for k, _ in pairs], dim=2)
             values = torch.cat([v for _, v in pairs], dim=2)
+        return keys, values
+
+    @staticmethod
+    def _write(cache: DynamicCache, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put joined ``keys``/``values`` into every layer of ``cache`` from token ``at``."""
         for n, layer in enumerate(cache.layers):
             assert isinstance(layer, GrowingLayer)
-            layer.write(0, keys[n].unsqueeze(0), values[n].unsqueeze(0))
+            layer.write(at, keys[n].unsqueeze(0), values[n].unsqueeze(0))
 
     def _store(self, state: SequenceState, hashes: list[ChainHash]) -> None:
         assert self.store is not None

@@ -56,7 +56,6 @@ class Finished:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    token_ids: list[int]
     chunk_reused_tokens: int = 0  # prompt tokens reused from chunks after a seam
 
 
@@ -107,7 +106,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.running = 0  # requests prefilled and decoding (read by /metrics)
-        self.waiting = 0  # requests submitted, not prefilled yet
 
     def start(self) -> None:
         """Run the worker loop on a thread of its own (tests; apps that own the main thread)."""
@@ -121,8 +119,12 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted, not prefilled yet (read by /metrics)."""
+        return self._inbox.qsize()
+
     def submit(self, job: Job) -> None:
-        self.waiting += 1
         self._inbox.put(job)
 
     def submit_async(
@@ -157,7 +159,6 @@ class Scheduler:
                 if job is None:
                     continue
             if job is not None:
-                self.waiting -= 1
                 started = self._start(job)
                 if started is not None:
                     running.append(started)
@@ -230,7 +231,6 @@ class Scheduler:
                 r.state.prompt_tokens,
                 r.state.reused_tokens,
                 len(r.generated),
-                list(r.generated),
                 r.state.chunk_reused_tokens,
             )
         )

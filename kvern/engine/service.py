@@ -148,7 +148,7 @@ class EngineService:
             "fingerprint": self.loaded.fingerprint,
             "block_size": s.block_tokens,
             "kv_bits": s.kv_bits,
-            "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
             "reuse": s.reuse,
             "chunk_reuse": s.chunk_reuse,
             "policy": s.policy,

@@ -30,11 +30,11 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvern.engine.kv_codec import EncodedBlock
-from kvern.routing.block_chains import ChainHash
+from kvern.routing.block_chains import HASH_BYTES, ChainHash
 from kvern.trie.node import TrieNode
 from kvern.trie.policies import EvictionPolicy, make_policy
 
@@ -66,8 +66,7 @@ class StoreStats:
 class _Entry:
     node: TrieNode
     block: EncodedBlock
-    parent: ChainHash | None
-    children: dict[ChainHash, None] = field(default_factory=dict)
+    parent: ChainHash | None  # node.children says whether blocks hang from this one
 
 
 class BlockStore:
@@ -178,12 +177,6 @@ class BlockStore:
         self._fit()
         return added
 
-    def clear(self) -> None:
-        """Forget every block held in memory (the disk tier keeps its own)."""
-        self._entries.clear()
-        self._root.children.clear()
-        self._bytes = 0
-
     def check_invariants(self) -> None:
         """Recount what the store keeps incrementally (tests call it after each step)."""
         assert self._bytes == sum(e.block.num_bytes for e in self._entries.values())
@@ -192,10 +185,9 @@ class BlockStore:
                 assert entry.node.parent is self._root
             else:
                 assert entry.parent in self._entries, "a stored block's parent was evicted"
-                assert h in self._entries[entry.parent].children
-            for child in entry.children:
-                assert self._entries[child].parent == h
-            assert len(entry.children) == len(entry.node.children)
+                assert entry.node.parent is self._entries[entry.parent].node
+            for key in entry.node.children:
+                assert self._entries[ChainHash(key.to_bytes(HASH_BYTES, "little"))].parent == h
         assert len(self._root.children) == sum(e.parent is None for e in self._entries.values())
 
     def _block_tokens(self, tokens: Sequence[int], index: int) -> array[int]:
@@ -211,8 +203,6 @@ class BlockStore:
         # blocks after one parent may start alike. Policies only count them.
         above.children[int.from_bytes(h, "little")] = node
         entry = _Entry(node, block, parent)
-        if parent is not None:
-            self._entries[parent].children[h] = None
         self._entries[h] = entry
         self._bytes += block.num_bytes
         return entry
@@ -233,8 +223,11 @@ class BlockStore:
         target = int(self.capacity_bytes * self.low_watermark)
         now = self._clock()
         key = self.policy.sort_key
-        heap = [(key(e.node, now), i, h) for i, (h, e) in enumerate(self._entries.items())]
-        heap = [item for item in heap if not self._entries[item[2]].children]
+        heap = [
+            (key(e.node, now), i, h)
+            for i, (h, e) in enumerate(self._entries.items())
+            if not e.node.children
+        ]
         heapq.heapify(heap)
         tiebreak = len(self._entries)
         while self._bytes > target and heap:
@@ -243,7 +236,7 @@ class BlockStore:
             self.policy.on_evict(entry.node, rank)
             self._remove(h, entry)
             parent = entry.parent
-            if parent is not None and not self._entries[parent].children:
+            if parent is not None and not self._entries[parent].node.children:
                 tiebreak += 1
                 heapq.heappush(heap, (key(self._entries[parent].node, now), tiebreak, parent))
 
@@ -254,8 +247,6 @@ class BlockStore:
         if node.parent is not None:
             node.parent.children.pop(int.from_bytes(h, "little"), None)
             node.parent = None
-        if entry.parent is not None:
-            self._entries[entry.parent].children.pop(h, None)
         self.stats.evicted_blocks += 1
         if self.cold is not None:
             self.cold.put(h, entry.parent, entry.block)
