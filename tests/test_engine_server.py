@@ -129,6 +129,7 @@ def test_models_health_metrics_and_tokenize(engine: str) -> None:
     [
         (b"{not json", 400, None),
         (b"[1, 2]", 400, None),
+        (b"[" * 100_000 + b"]" * 100_000, 400, None),
         (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
         (b'{"messages": []}', 400, "messages"),
         (

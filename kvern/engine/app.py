@@ -106,6 +106,8 @@ async def _json(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
+    except RecursionError:  # valid JSON nested past Python's parser: no request of the API
+        raise BadRequest("the body is JSON nested too deeply to read") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
