@@ -35,6 +35,13 @@ import torch
 from kvern.engine.runner import Runner, SequenceState
 from kvern.engine.sampling import Sampler, SamplingParams, held_back, stop_at
 
+# How long an idle loop sleeps before it looks again. Why not forever: a
+# SIGTERM the kernel hands to another thread (the HTTP one, an OpenMP worker)
+# leaves its Python handler pending until the main thread runs bytecode, and a
+# main thread blocked on an empty queue never would (CI: ``kvern engine`` took
+# over 30 s to stop, and stopped on the second SIGTERM).
+_IDLE_WAKE_S = 0.25
+
 log = logging.getLogger("kvern.engine")
 
 
@@ -152,7 +159,8 @@ class Scheduler:
         running: list[_Running] = []
         while not self._stopping:
             try:
-                job = self._inbox.get(block=not running)
+                wait_s = None if running else _IDLE_WAKE_S
+                job = self._inbox.get(block=not running, timeout=wait_s)
             except queue.Empty:
                 job = None
             else:
