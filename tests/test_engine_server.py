@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,7 +180,6 @@ def _signal_a_thread_other_than_main(pid: int, signum: int) -> None:
     """SIGTERM as the kernel may deliver it: to any thread of the process, here not the main one."""
     import ctypes
     import os
-    import platform
 
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
     assert tids, "kvern engine runs HTTP on a thread of its own"
@@ -187,9 +187,7 @@ def _signal_a_thread_other_than_main(pid: int, signum: int) -> None:
     assert libc.syscall(_TGKILL[platform.machine()], pid, tids[0], signum) == 0
 
 
-@pytest.mark.skipif(
-    __import__("platform").machine() not in _TGKILL, reason="tgkill's number is not known here"
-)
+@pytest.mark.skipif(platform.machine() not in _TGKILL, reason="tgkill's number is not known here")
 def test_the_command_serves_from_the_main_thread_and_stops_on_sigterm_to_any_thread() -> None:
     """``kvern engine`` as users run it: its HTTP on a thread, the model on the main one.
 
