@@ -156,6 +156,32 @@ def test_bad_requests_get_an_openai_shaped_error(
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_read(engine: str) -> None:
+    """Declared or not, a body past 32 MiB gets the 400 without the engine holding it first."""
+    import socket
+
+    host, port = engine.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 40000000\r\n\r\n{"
+        )  # 40 MB declared, 1 byte sent: an answer now means nothing more was awaited
+        head = sock.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 400"), head
+    assert '"code":"body_too_large"' in head.replace(" ", ""), head
+
+    def chunks() -> Iterator[bytes]:  # undeclared: refused once the bytes pass the limit
+        yield b'{"messages": "'
+        for _ in range(40):
+            yield b"x" * (1 << 20)
+
+    try:
+        r = httpx.post(engine + "/v1/chat/completions", content=chunks(), timeout=60)
+    except httpx.WriteError:  # it answered and closed before the client finished sending
+        return
+    assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large"
+
+
 def test_a_client_that_leaves_mid_stream_does_not_stall_the_next(engine: str) -> None:
     body = {
         "model": NAME,

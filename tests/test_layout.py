@@ -23,7 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "kvern"
 FLOORS: list[set[str]] = [
     {"config", "errors"},  # settings and the error tree everything shares
     # pure tries, the store, HTTP to backends, bodies; why requests missed (pure)
-    {"trie", "analytics", "upstream", "prompt", "diagnosis"},
+    {"trie", "analytics", "upstream", "prompt", "diagnosis", "request_body"},
     {"tokenize", "cache_models"},  # prompt -> ids; models of each backend's own KV cache
     {"routing"},  # presence, load, health and the choice of upstream
     {"tracking", "parity"},  # the tracking thread; checks against the backend's tokenizer

@@ -22,9 +22,11 @@ from kvern.engine import protocol
 from kvern.engine.metrics import render_metrics
 from kvern.engine.scheduler import Event, Failed, Finished, Job, Started, Text
 from kvern.engine.service import EngineService
-from kvern.errors import BadRequest, BodyTooLarge, KvernError, ModelNotServed, error_response
+from kvern.errors import BadRequest, KvernError, ModelNotServed, error_response
+from kvern.request_body import read_body
 
 _MAX_BODY_BYTES = 32 << 20
+_BODY_READ_TIMEOUT_S = 30.0  # a client that stalls mid-body lets its connection go
 
 
 def create_engine_app(service: EngineService, *, own_service: bool = True) -> FastAPI:
@@ -99,9 +101,7 @@ def create_engine_app(service: EngineService, *, own_service: bool = True) -> Fa
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY_BYTES:
-        raise BodyTooLarge(f"the body is over {_MAX_BODY_BYTES} bytes")
+    raw = await read_body(request, _MAX_BODY_BYTES, _BODY_READ_TIMEOUT_S, "kvern engine's limit")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -27,13 +27,12 @@ from starlette.responses import Response
 
 from kvern.errors import (
     BadRequest,
-    BodyReadTimeout,
-    BodyTooLarge,
     KvernError,
     ShuttingDown,
     error_response,
 )
 from kvern.prompt.requests import plain_text
+from kvern.request_body import read_body
 from kvern.routes.relay import RequestTrack, relay_stream, relay_whole
 from kvern.routes.sending import ClientGone, send_with_failover
 from kvern.services import Services
@@ -46,35 +45,6 @@ _ENDPOINTS = {
     ("POST", "/api/chat"): "ollama_chat",
     ("POST", "/api/generate"): "ollama_generate",
 }
-
-
-async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole request body, refused past ``max_bytes``.
-
-    ``timeout_s`` bounds the wait for each part of it: a client that sends
-    its headers and then stalls would otherwise hold a connection for ever.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    parts = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(parts.__anext__(), timeout_s)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-            raise BodyReadTimeout(
-                f"the request body did not arrive in time: no data for {timeout_s:g} s "
-                f"after {size} bytes (proxy.body_read_timeout_s)"
-            ) from None
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse_body(raw: bytes) -> dict[str, Any] | None:
@@ -139,7 +109,7 @@ async def forward(request: Request) -> Response:
 async def _forward(services: Services, request: Request) -> Response:
     endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
     proxy = services.config.proxy
-    raw = await _read_body(request, proxy.max_body_bytes, proxy.body_read_timeout_s)
+    raw = await read_body(request, proxy.max_body_bytes, proxy.body_read_timeout_s)
     received_s = time.perf_counter()
     if endpoint in ("chat", "completions"):
         body = _parse_body(raw)
