@@ -200,6 +200,19 @@ def wait_until_following(kvern: str, names: set[str]) -> None:
     time.sleep(0.5)
 
 
+def wait_for_feed(kvern: str, name: str, counter: str, above: int) -> None:
+    """Until ``name``'s feed counts ``counter`` past ``above``: events trail the answers.
+
+    vLLM publishes a step's batch beside the answer it ends, so a client can
+    have its answer before kvern has the batch; a test that needs a batch seen
+    (a hole noticed, a replay landed) before its next request waits for it.
+    """
+    deadline = time.monotonic() + 30
+    while (view := kv_events(kvern)[name])[counter] <= above:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+
+
 def turn(client: openai.OpenAI, history: list[dict[str, str]], n: int) -> None:
     """One greedy turn; its own answer goes into the history (vLLM keeps those blocks too)."""
     answer = chat(client, SERVED_MODEL, history, max_tokens=12)
@@ -319,6 +332,10 @@ def test_a_dropped_batch_is_replayed_or_counted_as_a_fall_back_to_the_model(
             forwarder.drop_next.set()
             turn(client, y, 0)  # its prefill's BlockStored is lost
             turn(client, z, 0)  # its batch shows the hole
+            # CI: y's next turn once went out before z's batch came, and was
+            # predicted from events that did not yet know of the hole.
+            noticed = "replayed_batches" if replay else "gaps"
+            wait_for_feed(kvern, "a", noticed, before_drop[noticed])
             turn(client, y, 1)  # replayed: exact; else the model answers
             flush(kvern)  # every answer tracked, so its count is in what follows
             after_drop = kv_events(kvern)["a"]
