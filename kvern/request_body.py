@@ -16,10 +16,11 @@ from starlette.requests import Request
 from kvern.errors import BodyReadTimeout, BodyTooLarge
 
 
-async def read_body(
-    request: Request, max_bytes: int, timeout_s: float, setting: str = "proxy.body_read_timeout_s"
-) -> bytes:
-    """The whole body, refused past ``max_bytes``; ``timeout_s`` (``setting``) bounds each wait."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float, setting: str) -> bytes:
+    """The whole body, refused past ``max_bytes``; ``timeout_s`` bounds each wait.
+
+    ``setting`` names where the timeout comes from, for the error a stalled client gets.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes}")

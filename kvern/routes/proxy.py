@@ -109,7 +109,9 @@ async def forward(request: Request) -> Response:
 async def _forward(services: Services, request: Request) -> Response:
     endpoint = _ENDPOINTS.get((request.method, request.url.path), "other")
     proxy = services.config.proxy
-    raw = await read_body(request, proxy.max_body_bytes, proxy.body_read_timeout_s)
+    raw = await read_body(
+        request, proxy.max_body_bytes, proxy.body_read_timeout_s, "proxy.body_read_timeout_s"
+    )
     received_s = time.perf_counter()
     if endpoint in ("chat", "completions"):
         body = _parse_body(raw)
