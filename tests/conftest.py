@@ -1,13 +1,39 @@
-"""Shared fixtures: real tokenizers derived offline (see tests/assets.py)."""
+"""Shared fixtures (real tokenizers derived offline, see tests/assets.py) and the run's order.
+
+Tests that need a real llama-server or vLLM run last, while ``tests/prepare.py``
+builds those servers in the background at the lowest priority (see there why).
+``KVERN_TESTS_PREPARE=0`` turns the background build off; the order stays.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from tests import assets
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules whose functions a test module imports make it need that server;
+# a larger rank runs later (vLLM is installed after llama-server is built).
+_SERVER_RANK = {"tests.llama_server": 1, "tests.vllm_server": 2}
+_IMPORTS = {
+    name: re.compile(
+        rf"^\s*(from {re.escape(name)} import|import {re.escape(name)}\b"
+        rf"|from tests import .*\b{name.split('.')[1]}\b)",
+        re.M,
+    )
+    for name in _SERVER_RANK
+}
+_PREPARE = pytest.StashKey[subprocess.Popen[bytes]]()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,3 +71,72 @@ def real_tokenizer(hf_tokenizers: dict[str, Any], real_tokenizer_name: str) -> A
 @pytest.fixture(scope="session")
 def small_bpe_dir() -> str:
     return str(assets.small_bpe_fixture())
+
+
+def _server_rank(module: ModuleType | None) -> int:
+    """0 for a module that starts no real server, else the rank of the latest it needs.
+
+    Read from its source, since some import the server helpers inside a test.
+    """
+    path = getattr(module, "__file__", None)
+    if not path:
+        return 0
+    source = Path(path).read_text(encoding="utf-8")
+    return max(
+        (rank for name, rank in _SERVER_RANK.items() if _IMPORTS[name].search(source)),
+        default=0,
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-server tests last, each group in its collected order (the sort is stable)."""
+    by_module: dict[int, int] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if id(module) not in by_module:
+            by_module[id(module)] = _server_rank(module)
+    items.sort(key=lambda item: by_module[id(getattr(item, "module", None))])
+
+
+def _lowest_priority() -> list[str]:
+    """``nice``/``ionice`` where present: the build takes only what the tests leave idle."""
+    prefix = ["nice", "-n", "19"] if shutil.which("nice") else []
+    return prefix + (["ionice", "-c", "3"] if shutil.which("ionice") else [])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the real servers now if some collected test needs one not built yet."""
+    if os.environ.get("KVERN_TESTS_PREPARE", "1") == "0" or session.config.option.collectonly:
+        return
+    modules = {id(m): m for i in session.items if (m := getattr(i, "module", None))}
+    if not any(_server_rank(m) for m in modules.values()):
+        return
+    from tests import prepare
+
+    if not prepare.missing():
+        return
+    log = assets.cache_root() / "prepare.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [*_lowest_priority(), sys.executable, "-m", "tests.prepare"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group: stopped whole, builds included
+        )
+    session.config.stash[_PREPARE] = proc
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A run that ends first stops the build (the caches tell a half-done step, redone later)."""
+    proc = config.stash.get(_PREPARE, None)
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -174,12 +174,31 @@ def tiny_model_dir() -> Path:
     Keyed by the tokenizer fixture it copies (its folder name carries the
     fixture's format): vLLM must tokenize with the very files kvern loads.
     """
-    tokenizer = assets.tokenizer_fixture("qwen2").directory
-    target = assets.cache_root() / "models" / f"tiny-{tokenizer.name}-hf-{_MODEL_FORMAT}"
+    target = _tiny_model_target()
     if (target / ".complete").exists():
         return target
     python = install_vllm()
+    tokenizer = assets.tokenizer_fixture("qwen2").directory
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Locked: the background preparation (tests/prepare.py) may be building it too.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            _build_tiny_model(python, tokenizer, target)
+    return target
+
+
+def _tiny_model_target() -> Path:
+    tokenizer = assets.tokenizer_fixture("qwen2").directory
+    return assets.cache_root() / "models" / f"tiny-{tokenizer.name}-hf-{_MODEL_FORMAT}"
+
+
+def installed() -> bool:
+    """Whether vLLM is already installed in the cache (cheap: its finished marker)."""
+    return (venv_dir() / ".complete").exists()
+
+
+def _build_tiny_model(python: Path, tokenizer: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent))
     try:
         done = subprocess.run(
@@ -195,7 +214,6 @@ def tiny_model_dir() -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def server_env() -> dict[str, str]:

