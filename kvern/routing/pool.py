@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
+from kvern.routing.queue_wait import InFlight, ServiceModel, start_delay_s
 from kvern.routing.ttft import TtftModel
 from kvern.upstream.client import Upstream
 
@@ -37,7 +38,9 @@ class _InFlight:
     routed_s: float  # when it was routed (the router's clock)
     expected: float | None  # the router's cost for it (token-equivalents), to teach the TTFT line
     routed_mono: float  # the same moment on a monotonic clock, to time its first byte
+    found_slot: bool = False  # a running slot was free when it was routed: no queue wait
     decoding: bool = False  # past its first byte
+    first_byte_mono: float = 0.0
 
 
 @dataclass(slots=True)
@@ -63,9 +66,13 @@ class Load:
     ``finally``) is counted once.
     """
 
-    def __init__(self, ttft: TtftModel | None = None) -> None:
+    def __init__(self, ttft: TtftModel | None = None, slots: int = 0) -> None:
         # Taught each request's expected cost and real time to first byte.
         self.ttft = ttft if ttft is not None else TtftModel()
+        # The replica's running slots (max_concurrency; 0: unknown), and what
+        # its requests take there, to price its queue (kvern.routing.queue_wait).
+        self.slots = slots
+        self.service = ServiceModel()
         self._lock = threading.Lock()
         self.in_flight = 0  # requests sent and not yet ended
         self.prefill_tokens = 0  # uncached prompt tokens of requests awaiting their first byte
@@ -93,7 +100,11 @@ class Load:
             if request_id in self._requests:
                 return
             self._requests[request_id] = _InFlight(
-                prefill_tokens, now_s, expected, time.monotonic()
+                prefill_tokens,
+                now_s,
+                expected,
+                time.monotonic(),
+                found_slot=self.slots > 0 and self.in_flight < self.slots,
             )
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
@@ -121,9 +132,13 @@ class Load:
                 return
             self.prefill_tokens -= entry.prefill_tokens
             entry.decoding = True
+            entry.first_byte_mono = time.monotonic()
             self.decoding += 1
+        ttft_s = entry.first_byte_mono - entry.routed_mono
         if entry.expected is not None:
-            self.ttft.observe(entry.expected, time.monotonic() - entry.routed_mono)
+            self.ttft.observe(entry.expected, ttft_s)
+        if entry.found_slot:
+            self.service.observe_prefill(entry.prefill_tokens, ttft_s)
 
     def end(self, request_id: str) -> None:
         """The request ended (answered, failed or abandoned), at any stage."""
@@ -136,6 +151,36 @@ class Load:
             else:
                 self.prefill_tokens -= entry.prefill_tokens
             self.in_flight -= 1
+        if entry.decoding:
+            self.service.observe_decode(time.monotonic() - entry.first_byte_mono)
+
+    def queue_wait_s(self) -> float | None:
+        """Seconds a request routed now waits for a running slot; None: not learned yet.
+
+        Needs the replica's slots (``max_concurrency``) and its learned rates.
+        """
+        rates = self.service.rates()
+        if self.slots < 1 or rates is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            held = [
+                InFlight(
+                    e.prefill_tokens,
+                    now - e.routed_mono,
+                    now - e.first_byte_mono if e.decoding else None,
+                )
+                for e in self._requests.values()
+            ]
+        return start_delay_s(held, self.slots, rates)
+
+    def queue_wait_tokens(self) -> float | None:
+        """:meth:`queue_wait_s` in prompt-token equivalents (its learned prefill rate)."""
+        wait_s = self.queue_wait_s()
+        rates = self.service.rates()
+        if wait_s is None or rates is None:
+            return None
+        return wait_s / rates.s_per_token
 
     def oldest_awaiting(self) -> float:
         """When the oldest request still prefilling here was routed (inf: none)."""
@@ -175,6 +220,7 @@ class Replica:
 
     def __post_init__(self) -> None:
         self.cache = UpstreamCache(self.name, self.entry.kv_capacity_tokens, self.entry.block_size)
+        self.load.slots = self.entry.max_concurrency
 
     @property
     def name(self) -> str:

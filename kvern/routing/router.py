@@ -33,7 +33,6 @@ from kvern.routing.shared_load import FleetShare, SharedLoad
 logger = logging.getLogger(__name__)
 
 
-
 class RoutedRequest(Protocol):
     """What the router reads of a request in flight.
 
@@ -80,8 +79,10 @@ def replica_candidate(
     Every request in flight counts ``decode_load_tokens`` (it holds a
     decode slot, or will once it leaves the replica's queue) plus its uncached
     prefill until its first byte. With ``max_concurrency`` slots known, a new
-    request starts at once while a slot is free; otherwise it waits for the
-    work ahead of it, shared by the slots. ``others``: what the other kvern
+    request starts at once while a slot is free; otherwise it waits until a
+    slot frees: played forward from what the replica's own requests taught
+    (:mod:`kvern.routing.queue_wait`), or, until they have, the work ahead of
+    it shared by the slots. ``others``: what the other kvern
     instances have in flight there (``routing.shared_state``), added to this
     instance's own -- the replica serves them all.
     """
@@ -96,7 +97,11 @@ def replica_candidate(
         demand += others.demand
     load = snap.tokens(decode_load_tokens)
     slots = replica.entry.max_concurrency
-    if slots:
+    alone = others is None or others.in_flight == 0
+    learned = replica.load.queue_wait_tokens() if slots and alone else None
+    if learned is not None:
+        wait = learned
+    elif slots:
         queued = max(0, snap.in_flight + 1 - slots)
         wait = 0.0 if not queued else (snap.prefill_tokens + queued * decode_load_tokens) / slots
     else:
