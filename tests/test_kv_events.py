@@ -2,7 +2,9 @@
 
 Why against a real vLLM: the wire format is vLLM's, and the point of the
 index is to agree with what vLLM's prefix cache then serves
-(``usage.prompt_tokens_details.cached_tokens``). The holes and restarts are
+(``usage.prompt_tokens_details.cached_tokens``): that check, against a real
+vLLM's own events, lives in ``tests/test_kv_events_vllm.py`` beside the
+module's replicas (one vLLM start fewer). The holes and restarts are
 scripted with a ZeroMQ publisher that behaves as vLLM's does (PUB frames,
 ROUTER replay with the END_SEQ marker), because making a real engine drop a
 batch on cue is not possible. The publisher is an XPUB, so a test waits for
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
 import zmq
 import zmq.asyncio
@@ -33,15 +34,6 @@ from kvern.upstream.kv_events import (
 )
 from tests.kv_publisher import ScriptedPublisher, until
 from tests.servers import free_port
-from tests.vllm_server import (
-    SERVED_MODEL,
-    VllmUnavailable,
-    install_vllm,
-    kv_events_args,
-    reset_prefix_cache,
-    tiny_model_dir,
-    vllm_server,
-)
 
 BLOCK = 4
 
@@ -323,86 +315,3 @@ async def test_close_before_any_message_returns_promptly() -> None:
     subscriber.start()
     await asyncio.wait_for(subscriber.close(), 2)
     await subscriber.close()
-
-
-# --- a real vLLM ------------------------------------------------------------------------
-
-SYSTEM = " ".join(f"Rule {i}: answer in plain words and cite section {i}." for i in range(30))
-
-
-async def _tokens(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> list[int]:
-    body = {"model": SERVED_MODEL, "messages": messages, "add_generation_prompt": True}
-    response = await client.post("/tokenize", json=body)
-    response.raise_for_status()
-    return list(response.json()["tokens"])
-
-
-async def _cached_tokens(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> int:
-    body = {"model": SERVED_MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
-    response = await client.post("/v1/chat/completions", json=body)
-    response.raise_for_status()
-    details = response.json()["usage"].get("prompt_tokens_details") or {}
-    return int(details.get("cached_tokens") or 0)
-
-
-@pytest.mark.slow
-async def test_presence_from_a_real_vllms_events_predicts_its_cached_tokens() -> None:
-    """vLLM's own events, decoded, say what its next request will report as cached."""
-    try:
-        install_vllm()
-        tiny_model_dir()
-    except VllmUnavailable as exc:
-        pytest.skip(f"no real vLLM here: {exc}")
-    block = 32
-    port, replay_port = free_port(), free_port()
-    extra = kv_events_args(port, replay_port=replay_port, topic="kv")
-    with vllm_server(block_size=block, extra=extra) as url:
-        presence, gaps = EventPresence(), []
-        seen: list[KvEventBatch] = []
-
-        def on_batch(item: KvEventBatch) -> None:
-            seen.append(item)
-            presence.apply(item)
-            presence.check_invariants()
-
-        subscriber = KvEventSubscriber(
-            f"tcp://127.0.0.1:{port}",
-            replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
-            topic="kv",
-            on_batch=on_batch,
-            on_reset=presence.reset,
-            on_gap=lambda first, last: gaps.append((first, last)),
-            on_replay=presence.note_replay,
-        )
-        subscriber.start()
-        try:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
-                second = [
-                    {"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": "Why?"},
-                ]
-                tokens = await _tokens(client, first)
-                assert await _cached_tokens(client, first) == 0
-                full_blocks = len(tokens) // block
-                await until(lambda: presence.held_tokens(tokens) == full_blocks * block)
-                # What vLLM serves from cache: the held blocks, short of the last token.
-                for messages in (first, second):
-                    ids = await _tokens(client, messages)
-                    predicted = min(presence.held_tokens(ids), (len(ids) - 1) // block * block)
-                    assert predicted > 0
-                    assert await _cached_tokens(client, messages) == predicted
-                stores = [e for b in seen for e in b.events if isinstance(e, BlockStored)]
-                assert stores and {e.block_size for e in stores} == {block}
-                assert all(isinstance(h, (bytes, int)) for e in stores for h in e.block_hashes)
-                assert subscriber.stats.decode_errors == 0 and gaps == []
-                held_before = len(presence)
-                reset_prefix_cache(url)
-                # The clear is published with the engine's next step: give it one.
-                other = [{"role": "user", "content": "Something else entirely."}]
-                await _cached_tokens(client, other)
-                await until(lambda: presence.stats.cleared >= 1)
-                assert held_before > 0 and presence.held_tokens(tokens) == 0
-                assert len(presence) <= len(await _tokens(client, other)) // block
-        finally:
-            await subscriber.close()

@@ -35,6 +35,9 @@ import zmq
 
 from kvern.app import create_app
 from kvern.config import parse_config
+from kvern.routing.event_presence import EventPresence
+from kvern.upstream.kv_events import BlockStored, KvEventBatch, KvEventSubscriber
+from tests.kv_publisher import until
 from tests.servers import free_port, serve
 from tests.truth import chat, client_for, flush, rows
 from tests.vllm_server import (
@@ -365,6 +368,88 @@ def test_a_dropped_batch_is_replayed_or_counted_as_a_fall_back_to_the_model(
         assert models[3] == "routed"  # y's second turn: the model, not the broken events
         assert final["exact"] and final["cleared"] >= 1  # whole again after the clear
         assert models[5] == "events" and predicted[5] == reported[5] >= BLOCK
+
+
+EVENTS_SYSTEM = " ".join(
+    f"Rule {i}: answer in plain words and cite section {i}." for i in range(30)
+)
+
+
+async def _tokens(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> list[int]:
+    body = {"model": SERVED_MODEL, "messages": messages, "add_generation_prompt": True}
+    response = await client.post("/tokenize", json=body)
+    response.raise_for_status()
+    return list(response.json()["tokens"])
+
+
+async def _cached_tokens(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> int:
+    body = {"model": SERVED_MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
+    response = await client.post("/v1/chat/completions", json=body)
+    response.raise_for_status()
+    details = response.json()["usage"].get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
+async def test_presence_from_a_real_vllms_events_predicts_its_cached_tokens(
+    fleet: dict[str, Replica],
+) -> None:
+    """vLLM's own events, decoded with no kvern between, say what its next request reports cached.
+
+    On replica "a" of the module's fleet, by a subscriber of the test's own.
+    """
+    replica = fleet["a"]
+    presence, gaps = EventPresence(), []
+    seen: list[KvEventBatch] = []
+
+    def on_batch(item: KvEventBatch) -> None:
+        seen.append(item)
+        presence.apply(item)
+        presence.check_invariants()
+
+    subscriber = KvEventSubscriber(
+        f"tcp://127.0.0.1:{replica.events_port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replica.replay_port}",
+        topic=TOPIC,
+        on_batch=on_batch,
+        on_reset=presence.reset,
+        on_gap=lambda first, last: gaps.append((first, last)),
+        on_replay=presence.note_replay,
+    )
+    subscriber.start()
+    try:
+        async with httpx.AsyncClient(base_url=replica.url, timeout=60) as client:
+            first = [
+                {"role": "system", "content": EVENTS_SYSTEM},
+                {"role": "user", "content": "Hi"},
+            ]
+            second = [
+                {"role": "system", "content": EVENTS_SYSTEM},
+                {"role": "user", "content": "Why?"},
+            ]
+            tokens = await _tokens(client, first)
+            assert await _cached_tokens(client, first) == 0
+            full_blocks = len(tokens) // BLOCK
+            await until(lambda: presence.held_tokens(tokens) == full_blocks * BLOCK)
+            # What vLLM serves from cache: the held blocks, short of the last token.
+            for messages in (first, second):
+                ids = await _tokens(client, messages)
+                predicted = min(presence.held_tokens(ids), (len(ids) - 1) // BLOCK * BLOCK)
+                assert predicted > 0
+                assert await _cached_tokens(client, messages) == predicted
+            stores = [e for b in seen for e in b.events if isinstance(e, BlockStored)]
+            assert stores and {e.block_size for e in stores} == {BLOCK}
+            assert all(isinstance(h, (bytes, int)) for e in stores for h in e.block_hashes)
+            assert subscriber.stats.decode_errors == 0 and gaps == []
+            held_before, cleared_before = len(presence), presence.stats.cleared
+            reset_prefix_cache(replica.url)
+            # The clear is published with the engine's next step: give it one.
+            other = [{"role": "user", "content": "Something else entirely."}]
+            await _cached_tokens(client, other)
+            await until(lambda: presence.stats.cleared > cleared_before)
+            assert held_before > 0 and presence.held_tokens(tokens) == 0
+            assert len(presence) <= len(await _tokens(client, other)) // BLOCK
+    finally:
+        await subscriber.close()
 
 
 def test_a_replica_killed_under_traffic_fails_over_and_its_presence_is_rebuilt_from_events(
