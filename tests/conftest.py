@@ -1,8 +1,8 @@
 """Shared fixtures (real tokenizers derived offline, see tests/assets.py) and the run's order.
 
-Tests that need a real llama-server or vLLM run last, while ``tests/prepare.py``
-builds those servers in the background at the lowest priority (see there why).
-``KVERN_TESTS_PREPARE=0`` turns the background build off; the order stays.
+Tests that use torch, then those that need a real llama-server or vLLM, run last, while
+``tests/prepare.py`` builds those servers in the background at the lowest priority (see there
+why). ``KVERN_TESTS_PREPARE=0`` turns the background build off; the order stays.
 """
 
 from __future__ import annotations
@@ -22,17 +22,28 @@ import pytest
 from tests import assets
 
 ROOT = Path(__file__).resolve().parent.parent
-# Modules whose functions a test module imports make it need that server;
-# a larger rank runs later (vLLM is installed after llama-server is built).
-_SERVER_RANK = {"tests.llama_server": 1, "tests.vllm_server": 2}
-_IMPORTS = {
-    name: re.compile(
-        rf"^\s*(from {re.escape(name)} import|import {re.escape(name)}\b"
-        rf"|from tests import .*\b{name.split('.')[1]}\b)",
+
+
+def _imports(module: str) -> re.Pattern[str]:
+    name = module.rsplit(".", 1)[1]
+    return re.compile(
+        rf"^\s*(from {re.escape(module)} import|import {re.escape(module)}\b"
+        rf"|from tests import .*\b{name}\b)",
         re.M,
     )
-    for name in _SERVER_RANK
-}
+
+
+# Where a test module runs, by what its source uses; a larger rank runs later.
+# torch's tests go after the plain ones (its OpenMP threads stall, up to 30x,
+# beside the background build, however low its priority), then llama-server's
+# (built first), then vLLM's (installed after it). _PREPARED_FROM: the first
+# rank whose servers tests/prepare.py builds.
+_RANKS = (
+    (1, re.compile(r"^\s*(import torch\b|.*pytest\.importorskip\(\s*\"torch\")", re.M)),
+    (2, _imports("tests.llama_server")),
+    (3, _imports("tests.vllm_server")),
+)
+_PREPARED_FROM = 2
 _PREPARE = pytest.StashKey[subprocess.Popen[bytes]]()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +85,7 @@ def small_bpe_dir() -> str:
 
 
 def _server_rank(module: ModuleType | None) -> int:
-    """0 for a module that starts no real server, else the rank of the latest it needs.
+    """0 for a module that needs neither torch nor a real server, else its latest rank.
 
     Read from its source, since some import the server helpers inside a test.
     """
@@ -82,14 +93,11 @@ def _server_rank(module: ModuleType | None) -> int:
     if not path:
         return 0
     source = Path(path).read_text(encoding="utf-8")
-    return max(
-        (rank for name, rank in _SERVER_RANK.items() if _IMPORTS[name].search(source)),
-        default=0,
-    )
+    return max((rank for rank, uses in _RANKS if uses.search(source)), default=0)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Real-server tests last, each group in its collected order (the sort is stable)."""
+    """torch's tests, then real-server tests last, each group in collected order (a stable sort)."""
     by_module: dict[int, int] = {}
     for item in items:
         module = getattr(item, "module", None)
@@ -109,7 +117,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if os.environ.get("KVERN_TESTS_PREPARE", "1") == "0" or session.config.option.collectonly:
         return
     modules = {id(m): m for i in session.items if (m := getattr(i, "module", None))}
-    if not any(_server_rank(m) for m in modules.values()):
+    if not any(_server_rank(m) >= _PREPARED_FROM for m in modules.values()):
         return
     from tests import prepare
 
