@@ -101,6 +101,7 @@ from routing_trace import (  # noqa: E402
     Row,
     Trace,
     TraceSpec,
+    TurnResult,
     conversations,
     headline,
     headline_figures,
@@ -522,6 +523,7 @@ def measure(h: Harness, c: Contender, trace: Trace) -> Row:
     before = [h.http.get(r + "/metrics-json").json() for r in c.replicas]
     results, duration = asyncio.run(run_trace(c.urls, trace, h.run))
     after = [h.http.get(r + "/metrics-json").json() for r in c.replicas]
+    write_requests(h.logs / f"{c.name}.requests.jsonl", trace, results)
     if c.name.startswith("kvern"):
         for k, url in enumerate(c.urls):
             print_routing(h, url, c.name + (f" #{k}" if len(c.urls) > 1 else ""))
@@ -530,6 +532,19 @@ def measure(h: Harness, c: Contender, trace: Trace) -> Row:
     print(f"  {c.name}: trace {duration:.1f} s, stop {time.perf_counter() - t:.1f} s", flush=True)
     deltas = [replica_delta(b, a) for b, a in zip(before, after, strict=True)]
     return summarize(c.name, trace, h.run.fleet, results, deltas, duration)
+
+
+def write_requests(path: Path, trace: Trace, results: list[TurnResult]) -> None:
+    """One JSON line per request as the client saw it, with its tenant and kvern's ids.
+
+    For reading a tail: kvern's request id joins the line to that row of the
+    contender's analytics database (``<name>.db`` beside it), where its route
+    reason and expected time to first byte are.
+    """
+    tenant = {s.session_id: s.tenant for s in trace.sessions}
+    with path.open("w", encoding="utf-8") as out:
+        for r in results:
+            out.write(json.dumps(asdict(r) | {"tenant": tenant.get(r.session_id)}) + "\n")
 
 
 def print_routing(h: Harness, url: str, name: str) -> None:
@@ -671,7 +686,11 @@ def parse_args() -> argparse.Namespace:
         help="size the fleet's KV capacity at 1/X of the trace's live working set (every system "
         "prompt and the sessions in flight at the busiest moment); overrides --cache-share",
     )
-    parser.add_argument("--logs", type=Path, help="keep every process's log in this folder")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep every process's log and each contender's <name>.requests.jsonl here",
+    )
     parser.add_argument(
         "--routing",
         action="append",

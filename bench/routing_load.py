@@ -19,6 +19,7 @@ from routing_trace import Trace, TurnResult
 
 MODEL = "sim"  # the model name the simulated replicas and kvern's config use
 
+
 class RunLimits(Protocol):
     """What the load generator reads of the bench's run spec."""
 
@@ -47,6 +48,8 @@ async def send_turn(
     parts: list[str] = []
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            result.upstream = resp.headers.get("x-kvern-upstream", "")
+            result.request_id = resp.headers.get("x-kvern-request-id", "")
             if resp.status_code != 200:
                 await resp.aread()
                 result.error = f"HTTP {resp.status_code}"

@@ -357,6 +357,8 @@ class TurnResult:
     prompt_tokens: int = 0  # from the usage chunk
     cached_tokens: int = 0
     error: str = ""
+    upstream: str = ""  # where kvern sent it (its x-kvern-upstream header; "" elsewhere)
+    request_id: str = ""  # kvern's x-kvern-request-id: its analytics row
 
 
 @dataclass(slots=True)
