@@ -161,3 +161,21 @@ def test_until_learned_a_full_replica_keeps_the_counting_estimate() -> None:
 
     # 400 prefill tokens pending, 1 + 1 - 1 = 1 request queued ahead of the slot.
     assert replica_candidate(replica, decode_load_tokens=100, now_s=0.0).wait == 400 + 100
+
+
+def test_a_request_queued_behind_another_instances_requests_does_not_teach_the_prefill_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(pool_module, "time", clock)
+    replica = _one_slot_replica()
+    for i in range(MIN_DECODES):
+        _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    # This instance holds nothing there, but the fleet's share said the slot was taken.
+    replica.load.reserve("behind", 100, now_s=clock.now, found_slot=False)
+    clock.now += 0.5
+    replica.load.first_byte("behind")
+
+    rates = replica.load.service.rates()
+    assert rates is not None
+    assert rates.s_per_token == pytest.approx(0.001)

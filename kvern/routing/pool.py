@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
-from kvern.routing.queue_wait import InFlight, ServiceModel, start_delay_s
+from kvern.routing.queue_wait import InFlight, ServiceModel, ServiceRates, start_delay_s
 from kvern.routing.ttft import TtftModel
 from kvern.upstream.client import Upstream
 
@@ -89,12 +89,20 @@ class Load:
             return LoadSnapshot(self.in_flight, self.prefill_tokens, self.decoding)
 
     def reserve(
-        self, request_id: str, prefill_tokens: int, now_s: float, expected: float | None = None
+        self,
+        request_id: str,
+        prefill_tokens: int,
+        now_s: float,
+        expected: float | None = None,
+        found_slot: bool | None = None,
     ) -> None:
         """``request_id`` was routed here with this many uncached prompt tokens.
 
         ``expected``: the router's cost for it here (wait + prefill, in
         token-equivalents); its first byte then teaches :attr:`ttft`.
+        ``found_slot``: a running slot was free for it (None: judged by this
+        instance's own requests here); its first byte then teaches the
+        prefill rate.
         """
         with self._lock:
             if request_id in self._requests:
@@ -104,7 +112,11 @@ class Load:
                 now_s,
                 expected,
                 time.monotonic(),
-                found_slot=self.slots > 0 and self.in_flight < self.slots,
+                found_slot=(
+                    self.slots > 0 and self.in_flight < self.slots
+                    if found_slot is None
+                    else self.slots > 0 and found_slot
+                ),
             )
             self.in_flight += 1
             self.prefill_tokens += prefill_tokens
@@ -160,7 +172,18 @@ class Load:
         Needs the replica's slots (``max_concurrency``) and its learned rates.
         """
         rates = self.service.rates()
-        if self.slots < 1 or rates is None:
+        return None if rates is None else self._wait_s(rates)
+
+    def queue_wait_tokens(self) -> float | None:
+        """:meth:`queue_wait_s` in prompt-token equivalents (its learned prefill rate)."""
+        rates = self.service.rates()
+        wait_s = None if rates is None else self._wait_s(rates)
+        if wait_s is None or rates is None:
+            return None
+        return wait_s / rates.s_per_token
+
+    def _wait_s(self, rates: ServiceRates) -> float | None:
+        if self.slots < 1:
             return None
         now = time.monotonic()
         with self._lock:
@@ -173,14 +196,6 @@ class Load:
                 for e in self._requests.values()
             ]
         return start_delay_s(held, self.slots, rates)
-
-    def queue_wait_tokens(self) -> float | None:
-        """:meth:`queue_wait_s` in prompt-token equivalents (its learned prefill rate)."""
-        wait_s = self.queue_wait_s()
-        rates = self.service.rates()
-        if wait_s is None or rates is None:
-            return None
-        return wait_s / rates.s_per_token
 
     def oldest_awaiting(self) -> float:
         """When the oldest request still prefilling here was routed (inf: none)."""

@@ -238,7 +238,12 @@ class Router:
         choice = cache_aware(cands, answer.num_tokens, self.config, answer.hot_per_s)
         uncached = max(1, answer.num_tokens - choice.cached)
         load = choice.replica.load
-        load.reserve(ctx.request_id, uncached, self._clock(), choice.expected)
+        # Whether a slot was free counts the other instances' requests there
+        # too: one that queued behind them must not teach the prefill rate.
+        chosen_c = next(c for c in cands if c.replica is choice.replica)
+        load.reserve(
+            ctx.request_id, uncached, self._clock(), choice.expected, found_slot=not chosen_c.full
+        )
         if choice.expected is not None:
             choice.expected_ms = load.ttft.expected_ms(choice.expected)
         return RouteState(choice, choice.replica, uncached)
