@@ -15,6 +15,7 @@ from kvern.routing.queue_wait import (
     start_delay_s,
 )
 from kvern.routing.router import replica_candidate
+from kvern.routing.shared_load import FleetShare
 
 RATES = ServiceRates(fixed_s=0.0, s_per_token=0.001, decode_s=0.5)
 
@@ -179,3 +180,22 @@ def test_a_request_queued_behind_another_instances_requests_does_not_teach_the_p
     rates = replica.load.service.rates()
     assert rates is not None
     assert rates.s_per_token == pytest.approx(0.001)
+
+
+def test_requests_of_other_instances_are_priced_by_count_their_decodes_half_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(pool_module, "time", clock)
+    replica = _one_slot_replica()
+    for i in range(MIN_DECODES):
+        _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    # Another instance has one request decoding there and one awaiting with 300 tokens.
+    theirs = FleetShare(in_flight=2, prefill_tokens=300, decoding=1, demand=2.0)
+
+    candidate = replica_candidate(replica, decode_load_tokens=64, now_s=clock.now, others=theirs)
+
+    # Half of the 0.4 s decode left, then 0.3 s of prefill and 0.4 s of decode:
+    # 0.9 s, 900 prompt-token equivalents at 1 ms a token.
+    assert candidate.wait == pytest.approx(900)
+    assert candidate.in_flight == 2

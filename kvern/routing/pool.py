@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
 from kvern.routing.presence import UpstreamCache
-from kvern.routing.queue_wait import InFlight, ServiceModel, ServiceRates, start_delay_s
+from kvern.routing.queue_wait import (
+    InFlight,
+    ServiceModel,
+    ServiceRates,
+    elsewhere,
+    start_delay_s,
+)
 from kvern.routing.ttft import TtftModel
 from kvern.upstream.client import Upstream
 
@@ -166,23 +172,24 @@ class Load:
         if entry.decoding:
             self.service.observe_decode(time.monotonic() - entry.first_byte_mono)
 
-    def queue_wait_s(self) -> float | None:
+    def queue_wait_s(self, others: LoadSnapshot | None = None) -> float | None:
         """Seconds a request routed now waits for a running slot; None: not learned yet.
 
         Needs the replica's slots (``max_concurrency``) and its learned rates.
+        ``others``: what other kvern instances hold there (counts only).
         """
         rates = self.service.rates()
-        return None if rates is None else self._wait_s(rates)
+        return None if rates is None else self._wait_s(rates, others)
 
-    def queue_wait_tokens(self) -> float | None:
+    def queue_wait_tokens(self, others: LoadSnapshot | None = None) -> float | None:
         """:meth:`queue_wait_s` in prompt-token equivalents (its learned prefill rate)."""
         rates = self.service.rates()
-        wait_s = None if rates is None else self._wait_s(rates)
+        wait_s = None if rates is None else self._wait_s(rates, others)
         if wait_s is None or rates is None:
             return None
         return wait_s / rates.s_per_token
 
-    def _wait_s(self, rates: ServiceRates) -> float | None:
+    def _wait_s(self, rates: ServiceRates, others: LoadSnapshot | None) -> float | None:
         if self.slots < 1:
             return None
         now = time.monotonic()
@@ -195,6 +202,9 @@ class Load:
                 )
                 for e in self._requests.values()
             ]
+        if others is not None:
+            awaiting = others.in_flight - others.decoding
+            held += elsewhere(others.decoding, awaiting, others.prefill_tokens, rates)
         return start_delay_s(held, self.slots, rates)
 
     def oldest_awaiting(self) -> float:

@@ -20,8 +20,9 @@ With both, the requests in flight are played forward in routing order over
 waiting requests): a running decode frees its slot when its expected decode
 time has passed since its first byte; a request not yet answered needs its
 prefill and a decode. The new request starts when the next slot frees after
-those ahead of it. Until a replica has taught both (a few requests), the
-caller keeps the counting estimate.
+those ahead of it. Requests other kvern instances hold there (shared state)
+are known only by count: their decodes are taken half done. Until a replica
+has taught both (a few requests), the caller keeps the counting estimate.
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ class InFlight:
     prefill_tokens: int  # uncached prompt tokens
     since_routed_s: float
     since_first_byte_s: float | None  # None: still queued or prefilling
+
+
+def elsewhere(
+    decoding: int, awaiting: int, prefill_tokens: int, rates: ServiceRates
+) -> list[InFlight]:
+    """Requests other kvern instances hold at the replica, whose progress this one cannot see.
+
+    Each decode is taken half done (its expected remaining time on average);
+    the ones awaiting a first byte share their prefill tokens and wait behind
+    this instance's own.
+    """
+    half = rates.decode_s / 2
+    each = prefill_tokens // awaiting if awaiting > 0 else 0
+    return [InFlight(0, half, half) for _ in range(max(0, decoding))] + [
+        InFlight(each, 0.0, None) for _ in range(max(0, awaiting))
+    ]
 
 
 class ServiceModel:

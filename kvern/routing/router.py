@@ -81,14 +81,17 @@ def replica_candidate(
     prefill until its first byte. With ``max_concurrency`` slots known, a new
     request starts at once while a slot is free; otherwise it waits until a
     slot frees: played forward from what the replica's own requests taught
-    (:mod:`kvern.routing.queue_wait`), or, until they have, the work ahead of
-    it shared by the slots. ``others``: what the other kvern
-    instances have in flight there (``routing.shared_state``), added to this
-    instance's own -- the replica serves them all.
+    (:mod:`kvern.routing.queue_wait`; the other instances' requests there by
+    count), or, until they have, the work ahead of it shared by the slots.
+    ``others``: what the other kvern instances have in flight there
+    (``routing.shared_state``), added to this instance's own -- the replica
+    serves them all.
     """
     snap = replica.load.snapshot()
     demand = replica.load.demand(now_s)
+    theirs: LoadSnapshot | None = None
     if others is not None:
+        theirs = LoadSnapshot(others.in_flight, others.prefill_tokens, others.decoding)
         snap = LoadSnapshot(
             snap.in_flight + others.in_flight,
             snap.prefill_tokens + others.prefill_tokens,
@@ -97,8 +100,7 @@ def replica_candidate(
         demand += others.demand
     load = snap.tokens(decode_load_tokens)
     slots = replica.entry.max_concurrency
-    alone = others is None or others.in_flight == 0
-    learned = replica.load.queue_wait_tokens() if slots and alone else None
+    learned = replica.load.queue_wait_tokens(theirs) if slots else None
     if learned is not None:
         wait = learned
     elif slots:
