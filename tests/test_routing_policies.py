@@ -26,7 +26,8 @@ from kvern.routing.policies import (
     session,
 )
 from kvern.routing.pool import Load, Replica, UpstreamPool
-from kvern.routing.router import replica_candidate
+from kvern.routing.router import fleet_rate_scale, replica_candidate
+from kvern.routing.shared_load import FleetShare
 
 CFG = RoutingConfig(min_match_tokens=64)
 
@@ -654,3 +655,18 @@ class LoadMachine(RuleBasedStateMachine):
 
 LoadMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_load_counters_stay_consistent_in_every_order = LoadMachine.TestCase
+
+
+def test_a_prefix_rate_seen_by_one_of_three_instances_is_scaled_to_the_fleets() -> None:
+    entries = [UpstreamEntry(name=n, url="http://127.0.0.1:1/v1") for n in ("a", "b")]
+    a, b = UpstreamPool(entries, HealthConfig()).replicas
+    for i in range(4):
+        a.load.reserve(f"a{i}", 10, now_s=0.0)
+        b.load.reserve(f"b{i}", 10, now_s=0.0)
+    share = FleetShare(in_flight=0, prefill_tokens=0, decoding=0, demand=8.0)
+    alone = [replica_candidate(r, 64, 0.0) for r in (a, b)]
+    shared = [replica_candidate(r, 64, 0.0, share) for r in (a, b)]
+
+    assert fleet_rate_scale(alone, 0.0) == 1.0
+    # Others sent twice this instance's requests: the fleet's rate is 3x what it counts.
+    assert fleet_rate_scale(shared, 0.0) == pytest.approx(3.0)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,6 +109,20 @@ def replica_candidate(
     else:
         wait = float(load)
     return Candidate(replica, load, snap.in_flight, wait, demand=demand)
+
+
+def fleet_rate_scale(cands: Sequence[Candidate], now_s: float) -> float:
+    """How many times this instance's traffic the fleet's is (1 with no other instance).
+
+    A prefix's request rate is counted in this instance's own trie, which sees
+    only its share of the traffic: behind a round-robin client, one kvern of
+    three sees a tenant's 6 requests a second as 2, and never finds it hot.
+    The candidates' demand includes the other instances' (shared state), so
+    fleet over own demand scales the rate back up.
+    """
+    own = sum(c.replica.load.demand(now_s) for c in cands)
+    fleet = sum(c.demand for c in cands)
+    return fleet / own if own > 0 and fleet > own else 1.0
 
 
 class Router:
@@ -237,7 +251,8 @@ class Router:
             c.cached = answer.cached.get(c.replica.name, 0)
             c.fill = answer.fill.get(c.replica.name, 0.0)
             c.assigned = answer.assigned.get(c.replica.name, 0)
-        choice = cache_aware(cands, answer.num_tokens, self.config, answer.hot_per_s)
+        hot_per_s = answer.hot_per_s * fleet_rate_scale(cands, self._clock())
+        choice = cache_aware(cands, answer.num_tokens, self.config, hot_per_s)
         uncached = max(1, answer.num_tokens - choice.cached)
         load = choice.replica.load
         # Whether a slot was free counts the other instances' requests there
