@@ -112,15 +112,22 @@ def _serve(replica: Replica, clock: _Clock, rid: str, tokens: int) -> None:
     replica.load.end(rid)
 
 
-def test_a_replica_learns_its_rates_from_its_own_requests_and_prices_its_queue_with_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def taught(monkeypatch: pytest.MonkeyPatch) -> tuple[Replica, _Clock]:
+    """A one-slot replica on a test clock that has served enough requests to price its queue."""
     clock = _Clock()
     monkeypatch.setattr(pool_module, "time", clock)
     replica = _one_slot_replica()
-    assert replica.load.slots == 1
     for i in range(MIN_DECODES):
         _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    return replica, clock
+
+
+def test_a_replica_learns_its_rates_from_its_own_requests_and_prices_its_queue_with_them(
+    taught: tuple[Replica, _Clock],
+) -> None:
+    replica, clock = taught
+    assert replica.load.slots == 1
 
     replica.load.reserve("running", 0, now_s=clock.now)
     replica.load.first_byte("running")
@@ -136,13 +143,9 @@ def test_a_replica_learns_its_rates_from_its_own_requests_and_prices_its_queue_w
 
 
 def test_a_request_that_queued_does_not_teach_the_prefill_rate(
-    monkeypatch: pytest.MonkeyPatch,
+    taught: tuple[Replica, _Clock],
 ) -> None:
-    clock = _Clock()
-    monkeypatch.setattr(pool_module, "time", clock)
-    replica = _one_slot_replica()
-    for i in range(MIN_DECODES):
-        _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    replica, clock = taught
     replica.load.reserve("first", 0, now_s=clock.now)
     replica.load.reserve("behind", 100, now_s=clock.now)  # no slot free: it queues
     replica.load.first_byte("first")
@@ -165,13 +168,9 @@ def test_until_learned_a_full_replica_keeps_the_counting_estimate() -> None:
 
 
 def test_a_request_queued_behind_another_instances_requests_does_not_teach_the_prefill_rate(
-    monkeypatch: pytest.MonkeyPatch,
+    taught: tuple[Replica, _Clock],
 ) -> None:
-    clock = _Clock()
-    monkeypatch.setattr(pool_module, "time", clock)
-    replica = _one_slot_replica()
-    for i in range(MIN_DECODES):
-        _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    replica, clock = taught
     # This instance holds nothing there, but the fleet's share said the slot was taken.
     replica.load.reserve("behind", 100, now_s=clock.now, found_slot=False)
     clock.now += 0.5
@@ -183,13 +182,9 @@ def test_a_request_queued_behind_another_instances_requests_does_not_teach_the_p
 
 
 def test_requests_of_other_instances_are_priced_by_count_their_decodes_half_done(
-    monkeypatch: pytest.MonkeyPatch,
+    taught: tuple[Replica, _Clock],
 ) -> None:
-    clock = _Clock()
-    monkeypatch.setattr(pool_module, "time", clock)
-    replica = _one_slot_replica()
-    for i in range(MIN_DECODES):
-        _serve(replica, clock, f"w{i}", 100 * (i + 1))
+    replica, clock = taught
     # Another instance has one request decoding there and one awaiting with 300 tokens.
     theirs = FleetShare(in_flight=2, prefill_tokens=300, decoding=1, demand=2.0)
 
