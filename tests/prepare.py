@@ -25,16 +25,19 @@ from collections.abc import Callable, Sequence
 
 from tests import llama_server, vllm_server
 
-STEPS: dict[str, list[Callable[[], object]]] = {
-    "llama-server": [llama_server.build_llama_server],
-    "vllm": [vllm_server.install_vllm, vllm_server.tiny_model_dir],
+# Per name: whether it is already built (cheap: a finished marker), and its steps.
+STEPS: dict[str, tuple[Callable[[], bool], list[Callable[[], object]]]] = {
+    "llama-server": (
+        lambda: llama_server.binary_path().exists(),
+        [llama_server.build_llama_server],
+    ),
+    "vllm": (vllm_server.installed, [vllm_server.install_vllm, vllm_server.tiny_model_dir]),
 }
 
 
 def missing(names: Sequence[str]) -> bool:
-    """Whether any of these still has work to do (cheap: looks for the finished markers)."""
-    done = {"llama-server": llama_server.binary_path().exists, "vllm": vllm_server.installed}
-    return any(not done[name]() for name in names)
+    """Whether any of these still has work to do."""
+    return any(not STEPS[name][0]() for name in names)
 
 
 def main(names: Sequence[str]) -> int:
@@ -45,7 +48,7 @@ def main(names: Sequence[str]) -> int:
     for name in names:
         started = time.monotonic()
         try:
-            for step in STEPS[name]:
+            for step in STEPS[name][1]:
                 step()
         except Exception:  # noqa: BLE001 -- best effort; the tests report it properly
             failed += 1
