@@ -54,6 +54,24 @@ async def test_concurrent_first_requests_share_one_load_off_the_event_loop(
     assert len(threads) == 1
 
 
+async def test_every_load_is_followed_once_by_after_load_on_the_loop_with_the_tokenizer_in_place(
+    tokenizer_fixtures: dict[str, Any],
+) -> None:
+    # The brain freezes what a load built in after_load; the start-up parity
+    # check, not a request, loads first, and the freeze once hung on the
+    # request path only: it never ran, and each full collection under load
+    # scanned transformers' modules (130 ms; five routing decisions timed out).
+    registry = TokenizerRegistry(config_for({"m": str(tokenizer_fixtures["qwen2"].directory)}))
+    seen: list[tuple[bool, bool]] = []
+    loop_thread = threading.get_ident()
+    registry.after_load = lambda: seen.append(
+        (threading.get_ident() == loop_thread, registry.loaded("m") is not None)
+    )
+    await asyncio.gather(registry.get("m"), registry.get("m"))
+    await registry.get("m")
+    assert seen == [(True, True)]
+
+
 async def test_a_cancelled_caller_does_not_cancel_the_load_others_wait_for(
     tokenizer_fixtures: dict[str, Any],
 ) -> None:

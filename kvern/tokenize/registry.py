@@ -146,6 +146,11 @@ class TokenizerRegistry:
         # Exceptions it raises are logged, never passed to the caller of get().
         self.on_loaded = on_loaded
         self._notified: set[str] = set()
+        # Called on the event loop after each load :meth:`get` ran, whoever
+        # asked first (a request, the start-up parity check): the brain puts
+        # what the load built -- transformers' modules, the vocabulary --
+        # out of the garbage collector's sight there.
+        self.after_load: Callable[[], None] | None = None
         self._verify_every = (
             0 if config.verify_sample_rate == 0 else max(1, round(1 / config.verify_sample_rate))
         )
@@ -263,6 +268,11 @@ class TokenizerRegistry:
             slot.future = None  # the next caller tries again
             raise
         slot.value = value
+        if self.after_load is not None:
+            try:
+                self.after_load()
+            except Exception:  # noqa: BLE001 - a listener must not fail tokenizer lookups
+                logger.exception("after_load callback failed for model %s", model)
         return value
 
     def _loaded(self, model: str, value: ModelTokenizer) -> ModelTokenizer:

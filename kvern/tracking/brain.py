@@ -165,9 +165,7 @@ class Brain:
                 self._send(m.Answer(rid, None), force=True)
             else:
                 # Sent from the tracking thread as soon as the answer exists.
-                asked.add_done_callback(
-                    lambda f: self._send(m.Answer(rid, f.result()), force=True)
-                )
+                asked.add_done_callback(lambda f: self._send(m.Answer(rid, f.result()), force=True))
         elif isinstance(header, m.Commit):
             self._oldest_awaiting_s.update(header.oldest_awaiting_s)
             tracker.commit(header.ctx, header.upstream)
@@ -220,9 +218,7 @@ class Brain:
         if method == "health":
             presence = tracker.presence
             stats = (
-                await tracker.in_thread(presence.stats, urgent=True)
-                if presence is not None
-                else {}
+                await tracker.in_thread(presence.stats, urgent=True) if presence is not None else {}
             )
             hub = self.registry.hub
             view = health_view(
@@ -342,7 +338,7 @@ async def serve(
 
     receive(deliver, closed)
     if freeze_long_lived:
-        brain.tracker.after_load = _freeze
+        brain.registry.after_load = _freeze
         _freeze()
     brain.start()
     outbox.put(m.Hello(os.getpid()), force=True)

@@ -54,9 +54,6 @@ class TrackingQueue:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._logged_kinds: set[str] = set()
         self.stats = TrackerStats()
-        # Called on the loop after each tokenizer load (the brain process uses it
-        # to put the loaded tokenizer's long-lived objects out of the GC's sight).
-        self.after_load: Callable[[], None] | None = None
 
     def _count_error(self, kind: str, exc: BaseException) -> None:
         self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
@@ -113,8 +110,6 @@ class TrackingQueue:
         except Exception as exc:  # noqa: BLE001 - the registry falls back; this is a bug guard
             self._count_error("load", exc)
             tok = ModelTokenizer(None, source=None, error=f"{type(exc).__name__}")
-        if self.after_load is not None:
-            self.after_load()
         for action in self._waiting.pop(model, []):
             action(tok)
         if cancelled is not None:
