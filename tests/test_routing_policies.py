@@ -667,6 +667,6 @@ def test_a_prefix_rate_seen_by_one_of_three_instances_is_scaled_to_the_fleets() 
     alone = [replica_candidate(r, 64, 0.0) for r in (a, b)]
     shared = [replica_candidate(r, 64, 0.0, share) for r in (a, b)]
 
-    assert fleet_rate_scale(alone, 0.0) == 1.0
+    assert fleet_rate_scale(alone) == 1.0
     # Others sent twice this instance's requests: the fleet's rate is 3x what it counts.
-    assert fleet_rate_scale(shared, 0.0) == pytest.approx(3.0)
+    assert fleet_rate_scale(shared) == pytest.approx(3.0)

@@ -55,6 +55,7 @@ class Candidate:
     cached: int = 0  # prompt tokens it should serve from cache (block-aligned)
     fill: float = 0.0  # share of its modelled cache budget in use (0 when unknown)
     demand: float = 0.0  # requests routed to it recently (decayed)
+    own_demand: float = 0.0  # of those, routed by this kvern instance
     assigned: int = 0  # prompt tokens ever newly sent its way (modelled presence)
 
     @property

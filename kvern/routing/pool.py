@@ -63,6 +63,14 @@ class LoadSnapshot:
         """
         return self.prefill_tokens + decode_load_tokens * self.in_flight
 
+    def plus(self, other: LoadSnapshot) -> LoadSnapshot:
+        """Both loads on the same replica (this instance's and the others')."""
+        return LoadSnapshot(
+            self.in_flight + other.in_flight,
+            self.prefill_tokens + other.prefill_tokens,
+            self.decoding + other.decoding,
+        )
+
 
 class Load:
     """A replica's work in flight, shared by the event loop and the tracking thread.
@@ -172,17 +180,14 @@ class Load:
         if entry.decoding:
             self.service.observe_decode(time.monotonic() - entry.first_byte_mono)
 
-    def queue_wait_s(self, others: LoadSnapshot | None = None) -> float | None:
-        """Seconds a request routed now waits for a running slot; None: not learned yet.
+    def queue_wait_tokens(self, others: LoadSnapshot | None = None) -> float | None:
+        """Prompt-token equivalents a request routed now waits for a running slot.
 
-        Needs the replica's slots (``max_concurrency``) and its learned rates.
+        The wait is played forward in seconds from the replica's learned
+        rates and converted at its learned prefill rate; None until they are
+        learned or when its slots (``max_concurrency``) are unknown.
         ``others``: what other kvern instances hold there (counts only).
         """
-        rates = self.service.rates()
-        return None if rates is None else self._wait_s(rates, others)
-
-    def queue_wait_tokens(self, others: LoadSnapshot | None = None) -> float | None:
-        """:meth:`queue_wait_s` in prompt-token equivalents (its learned prefill rate)."""
         rates = self.service.rates()
         wait_s = None if rates is None else self._wait_s(rates, others)
         if wait_s is None or rates is None:

@@ -88,15 +88,11 @@ def replica_candidate(
     serves them all.
     """
     snap = replica.load.snapshot()
-    demand = replica.load.demand(now_s)
+    own_demand = demand = replica.load.demand(now_s)
     theirs: LoadSnapshot | None = None
     if others is not None:
         theirs = LoadSnapshot(others.in_flight, others.prefill_tokens, others.decoding)
-        snap = LoadSnapshot(
-            snap.in_flight + others.in_flight,
-            snap.prefill_tokens + others.prefill_tokens,
-            snap.decoding + others.decoding,
-        )
+        snap = snap.plus(theirs)
         demand += others.demand
     load = snap.tokens(decode_load_tokens)
     slots = replica.entry.max_concurrency
@@ -108,10 +104,10 @@ def replica_candidate(
         wait = 0.0 if not queued else (snap.prefill_tokens + queued * decode_load_tokens) / slots
     else:
         wait = float(load)
-    return Candidate(replica, load, snap.in_flight, wait, demand=demand)
+    return Candidate(replica, load, snap.in_flight, wait, demand=demand, own_demand=own_demand)
 
 
-def fleet_rate_scale(cands: Sequence[Candidate], now_s: float) -> float:
+def fleet_rate_scale(cands: Sequence[Candidate]) -> float:
     """How many times this instance's traffic the fleet's is (1 with no other instance).
 
     A prefix's request rate is counted in this instance's own trie, which sees
@@ -120,7 +116,7 @@ def fleet_rate_scale(cands: Sequence[Candidate], now_s: float) -> float:
     The candidates' demand includes the other instances' (shared state), so
     fleet over own demand scales the rate back up.
     """
-    own = sum(c.replica.load.demand(now_s) for c in cands)
+    own = sum(c.own_demand for c in cands)
     fleet = sum(c.demand for c in cands)
     return fleet / own if own > 0 and fleet > own else 1.0
 
@@ -251,7 +247,7 @@ class Router:
             c.cached = answer.cached.get(c.replica.name, 0)
             c.fill = answer.fill.get(c.replica.name, 0.0)
             c.assigned = answer.assigned.get(c.replica.name, 0)
-        hot_per_s = answer.hot_per_s * fleet_rate_scale(cands, self._clock())
+        hot_per_s = answer.hot_per_s * fleet_rate_scale(cands)
         choice = cache_aware(cands, answer.num_tokens, self.config, hot_per_s)
         uncached = max(1, answer.num_tokens - choice.cached)
         load = choice.replica.load
