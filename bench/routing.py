@@ -46,7 +46,9 @@ How to read the table, one row per contender:
 - ``evicted``: blocks the replicas' caches evicted (thrashing shows here).
 
 Below it: the bound -- what one unlimited prefix cache would compute for the
-same prompts, which no routing over the replicas can beat -- each row against
+same prompts, which no routing over the replicas can beat -- and the p99 TTFT
+floor under it (each request's own prefill with that cache and nothing queued,
+plus one decode step: no row's p99 can be lower), each row against
 kvern's cache_aware, warnings from the processes' logs, which SGLang row is the
 better (``hit_rate_sglang`` comes from it), and as the very last line,
 machine-readable: ``prefill_ratio_rr_over_cache_aware=.. hit_rate_cache_aware=..
@@ -107,10 +109,12 @@ from routing_trace import (  # noqa: E402
     headline_figures,
     live_working_set_blocks,
     make_trace,
+    percentile,
     prefill_bound,
     ratio,
     replica_delta,
     summarize,
+    ttft_floor_ms,
     working_set_blocks,
 )
 
@@ -756,6 +760,7 @@ def main() -> None:
     total_blocks = prompt_blocks(trace, tokenize, run.fleet.block_size)
     prompts = [tokenize({"messages": m}) for m in conversations(trace)]
     bound = prefill_bound(prompts, run.fleet.block_size)
+    floor_p99 = percentile(ttft_floor_ms(trace, tokenize, run.fleet), 99)
     distinct = working_set_blocks(prompts, run.fleet.block_size)
     turn_s = run.trace.max_tokens * run.fleet.decode_ms_per_token / 1000 + 0.05
     working_set, _ = live_working_set_blocks(trace, tokenize, run.fleet.block_size, turn_s)
@@ -809,6 +814,10 @@ def main() -> None:
         f"bound: one unlimited prefix cache (no routing computes less) would compute "
         f"{bound[0]:,} prefill tokens of {bound[1]:,} (hit {1 - ratio(*bound):.1%})"
     )
+    print(
+        f"p99 TTFT floor: {floor_p99:.0f} ms (each request's prefill under that cache at the "
+        "replicas' rate, plus one decode step, nothing queued: under any row's p99)"
+    )
     print_comparisons(rows)
     if warnings:
         print("\nwarnings in the processes' logs:\n  " + "\n  ".join(warnings))
@@ -817,6 +826,7 @@ def main() -> None:
         payload = {
             "setup": asdict(run),
             "bound": {"prefill_tokens": bound[0], "prompt_tokens": bound[1]},
+            "ttft_floor_p99_ms": floor_p99,
             "working_set_blocks": working_set,
             "distinct_blocks": distinct,
             "pressure": working_set / (run.fleet.capacity_blocks * run.fleet.num_replicas),

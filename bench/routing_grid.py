@@ -7,7 +7,9 @@ small machine would measure the machine), and prints one row per cell:
 
 - hit rates: kvern's ``cache_aware``, SGLang router's best configuration, and
   the bound (one unlimited cache);
-- p99 time to first token: ``cache_aware``, ``least_load``, SGLang, and the
+- p99 time to first token: ``cache_aware``, ``least_load``, SGLang, the
+  floor no router can go under (each request's own prefill with one
+  unlimited cache and nothing queued, see ``routing_trace.ttft_floor_ms``), and the
   ratios the issue's bars are about (cache_aware / least_load <= 0.9,
   cache_aware / SGLang <= 1.0);
 - ``checks``: which bars the cell meets (``hit`` >= SGLang's, ``ll`` p99 <=
@@ -61,6 +63,7 @@ class Cell:
     failed: int
     p99_over_ll: float
     p99_over_sg: float
+    p99_floor: float = math.nan  # no router's p99 can be lower (bench/routing.py)
     runs: int = 1
 
     def checks(self) -> dict[str, bool]:
@@ -96,6 +99,7 @@ def cell_of(seed: int, pressure: float, payload: dict[str, Any]) -> Cell:
         failed=sum(int(r.get("failed", 0)) for r in rows.values()),
         p99_over_ll=p99_ca / p99_ll if p99_ll else math.nan,
         p99_over_sg=p99_ca / p99_sg if p99_sg else math.nan,
+        p99_floor=float(payload.get("ttft_floor_p99_ms", math.nan)),
     )
 
 
@@ -153,7 +157,8 @@ def run_cell(
 def print_grid(cells: list[Cell]) -> None:
     head = (
         f"{'runs':>4}{'seed':>5}{'press':>6}{'hit ca':>8}{'hit sg':>8}{'bound':>8}{'p99 ca':>8}"
-        f"{'p99 ll':>8}{'p99 sg':>8}{'ca/ll':>7}{'ca/sg':>7}{'rr/ca pf':>9}{'fail':>5}  checks"
+        f"{'p99 ll':>8}{'p99 sg':>8}{'floor':>7}{'ca/ll':>7}{'ca/sg':>7}{'rr/ca pf':>9}"
+        f"{'fail':>5}  checks"
     )
     print(head)
     print("-" * len(head))
@@ -161,7 +166,7 @@ def print_grid(cells: list[Cell]) -> None:
         marks = " ".join(k if ok else k.upper() + "!" for k, ok in c.checks().items())
         print(
             f"{c.runs:>4}{c.seed:>5}{c.pressure:>6g}{c.hit_ca:>8.1%}{c.hit_sg:>8.1%}{c.hit_bound:>8.1%}"
-            f"{c.p99_ca:>8.0f}{c.p99_ll:>8.0f}{c.p99_sg:>8.0f}{c.p99_over_ll:>7.2f}"
+            f"{c.p99_ca:>8.0f}{c.p99_ll:>8.0f}{c.p99_sg:>8.0f}{c.p99_floor:>7.0f}{c.p99_over_ll:>7.2f}"
             f"{c.p99_over_sg:>7.2f}{c.prefill_ratio_rr:>9.2f}{c.failed:>5}  {marks}"
         )
 

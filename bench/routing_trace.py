@@ -208,15 +208,24 @@ def conversations(trace: Trace) -> list[list[dict[str, str]]]:
     Assumes the simulated replicas' answers (:func:`sim_answer`) and about one
     second per turn to order turns of different sessions.
     """
+    timed = sorted(
+        (session.start_s + turn, i, messages)
+        for i, (session, turn, messages) in enumerate(_turns(trace))
+    )
+    return [messages for _, _, messages in timed]
+
+
+def _turns(trace: Trace) -> list[tuple[Session, int, list[dict[str, str]]]]:
+    """(session, turn, messages) of every request, session by session."""
     answer = sim_answer(trace.spec.max_tokens)
-    timed: list[tuple[float, int, list[dict[str, str]]]] = []
+    out: list[tuple[Session, int, list[dict[str, str]]]] = []
     for session in trace.sessions:
         messages = [{"role": "system", "content": trace.system_prompts[session.tenant]}]
         for turn, question in enumerate(session.questions):
             messages = [*messages, {"role": "user", "content": question}]
-            timed.append((session.start_s + turn, len(timed), messages))
+            out.append((session, turn, messages))
             messages = [*messages, {"role": "assistant", "content": answer}]
-    return [messages for _, _, messages in sorted(timed)]
+    return out
 
 
 def block_chain(ids: Sequence[int], block_size: int) -> list[int]:
@@ -288,21 +297,56 @@ def prefill_bound(prompts: Iterable[Sequence[int]], block_size: int) -> tuple[in
     """(prefill tokens, prompt tokens) with one unlimited prefix cache.
 
     No routing over replicas can compute fewer: each replica's cache holds at
-    most what this one does. Counted like the replicas count: whole blocks,
-    chained hashes, the last prompt token always computed.
+    most what this one does.
     """
     seen: set[int] = set()
     computed = total = 0
     for ids in prompts:
-        hashes = block_chain(ids, block_size)
-        usable = min(len(hashes), (len(ids) - 1) // block_size)
-        hit = 0
-        while hit < usable and hashes[hit] in seen:
-            hit += 1
-        seen.update(hashes)
-        computed += len(ids) - hit * block_size
+        computed += _computed_once(ids, block_size, seen)
         total += len(ids)
     return computed, total
+
+
+def _computed_once(ids: Sequence[int], block_size: int, seen: set[int]) -> int:
+    """Tokens of ``ids`` one unlimited cache holding ``seen`` computes; then it holds them too.
+
+    Counted like the replicas count: whole blocks, chained hashes, the last
+    prompt token always computed.
+    """
+    hashes = block_chain(ids, block_size)
+    usable = min(len(hashes), (len(ids) - 1) // block_size)
+    hit = 0
+    while hit < usable and hashes[hit] in seen:
+        hit += 1
+    seen.update(hashes)
+    return len(ids) - hit * block_size
+
+
+def ttft_floor_ms(
+    trace: Trace,
+    tokenize: Callable[[dict[str, Any]], list[int]],
+    fleet: FleetSpec,
+) -> list[float]:
+    """Each request's time to first token with nothing ahead of it: no routing beats it.
+
+    The bound's one unlimited prefix cache, taken in the order sessions
+    start: a request computes the tokens no earlier prompt held, at the
+    replicas' prefill rate, then one decode step brings its first token.
+    Sessions share only their tenant's system prompt, so the tenant's first
+    session computes it; a later one sent while that one still computes is
+    counted as hitting, which no real schedule does -- a floor. Any router's
+    k-th slowest request is at least the k-th largest of these, so their
+    p99 is a floor under every row's p99.
+    """
+    in_start_order = sorted(_turns(trace), key=lambda t: (t[0].start_s, t[1]))
+    seen: set[int] = set()
+    return [
+        _computed_once(tokenize({"messages": m}), fleet.block_size, seen)
+        * fleet.prefill_us_per_token
+        / 1000
+        + fleet.decode_ms_per_token
+        for _, _, m in in_start_order
+    ]
 
 
 # -- arithmetic over results ---------------------------------------------------------

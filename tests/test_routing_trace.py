@@ -268,3 +268,25 @@ def test_the_live_working_set_counts_only_the_sessions_in_flight_together() -> N
     # Each session adds (64 + 12) * 2 = 152 tokens to the 160 of the system prompt: 9 blocks.
     assert together == system + 2 * 9
     assert apart == system + 9
+
+
+def test_the_ttft_floor_charges_a_tenants_system_prompt_to_the_session_that_starts_first() -> None:
+    spec = rt.TraceSpec(num_tenants=1, num_sessions=2, turns=(2, 2), max_tokens=4)
+
+    def tokenize(body: dict[str, object]) -> list[int]:
+        return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
+
+    # Listed first, started last: the other session computes the system prompt.
+    sessions = (
+        rt.Session(0, 0, 5.0, ("a" * 64, "b" * 64), (1.0,)),
+        rt.Session(1, 0, 0.0, ("c" * 64, "d" * 64), (1.0,)),
+    )
+    trace = rt.Trace(spec, ("s" * 160,), sessions)
+    fleet = rt.FleetSpec(prefill_us_per_token=1000.0, decode_ms_per_token=20.0)
+
+    floors = rt.ttft_floor_ms(trace, tokenize, fleet)
+
+    # First to start: 160 + 64 tokens, all computed, then one decode step.
+    # Its next turn reuses those 14 blocks and computes the answer (12) and
+    # the question (64). The later session reuses the 10 system blocks.
+    assert floors == [224 + 20, 76 + 20, 64 + 20, 76 + 20]
