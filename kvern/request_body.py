@@ -26,19 +26,29 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, setting:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    parts = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(parts.__anext__(), timeout_s)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-            raise BodyReadTimeout(
-                f"the request body did not arrive in time: no data for {timeout_s:g} s "
-                f"after {size} bytes ({setting})"
-            ) from None
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    parts = request.stream()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(parts.__anext__(), timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+                raise BodyReadTimeout(
+                    f"the request body did not arrive in time: no data for {timeout_s:g} s "
+                    f"after {size} bytes ({setting})"
+                ) from None
+            if not chunk:
+                # Starlette's stream ends with one empty chunk. Stopping there
+                # ends the read without StopAsyncIteration: raised through
+                # wait_for's task, it would tie that task, its frames and so
+                # this request's whole object graph into a reference cycle
+                # that only a garbage collection frees (every request, once).
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    finally:
+        await parts.aclose()
     return b"".join(chunks)
