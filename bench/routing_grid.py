@@ -165,9 +165,11 @@ def print_grid(cells: list[Cell]) -> None:
     for c in cells:
         marks = " ".join(k if ok else k.upper() + "!" for k, ok in c.checks().items())
         print(
-            f"{c.runs:>4}{c.seed:>5}{c.pressure:>6g}{c.hit_ca:>8.1%}{c.hit_sg:>8.1%}{c.hit_bound:>8.1%}"
-            f"{c.p99_ca:>8.0f}{c.p99_ll:>8.0f}{c.p99_sg:>8.0f}{c.p99_floor:>7.0f}{c.p99_over_ll:>7.2f}"
-            f"{c.p99_over_sg:>7.2f}{c.prefill_ratio_rr:>9.2f}{c.failed:>5}  {marks}"
+            f"{c.runs:>4}{c.seed:>5}{c.pressure:>6g}"
+            f"{c.hit_ca:>8.1%}{c.hit_sg:>8.1%}{c.hit_bound:>8.1%}"
+            f"{c.p99_ca:>8.0f}{c.p99_ll:>8.0f}{c.p99_sg:>8.0f}{c.p99_floor:>7.0f}"
+            f"{c.p99_over_ll:>7.2f}{c.p99_over_sg:>7.2f}{c.prefill_ratio_rr:>9.2f}"
+            f"{c.failed:>5}  {marks}"
         )
 
 
