@@ -704,7 +704,7 @@ class PresenceMachine(RuleBasedStateMachine):
         now = self.clock.tick()
         node = self.trie.insert(prompt, now).node
         if name is not None:
-            self.presence.mark(node, name, now)
+            self.presence.mark(node, name, now, routed=True)
         self.prompts.append(prompt)
 
     @rule(data=st.data(), name=st.sampled_from(NAMES))
@@ -715,6 +715,14 @@ class PresenceMachine(RuleBasedStateMachine):
         result = self.trie.match(prompt)
         if result.node is not self.trie.root and result.matched_tokens == result.node.depth:
             self.presence.mark(result.node, name, self.clock.tick())
+
+    @rule(name=st.sampled_from(NAMES), back=st.integers(min_value=0, max_value=4))
+    def first_bytes(self, name: str, back: int) -> None:
+        """Requests routed up to ``back`` ticks ago still await; the rest are settled."""
+        if self.prompts:
+            self.presence.in_flight(
+                self.presence.match(self.prompts[-1]), name, self.clock.now_s - back
+            )
 
     @rule(share=st.floats(min_value=0.0, max_value=1.0))
     def evict(self, share: float) -> None:
@@ -737,6 +745,16 @@ class PresenceMachine(RuleBasedStateMachine):
             assert counted.tokens <= counted.budget, name
             recount = sum(len(n.key) for n in self.trie.iter_nodes() if name in (n.upstreams or {}))
             assert recount == counted.tokens, name
+
+    @invariant()
+    def what_is_in_flight_is_within_what_is_held(self) -> None:
+        for prompt in self.prompts[-3:]:
+            match = self.presence.match(prompt)
+            for name in NAMES:
+                part = self.presence.in_flight(match, name, float("-inf"))
+                if part is not None:
+                    assert part.settled < match.depth[name]
+                    assert part.settled % self.block_size == 0
 
     @invariant()
     def match_agrees_with_the_marks_on_the_path(self) -> None:
@@ -886,3 +904,99 @@ def test_other_instances_routing_raises_the_modelled_presence(forest: TrieForest
     # Aligned to the block; the request's own last token is never cached.
     assert book.cached("m", match, ids) == {"a": 20, "b": 20}
     assert handle.predicted == 20 and not handle.exact
+
+
+# ------------------------------------------------------------------ prefixes in flight
+
+
+def routed_system_prompt(
+    forest: TrieForest, oldest_awaiting: dict[str, float]
+) -> tuple[PresenceBook, ModelTrie, list[int]]:
+    """A book over upstream ``a`` whose waits are ``oldest_awaiting``; 16 tokens routed at t=1."""
+    a = cache("a", block_size=4)
+    book = PresenceBook([a], learn=True, trusted_before=lambda name: oldest_awaiting[name])
+    mt = model_trie(forest)
+    system = list(range(1, 17))
+    book.commit(mt, mt.trie.insert(system, 1.0).node, "a", 1.0)
+    return book, mt, system
+
+
+def test_a_prefix_just_routed_is_in_flight_until_every_request_routed_by_then_has_a_first_byte(
+    forest: TrieForest,
+) -> None:
+    a = cache("a", block_size=4)
+    oldest_awaiting = {"a": 1.0}  # the request routed at t=1 has no first byte yet
+    book = PresenceBook([a], learn=True, trusted_before=lambda name: oldest_awaiting[name])
+    mt = model_trie(forest)
+    system = list(range(1, 17))
+    node = mt.trie.insert(system, 1.0).node
+    book.commit(mt, node, "a", 1.0)  # routed at t=1: marked before anything was computed
+
+    second = system + [90, 91, 92, 93, 94]
+    match = book.for_model(mt).match(second)
+    assert book.cached("m", match, second) == {"a": 16}
+    part = book.in_flight(mt, match)["a"]
+    assert (part.settled, part.marked_s) == (0, 1.0)
+
+    oldest_awaiting["a"] = 1.5  # its first byte came; the oldest one left was routed later
+    assert book.in_flight(mt, book.for_model(mt).match(second)) == {}
+
+
+def test_a_hot_prefix_used_again_and_again_stays_settled_whatever_is_awaiting(
+    forest: TrieForest,
+) -> None:
+    # Marks are last-use times, so a hot prefix is always marked moments ago;
+    # only its first mark says whether it may still be computing.
+    oldest_awaiting = {"a": float("inf")}
+    book, mt, system = routed_system_prompt(forest, oldest_awaiting)
+    book.in_flight(mt, book.for_model(mt).match(system))  # seen settled once: forgotten
+
+    for t in (5.0, 6.0, 7.0):  # sessions of the tenant, each still prefilling
+        oldest_awaiting["a"] = t
+        turn = system + [100 + int(t)] * 8
+        book.commit(mt, mt.trie.insert(turn, t).node, "a", t)
+
+    probe = system + [1, 2, 3, 4, 5]
+    match = book.for_model(mt).match(probe)
+    assert book.cached("m", match, probe) == {"a": 16}
+    assert book.in_flight(mt, match) == {}
+
+
+def test_what_an_answered_request_marks_is_never_in_flight(forest: TrieForest) -> None:
+    a = cache("a", block_size=4)
+    book = PresenceBook([a], learn=True, trusted_before=lambda name: 0.0)
+    mt = model_trie(forest)
+    prompt = list(range(1, 17))
+    _, handle = predict(book, mt, prompt, "a", now_s=1.0)
+    node = mt.trie.insert(prompt, 1.0).node
+    # Served without routing's commit (it went by load): marked once answered.
+    book.settle(mt, node, handle, "a", reported=0, now_s=2.0)
+
+    probe = prompt + [50, 51, 52, 53]
+    assert book.in_flight(mt, book.for_model(mt).match(probe)) == {}
+
+
+def test_the_in_flight_part_starts_after_the_prefix_already_computed(forest: TrieForest) -> None:
+    oldest_awaiting = {"a": float("inf")}
+    book, mt, system = routed_system_prompt(forest, oldest_awaiting)
+    book.in_flight(mt, book.for_model(mt).match(system))  # settled
+    oldest_awaiting["a"] = 2.0
+    turn = system + list(range(40, 56))  # a conversation's turn routed at t=2, prefilling
+    book.commit(mt, mt.trie.insert(turn, 2.0).node, "a", 2.0)
+
+    probe = turn + [7, 7, 7, 7, 7]
+    match = book.for_model(mt).match(probe)
+    assert book.cached("m", match, probe) == {"a": 32}
+    part = book.in_flight(mt, match)["a"]
+    assert (part.settled, part.marked_s) == (16, 2.0)
+
+
+def test_an_upstream_whose_events_answer_has_nothing_in_flight(forest: TrieForest) -> None:
+    a = cache("a", block_size=4)
+    book = PresenceBook([a], learn=True, trusted_before=lambda name: 0.0)
+    mt = model_trie(forest)
+    ids = list(range(1, 21))
+    book.commit(mt, mt.trie.insert(ids, 1.0).node, "a", 1.0)
+    book.exact_sources["a"] = _Held(16)
+
+    assert book.in_flight(mt, book.for_model(mt).match(ids)) == {}

@@ -131,6 +131,12 @@ class RoutingConfig(_Section):
     # to start a copy there (0 replicas: never on purpose).
     hot_prefix_per_s: float = Field(3.0, ge=0)
     hot_prefix_replicas: int = Field(2, ge=0)
+    # cache_aware: a request whose prefix its chosen upstream is still
+    # computing for an earlier request (routed there moments ago, no first
+    # byte yet) waits for that first byte -- at most this long, and at most
+    # twice that prefill's expected time -- instead of computing the same
+    # prefix alongside it; it then reuses it (0: never waits).
+    in_flight_wait_ms: float = Field(1000.0, ge=0)
     # Replaced by the rule above; still accepted (and ignored, with a warning
     # at start) so that an older config.yaml keeps loading.
     balance_abs_tokens: int | None = Field(None, ge=0)

@@ -162,6 +162,9 @@ async def health(request: Request) -> Response:
             "policy": services.router.policy,
             "decision_timeouts": services.router.num_decision_timeouts,
             "decision_ms": _percentiles(list(services.router.decision_ms)),
+            # Requests that waited for a prefix their upstream was still computing.
+            "in_flight_waits": services.router.num_in_flight_waits,
+            "in_flight_wait_ms": _percentiles(list(services.router.in_flight_wait_ms)),
             "upstreams": upstreams,
             # routing.shared_state: the other instances' load (relay) and presence (brain).
             "shared_state": (

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvern.routing.presence import (
+    InFlightPrefix,
     ModelPresence,
     PathStep,
     PresenceMatch,
@@ -172,7 +173,23 @@ class PresenceBook:
         )
 
     def commit(self, mt: ModelTrie, node: TrieNode, upstream: str, now_s: float) -> None:
-        self.for_model(mt).mark(node, upstream, now_s)
+        self.for_model(mt).mark(node, upstream, now_s, routed=True)
+
+    def in_flight(self, mt: ModelTrie, match: PresenceMatch) -> dict[str, InFlightPrefix]:
+        """Per modelled upstream, the part of its held prefix a request may still be computing.
+
+        Not for an upstream whose own events answer: they report blocks once
+        computed, so nothing they show is in flight.
+        """
+        presence = self.for_model(mt)
+        found: dict[str, InFlightPrefix] = {}
+        for name in self.caches:
+            if name in self.exact_sources:
+                continue
+            part = presence.in_flight(match, name, self._trusted_before(name))
+            if part is not None:
+                found[name] = part
+        return found
 
     def settle(
         self,

@@ -212,6 +212,11 @@ class Load:
             held += elsewhere(others.decoding, awaiting, others.prefill_tokens, rates)
         return start_delay_s(held, self.slots, rates)
 
+    def awaiting_routed_by(self, when_s: float) -> bool:
+        """Whether a request routed here by ``when_s`` (wall clock) still awaits its first byte."""
+        with self._lock:
+            return any(not e.decoding and e.routed_s <= when_s for e in self._requests.values())
+
     def oldest_awaiting(self) -> float:
         """When the oldest request still prefilling here was routed (inf: none)."""
         with self._lock:

@@ -47,6 +47,9 @@ _LEARN_RATE = 0.25
 # enough that a conversation's own turns (a few seconds apart) never make its
 # newest node hot, short enough that a tenant's burst is seen while it lasts.
 _HOT_WINDOW_S = 5.0
+# First-mark times kept per upstream at most (the oldest go first: they are
+# the likeliest to be computed by now).
+_MAX_FRESH = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +94,20 @@ class PresenceMatch:
     # its way (what SGLang's router calls its tree size), evicted or not.
     assigned: dict[str, int] = field(default_factory=dict)
 
-    def answer(self, cached: dict[str, int], hot_per_s: float) -> PrefixAnswer:
+    def answer(
+        self,
+        cached: dict[str, int],
+        hot_per_s: float,
+        in_flight: dict[str, InFlightPrefix] | None = None,
+    ) -> PrefixAnswer:
         """The router's part of this match (plain numbers)."""
         return PrefixAnswer(
-            self.num_tokens, cached, dict(self.fill), hot_per_s, dict(self.assigned)
+            self.num_tokens,
+            cached,
+            dict(self.fill),
+            hot_per_s,
+            dict(self.assigned),
+            in_flight or {},
         )
 
     def reusable(self, held: int, block_size: int) -> int:
@@ -147,6 +160,14 @@ class PresenceMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class InFlightPrefix:
+    """Of a prefix held on an upstream, what is surely computed and when the rest was marked."""
+
+    settled: int  # prompt tokens it surely holds (reusable: whole blocks)
+    marked_s: float  # wall clock: the rest was first marked by requests routed by then
+
+
+@dataclass(frozen=True, slots=True)
 class PrefixAnswer:
     """What the router needs of a :class:`PresenceMatch`: plain numbers, sent between processes."""
 
@@ -156,6 +177,9 @@ class PrefixAnswer:
     # Requests a second through the longest held prefix (see PresenceMatch.requests_per_s).
     hot_per_s: float = 0.0
     assigned: dict[str, int] = field(default_factory=dict)  # see PresenceMatch.assigned
+    # upstream -> the part of its ``cached`` a request may still be computing
+    # (see ModelPresence.in_flight); absent: all of it is computed.
+    in_flight: dict[str, InFlightPrefix] = field(default_factory=dict)
 
 
 class _UpstreamLRU:
@@ -166,10 +190,15 @@ class _UpstreamLRU:
         self.nodes: OrderedDict[TrieNode, None] = OrderedDict()
         self.stats = PresenceStats(budget=float(cache.capacity_tokens))
         self.assigned = 0  # tokens newly marked here, ever (PresenceMatch.assigned)
+        # Nodes newly marked here, with when (oldest first): until every
+        # request routed here by then has its first byte, the request that
+        # marked one may still be computing it (see ModelPresence.in_flight).
+        self.fresh: OrderedDict[TrieNode, float] = OrderedDict()
 
     def forget(self, node: TrieNode) -> None:
         """Drop the mark on ``node`` (it must be held)."""
         del self.nodes[node]
+        self.fresh.pop(node, None)
         assert node.upstreams is not None
         node.upstreams.pop(self.cache.name, None)
         self.stats.tokens -= len(node.key)
@@ -232,10 +261,58 @@ class ModelPresence:
         assigned = {n: lru.assigned for n, lru in self._lru.items()}
         return PresenceMatch(num_tokens, depth, path, fill, assigned)
 
+    def in_flight(
+        self, match: PresenceMatch, name: str, trusted_before: float
+    ) -> InFlightPrefix | None:
+        """The part of ``name``'s held prefix that a request may still be computing there.
+
+        A mark is made when a request is routed, before the upstream has
+        computed anything, so a prefix marked moments ago by a request still
+        awaiting its first byte is not there yet: a request sent there now
+        would compute it a second time, at the same moment. ``trusted_before``
+        is when the oldest request still awaiting its first byte there was
+        routed: a node first marked before it was computed by then (its
+        marker has had its first byte). Returns None when every node of the
+        held prefix was, else the tokens held up to the first such node and
+        the newest first-mark time on the rest -- settled once no request
+        routed there by then still awaits its first byte.
+        """
+        lru = self._lru.get(name)
+        if lru is None:
+            return None
+        fresh = lru.fresh
+        while fresh:
+            node, first_s = next(iter(fresh.items()))
+            if first_s >= trusted_before:
+                break
+            del fresh[node]
+        held = match.depth.get(name, 0)
+        settled: int | None = None
+        newest = float("-inf")
+        start = 0
+        for step in match.path:
+            if start >= held:
+                break
+            marked_s = fresh.get(step.node)
+            if marked_s is not None:
+                if settled is None:
+                    settled = start
+                newest = max(newest, marked_s)
+            start = step.end_depth
+        if settled is None:
+            return None
+        cache = self.caches[name]
+        return InFlightPrefix(match.reusable(settled, cache.block_size), newest)
+
     # -- writing -------------------------------------------------------------
 
-    def mark(self, node: TrieNode, name: str, now_s: float) -> None:
-        """``name`` now holds the prefix ending at ``node`` (and every ancestor)."""
+    def mark(self, node: TrieNode, name: str, now_s: float, routed: bool = False) -> None:
+        """``name`` now holds the prefix ending at ``node`` (and every ancestor).
+
+        ``routed``: marked as a request is sent there, before it computed
+        anything -- the nodes it newly marks are in flight until its first
+        byte (see :meth:`in_flight`); otherwise (an answered request) held.
+        """
         lru = self._lru.get(name)
         if lru is None:
             return
@@ -249,6 +326,10 @@ class ModelPresence:
             if name not in walk.upstreams:
                 lru.stats.tokens += len(walk.key)
                 lru.assigned += len(walk.key)
+                if routed:
+                    lru.fresh[walk] = now_s
+                    if len(lru.fresh) > _MAX_FRESH:
+                        lru.fresh.popitem(last=False)
             walk.upstreams[name] = now_s
             lru.nodes[walk] = None
             lru.nodes.move_to_end(walk)
@@ -320,6 +401,8 @@ class ModelPresence:
             if lru is None:
                 continue
             lru.nodes[upper] = None
+            if lower in lru.fresh:
+                lru.fresh[upper] = lru.fresh[lower]
             walk = upper.parent
             while walk is not None and walk is not root and name in (walk.upstreams or {}):
                 lru.nodes.move_to_end(walk)
@@ -343,3 +426,4 @@ class ModelPresence:
                 if parent is not None and parent is not self.trie.root:
                     assert name in (parent.upstreams or {}), "presence must be ancestor-closed"
             assert total == lru.stats.tokens, (name, total, lru.stats.tokens)
+            assert all(node in lru.nodes for node in lru.fresh), "in flight but not held"

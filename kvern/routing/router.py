@@ -10,6 +10,14 @@ event loop waits for the answer at most ``decision_timeout_ms``; past that,
 or when the model's tokenizer is not loaded yet, the request goes by least
 load, so routing never holds a request back for long.
 
+One wait is on purpose: presence is marked when a request is routed, before
+the upstream has computed anything, so a tenant's second session sent while
+its first still prefills the system prompt finds the prefix "held" where it
+is not yet. Sent at once it would compute the same tokens beside the first
+(an engine reuses only what is computed when a request is scheduled); it
+waits instead for the first one's first byte, which costs it about the time
+its own prefill would have, and the prefill and the slot are saved.
+
 Other policies decide on the event loop from load alone.
 """
 
@@ -26,7 +34,7 @@ from typing import Any, Protocol
 from kvern.config import RoutingConfig
 from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
-from kvern.routing.pool import LoadSnapshot, Replica, UpstreamPool
+from kvern.routing.pool import Load, LoadSnapshot, Replica, UpstreamPool
 from kvern.routing.presence import PrefixAnswer
 from kvern.routing.shared_load import FleetShare, SharedLoad
 
@@ -59,6 +67,8 @@ class PrefixOracle(Protocol):
 
 # Rough prompt tokens of a request whose prompt was not tokenized (bytes per token).
 _BYTES_PER_TOKEN = 4
+# How often a request waiting for a prefix in flight looks again (s).
+_IN_FLIGHT_POLL_S = 0.002
 
 
 @dataclass(slots=True)
@@ -146,6 +156,10 @@ class Router:
         # The last cache-aware decisions' waits (ms), for /health: what routing
         # adds before a request is sent.
         self.decision_ms: deque[float] = deque(maxlen=1024)
+        # The last waits (ms) for a prefix the chosen upstream was still
+        # computing (routing.in_flight_wait_ms), for /health.
+        self.in_flight_wait_ms: deque[float] = deque(maxlen=1024)
+        self.num_in_flight_waits = 0
 
     # -- candidates ------------------------------------------------------------
 
@@ -254,12 +268,73 @@ class Router:
         # Whether a slot was free counts the other instances' requests there
         # too: one that queued behind them must not teach the prefill rate.
         chosen_c = next(c for c in cands if c.replica is choice.replica)
+        wait_s = self._in_flight_wait_s(chosen_c, choice, answer)
+        # A request that waits first teaches neither its TTFT nor the prefill rate.
         load.reserve(
-            ctx.request_id, uncached, self._clock(), choice.expected, found_slot=not chosen_c.full
+            ctx.request_id,
+            uncached,
+            self._clock(),
+            choice.expected if wait_s is None else None,
+            found_slot=not chosen_c.full and wait_s is None,
         )
         if choice.expected is not None:
             choice.expected_ms = load.ttft.expected_ms(choice.expected)
+        if wait_s is not None:
+            part = answer.in_flight[choice.replica.name]
+            try:
+                waited_ms = await self._await_in_flight(load, part.marked_s, wait_s)
+            except BaseException:
+                load.end(ctx.request_id)  # cancelled while waiting: nothing was sent
+                raise
+            self.num_in_flight_waits += 1
+            self.in_flight_wait_ms.append(waited_ms)
+            choice.reason += "_waited"
+            if choice.expected_ms is not None:
+                choice.expected_ms += waited_ms
         return RouteState(choice, choice.replica, uncached)
+
+    def _in_flight_wait_s(
+        self, chosen: Candidate, choice: Choice, answer: PrefixAnswer
+    ) -> float | None:
+        """How long to wait for the prefix the chosen upstream is still computing; None: send now.
+
+        Sent now, the request would compute that prefix a second time beside
+        the request computing it (an engine reuses only what is computed when
+        the request is scheduled); waiting for that one's first byte costs
+        about the same time and saves the work and the slot. Only where the
+        request would start at once: on a queued upstream it waits in the
+        queue anyway. At most twice that prefill's expected time (a request
+        that stalls must not hold this one long) and ``in_flight_wait_ms``.
+        """
+        limit_s = self.config.in_flight_wait_ms / 1000.0
+        part = answer.in_flight.get(choice.replica.name)
+        if limit_s <= 0 or part is None or chosen.full:
+            return None
+        computing = choice.cached - part.settled
+        if computing < self.config.min_match_tokens:
+            return None
+        load = choice.replica.load
+        if not load.awaiting_routed_by(part.marked_s):
+            return None
+        rates = load.service.rates()
+        fit = load.ttft.fit()
+        per_token = rates.s_per_token if rates is not None else fit.s_per_token if fit else None
+        if per_token is not None:
+            limit_s = min(limit_s, 2.0 * computing * per_token)
+        return limit_s if limit_s > 0 else None
+
+    async def _await_in_flight(self, load: Load, marked_s: float, limit_s: float) -> float:
+        """Wait until no request routed by ``marked_s`` awaits its first byte; the ms waited.
+
+        Polled: first bytes are counted on the event loop and the tracking
+        thread alike, and a few milliseconds of polling for the rare request
+        that waits costs less than a wake-up on every first byte.
+        """
+        started = time.monotonic()
+        deadline = started + limit_s
+        while load.awaiting_routed_by(marked_s) and time.monotonic() < deadline:
+            await asyncio.sleep(_IN_FLIGHT_POLL_S)
+        return (time.monotonic() - started) * 1000.0
 
     def _session_key(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> str | None:
         key = headers.get(self.config.session_header)

@@ -228,10 +228,11 @@ class Tracker(TrackingQueue):
                     answer.set_result(None)
                     return
                 ids = asked.prompt.ids
-                match = presence.for_model(self._forest.get(model)).match(ids)
+                mt = self._forest.get(model)
+                match = presence.for_model(mt).match(ids)
                 cached = presence.cached(model, match, ids)
                 hot = match.requests_per_s(max(cached.values(), default=0), self._clock())
-                answer.set_result(match.answer(cached, hot))
+                answer.set_result(match.answer(cached, hot, presence.in_flight(mt, match)))
             except Exception as exc:  # noqa: BLE001 - the relay routes by load instead
                 self._count_error("route", exc)
                 asked.prompt = None
@@ -395,4 +396,3 @@ class Tracker(TrackingQueue):
             self._record(to_record(ctx, prediction, facts, outcome))
         except Exception as exc:  # noqa: BLE001
             self._count_error("record", exc)
-
