@@ -338,15 +338,27 @@ def ttft_floor_ms(
     k-th slowest request is at least the k-th largest of these, so their
     p99 is a floor under every row's p99.
     """
+    return [
+        computed * fleet.prefill_us_per_token / 1000 + fleet.decode_ms_per_token
+        for computed in bound_per_request(trace, tokenize, fleet.block_size).values()
+    ]
+
+
+def bound_per_request(
+    trace: Trace, tokenize: Callable[[dict[str, Any]], list[int]], block_size: int
+) -> dict[tuple[int, int], int]:
+    """(session id, turn) -> the tokens the bound's one unlimited cache computes for it.
+
+    In the order sessions start, as :func:`ttft_floor_ms` takes them: what a
+    row computed over this for a request is what its routing cost
+    (``bench/routing_excess.py``).
+    """
     in_start_order = sorted(_turns(trace), key=lambda t: (t[0].start_s, t[1]))
     seen: set[int] = set()
-    return [
-        _computed_once(tokenize({"messages": m}), fleet.block_size, seen)
-        * fleet.prefill_us_per_token
-        / 1000
-        + fleet.decode_ms_per_token
-        for _, _, m in in_start_order
-    ]
+    return {
+        (session.session_id, turn): _computed_once(tokenize({"messages": m}), block_size, seen)
+        for session, turn, m in in_start_order
+    }
 
 
 # -- arithmetic over results ---------------------------------------------------------

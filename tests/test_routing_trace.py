@@ -290,3 +290,23 @@ def test_the_ttft_floor_charges_a_tenants_system_prompt_to_the_session_that_star
     # Its next turn reuses those 14 blocks and computes the answer (12) and
     # the question (64). The later session reuses the 10 system blocks.
     assert floors == [224 + 20, 76 + 20, 64 + 20, 76 + 20]
+
+
+def test_the_bound_per_request_is_keyed_by_session_and_turn_in_the_order_sessions_start() -> None:
+    spec = rt.TraceSpec(num_tenants=1, num_sessions=2, turns=(2, 2), max_tokens=4)
+
+    def tokenize(body: dict[str, object]) -> list[int]:
+        return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
+
+    sessions = (
+        rt.Session(0, 0, 5.0, ("a" * 64, "b" * 64), (1.0,)),
+        rt.Session(1, 0, 0.0, ("c" * 64, "d" * 64), (1.0,)),
+    )
+    trace = rt.Trace(spec, ("s" * 160,), sessions)
+
+    bound = rt.bound_per_request(trace, tokenize, block_size=16)
+
+    # Session 1 starts first and computes the system prompt; session 0 reuses it.
+    assert bound == {(1, 0): 224, (1, 1): 76, (0, 0): 64, (0, 1): 76}
+    prompts = [tokenize({"messages": m}) for _, _, m in rt._turns(trace)]
+    assert sum(bound.values()) == rt.prefill_bound(prompts, 16)[0]
