@@ -270,18 +270,23 @@ def test_the_live_working_set_counts_only_the_sessions_in_flight_together() -> N
     assert apart == system + 9
 
 
-def test_the_ttft_floor_charges_a_tenants_system_prompt_to_the_session_that_starts_first() -> None:
+def _chars(body: dict[str, object]) -> list[int]:
+    """One token per character of every message."""
+    return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
+
+
+def _one_tenant_two_sessions() -> rt.Trace:
+    """Session 0 is listed first but starts last: session 1 computes the system prompt."""
     spec = rt.TraceSpec(num_tenants=1, num_sessions=2, turns=(2, 2), max_tokens=4)
-
-    def tokenize(body: dict[str, object]) -> list[int]:
-        return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
-
-    # Listed first, started last: the other session computes the system prompt.
     sessions = (
         rt.Session(0, 0, 5.0, ("a" * 64, "b" * 64), (1.0,)),
         rt.Session(1, 0, 0.0, ("c" * 64, "d" * 64), (1.0,)),
     )
-    trace = rt.Trace(spec, ("s" * 160,), sessions)
+    return rt.Trace(spec, ("s" * 160,), sessions)
+
+
+def test_the_ttft_floor_charges_a_tenants_system_prompt_to_the_session_that_starts_first() -> None:
+    trace, tokenize = _one_tenant_two_sessions(), _chars
     fleet = rt.FleetSpec(prefill_us_per_token=1000.0, decode_ms_per_token=20.0)
 
     floors = rt.ttft_floor_ms(trace, tokenize, fleet)
@@ -293,16 +298,7 @@ def test_the_ttft_floor_charges_a_tenants_system_prompt_to_the_session_that_star
 
 
 def test_the_bound_per_request_is_keyed_by_session_and_turn_in_the_order_sessions_start() -> None:
-    spec = rt.TraceSpec(num_tenants=1, num_sessions=2, turns=(2, 2), max_tokens=4)
-
-    def tokenize(body: dict[str, object]) -> list[int]:
-        return [ord(ch) for m in body["messages"] for ch in m["content"]]  # type: ignore[attr-defined,index]
-
-    sessions = (
-        rt.Session(0, 0, 5.0, ("a" * 64, "b" * 64), (1.0,)),
-        rt.Session(1, 0, 0.0, ("c" * 64, "d" * 64), (1.0,)),
-    )
-    trace = rt.Trace(spec, ("s" * 160,), sessions)
+    trace, tokenize = _one_tenant_two_sessions(), _chars
 
     bound = rt.bound_per_request(trace, tokenize, block_size=16)
 
