@@ -294,7 +294,8 @@ class ModelPresence:
             if start >= held:
                 break
             marked_s = fresh.get(step.node)
-            if marked_s is not None:
+            # (A split appends a copied older time out of order: judged here too.)
+            if marked_s is not None and marked_s >= trusted_before:
                 if settled is None:
                     settled = start
                 newest = max(newest, marked_s)
