@@ -17,7 +17,7 @@ import pytest
 
 from kvern.config import HealthConfig, RoutingConfig, UpstreamEntry
 from kvern.routing.pool import UpstreamPool
-from kvern.routing.presence import InFlightPrefix, PrefixAnswer
+from kvern.routing.prefix_answer import InFlightPrefix, PrefixAnswer
 from kvern.routing.router import Router
 
 NOW_S = 1_000.0  # the router's wall clock, fixed

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvern.routing.prefix_answer import InFlightPrefix
 from kvern.routing.presence import (
-    InFlightPrefix,
     ModelPresence,
     PathStep,
     PresenceMatch,

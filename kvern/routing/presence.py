@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from kvern.routing.prefix_answer import InFlightPrefix, PrefixAnswer
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 
@@ -159,29 +160,6 @@ class PresenceMatch:
         ]
 
 
-@dataclass(frozen=True, slots=True)
-class InFlightPrefix:
-    """Of a prefix held on an upstream, what is surely computed and when the rest was marked."""
-
-    settled: int  # prompt tokens it surely holds (reusable: whole blocks)
-    marked_s: float  # wall clock: the rest was first marked by requests routed by then
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixAnswer:
-    """What the router needs of a :class:`PresenceMatch`: plain numbers, sent between processes."""
-
-    num_tokens: int  # the prompt's length
-    cached: dict[str, int]  # upstream -> tokens it should report cached
-    fill: dict[str, float]  # upstream -> share of its budget held
-    # Requests a second through the longest held prefix (see PresenceMatch.requests_per_s).
-    hot_per_s: float = 0.0
-    assigned: dict[str, int] = field(default_factory=dict)  # see PresenceMatch.assigned
-    # upstream -> the part of its ``cached`` a request may still be computing
-    # (see ModelPresence.in_flight); absent: all of it is computed.
-    in_flight: dict[str, InFlightPrefix] = field(default_factory=dict)
-
-
 class _UpstreamLRU:
     """One upstream's held nodes, least recently used first, within a token budget."""
 
@@ -264,18 +242,13 @@ class ModelPresence:
     def in_flight(
         self, match: PresenceMatch, name: str, trusted_before: float
     ) -> InFlightPrefix | None:
-        """The part of ``name``'s held prefix that a request may still be computing there.
+        """The part of ``name``'s held prefix a request routed there may still be computing.
 
-        A mark is made when a request is routed, before the upstream has
-        computed anything, so a prefix marked moments ago by a request still
-        awaiting its first byte is not there yet: a request sent there now
-        would compute it a second time, at the same moment. ``trusted_before``
-        is when the oldest request still awaiting its first byte there was
-        routed: a node first marked before it was computed by then (its
-        marker has had its first byte). Returns None when every node of the
-        held prefix was, else the tokens held up to the first such node and
-        the newest first-mark time on the rest -- settled once no request
-        routed there by then still awaits its first byte.
+        ``trusted_before``: when the oldest request there still awaiting its
+        first byte was routed; a node first marked before that is computed.
+        None when all of the held prefix is; else the tokens held up to the
+        first node that may not be, and the newest first mark on the rest
+        (computed once no request routed there by then awaits a first byte).
         """
         lru = self._lru.get(name)
         if lru is None:

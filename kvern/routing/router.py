@@ -35,7 +35,7 @@ from kvern.config import RoutingConfig
 from kvern.errors import ModelNotServed, NoHealthyUpstream
 from kvern.routing.policies import Candidate, Choice, RoundRobin, cache_aware, least_load, session
 from kvern.routing.pool import Load, LoadSnapshot, Replica, UpstreamPool
-from kvern.routing.presence import PrefixAnswer
+from kvern.routing.prefix_answer import PrefixAnswer
 from kvern.routing.shared_load import FleetShare, SharedLoad
 
 logger = logging.getLogger(__name__)

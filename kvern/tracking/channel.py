@@ -28,7 +28,6 @@ from typing import Any, Protocol
 Message = tuple[Any, bytes | None]
 
 
-
 class Conn(Protocol):
     """What the channel needs of a connection (a pipe end, or :class:`QueueConnection`)."""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvern.analytics.records import RequestRecord
 from kvern.config import KvernConfig, NormalizationRule
-from kvern.routing.presence import PrefixAnswer
+from kvern.routing.prefix_answer import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.link import BrainLink, open_process, open_thread

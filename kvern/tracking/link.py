@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kvern.config import KvernConfig
-from kvern.routing.presence import PrefixAnswer
+from kvern.routing.prefix_answer import PrefixAnswer
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking import messages as m
 from kvern.tracking.brain import serve

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvern.analytics.records import RequestRecord
-from kvern.routing.presence import PrefixAnswer
+from kvern.routing.prefix_answer import PrefixAnswer
 from kvern.tracking.records import Outcome, RequestContext
 
 

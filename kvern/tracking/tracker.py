@@ -32,7 +32,7 @@ from kvern.config import KvernConfig, NormalizationRule
 from kvern.prompt.normalize import Normalizer
 from kvern.prompt.requests import TRACKED_ENDPOINTS, read_prompt
 from kvern.routing.book import PresenceBook
-from kvern.routing.presence import PrefixAnswer
+from kvern.routing.prefix_answer import PrefixAnswer
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tokenize.registry import TokenizerRegistry
 from kvern.tracking.bookkeeping import Bookkeeper, PresenceFeed, Served
