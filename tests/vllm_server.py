@@ -248,7 +248,7 @@ def vllm_process(
 
     ``block_size``: its KV block (a multiple of 32); None leaves vLLM's own
     default (:data:`DEFAULT_BLOCK_SIZE`). ``port``: a given one (a replica
-    restarted where it was), else a free one. Start-up takes 30-70 s and
+    restarted where it was), else a free one. Start-up takes 25-60 s and
     about 4 GiB of memory, so callers share one server where they can.
     """
     python = install_vllm()
@@ -274,6 +274,10 @@ def vllm_process(
         "bfloat16",
         "--distributed-executor-backend",
         "uni",
+        # No torch.compile: on 2 cores it added 20-25 s to every start with a warm
+        # compile cache (57 -> 34 s) and minutes on a fresh machine, and nothing
+        # tested here (the block pool, prefix caching, KV events) depends on it.
+        "--enforce-eager",
     ]
     if block_size is not None:
         args += ["--block-size", str(block_size)]

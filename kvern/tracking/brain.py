@@ -37,6 +37,7 @@ from kvern.routing.book import PresenceBook
 from kvern.routing.pool import UpstreamPool
 from kvern.routing.shared_state import link_families
 from kvern.tokenize.registry import TokenizerRegistry
+from kvern.tokenize.without_torch import hide_torch
 from kvern.tracking import messages as m
 from kvern.tracking.capacity import CapacityCurves
 from kvern.tracking.channel import Inbox, Outbox, fd_connection
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-fd", type=int, required=True)
     parser.add_argument("--out-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    hide_torch()  # the brain tokenizes and never runs a model
     # The relay decides when the brain stops (Shutdown, or closing the pipe):
     # a signal to the whole process group must not cut rows short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
