@@ -22,9 +22,10 @@ cores, exact in what matters here, the prompt's tokens. Loaded from that
 folder, transformers makes it a ``Qwen2Tokenizer``, which adds Qwen2's NFC
 normalization; kvern loads the same folder, as a vLLM user points both at one
 model. vLLM's own caches live under the same cache root (``VLLM_CACHE_ROOT``),
-not in ``~/.cache/vllm``. Start-up takes 40-60 s on 2 cores: this build's
-compile cache does not load back ("'function' object has no attribute
-'finalize_loading'"), so each start compiles again (about 5 s).
+not in ``~/.cache/vllm``. Started with ``--enforce-eager`` (no torch.compile):
+this build's compile cache does not load back ("'function' object has no
+attribute 'finalize_loading'"), so each start compiled again, 57 s a start
+against 34 s eager on 2 cores; start-up is 25-60 s, most of it imports.
 """
 
 from __future__ import annotations
