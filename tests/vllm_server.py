@@ -275,9 +275,9 @@ def vllm_process(
         "bfloat16",
         "--distributed-executor-backend",
         "uni",
-        # No torch.compile: on 2 cores it added 20-25 s to every start with a warm
-        # compile cache (57 -> 34 s) and minutes on a fresh machine, and nothing
-        # tested here (the block pool, prefix caching, KV events) depends on it.
+        # No torch.compile: this build compiles again on every start, 20-25 s on
+        # 2 cores (57 -> 34 s), and nothing tested here (the block pool, prefix
+        # caching, KV events) depends on it.
         "--enforce-eager",
     ]
     if block_size is not None:
