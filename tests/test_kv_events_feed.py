@@ -19,7 +19,7 @@ import zmq.asyncio
 from kvern.config.routing import UpstreamEntry
 from kvern.routing.book import PresenceBook
 from kvern.routing.event_presence import EventPresence
-from kvern.routing.presence import UpstreamCache
+from kvern.routing.presence_match import UpstreamCache
 from kvern.tracking.kv_feed import KvFeed
 from kvern.upstream.kv_events import BlockStored
 from kvern.upstream.kv_events.endpoints import configured, connectable, from_server_info

@@ -15,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvern.config import EvictionConfig, RoutingConfig, TrieConfig
 from kvern.routing.book import PresenceBook, RouteHandle
-from kvern.routing.presence import ModelPresence, PresenceMatch, PresenceStats, UpstreamCache
+from kvern.routing.presence import ModelPresence, PresenceStats
+from kvern.routing.presence_match import PresenceMatch, UpstreamCache
 from kvern.tracking.forest import ModelTrie, TrieForest
 from kvern.trie import RadixTrie, TrieNode
 from kvern.trie.invariants import check_trie

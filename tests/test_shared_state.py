@@ -28,7 +28,7 @@ from kvern.config import (
 )
 from kvern.routing.block_chains import ChainIndex, chain_hashes, token_bytes
 from kvern.routing.pool import UpstreamPool
-from kvern.routing.presence import UpstreamCache
+from kvern.routing.presence_match import UpstreamCache
 from kvern.routing.router import Router
 from kvern.routing.shared_load import SharedLoad
 from kvern.routing.shared_state import require_redis

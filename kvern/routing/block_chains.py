@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NewType
 
-from kvern.routing.presence import UpstreamCache
+from kvern.routing.presence_match import UpstreamCache
 
 ChainHash = NewType("ChainHash", bytes)  # 8 bytes: one block and every block before it
 

@@ -18,13 +18,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvern.routing.prefix_answer import InFlightPrefix
-from kvern.routing.presence import (
-    ModelPresence,
-    PathStep,
-    PresenceMatch,
-    PresenceStats,
-    UpstreamCache,
-)
+from kvern.routing.presence import ModelPresence, PresenceStats
+from kvern.routing.presence_match import PathStep, PresenceMatch, UpstreamCache
 from kvern.trie import RadixTrie
 from kvern.trie.node import TrieNode
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from kvern.config import HealthConfig, UpstreamEntry
 from kvern.routing.breaker import Breaker
-from kvern.routing.presence import UpstreamCache
+from kvern.routing.presence_match import UpstreamCache
 from kvern.routing.queue_wait import (
     InFlight,
     ServiceModel,
@@ -292,7 +292,7 @@ class UpstreamPool:
         """Per upstream, when its oldest request still prefilling was routed (several only).
 
         The brain trusts only presence marks older than this as proof (see
-        :meth:`kvern.routing.presence.PresenceMatch.trusted_cached`).
+        :meth:`kvern.routing.presence_match.PresenceMatch.trusted_cached`).
         """
         if len(self.replicas) < 2:
             return {}

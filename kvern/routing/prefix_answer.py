@@ -1,7 +1,7 @@
 """What the router is told of a prompt's prefix: plain numbers, sent from the brain's process.
 
 Its own module because both sides read it: the brain builds it from a
-:class:`kvern.routing.presence.PresenceMatch` (on the tracking thread, with
+:class:`kvern.routing.presence_match.PresenceMatch` (on the tracking thread, with
 the trie), the router and the process link only carry and read it.
 """
 

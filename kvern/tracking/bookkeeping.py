@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from kvern.config import KvernConfig
 from kvern.prompt.requests import plain_text
 from kvern.routing.book import PresenceBook, RouteHandle
-from kvern.routing.presence import PresenceMatch
+from kvern.routing.presence_match import PresenceMatch
 from kvern.tokenize.model_tokenizer import ModelTokenizer, PromptTokens
 from kvern.tracking.divergence import DivergenceFinder, Finding
 from kvern.tracking.forest import TrieForest

@@ -41,7 +41,7 @@ from typing import Any
 from kvern.config import RoutingConfig
 from kvern.routing.block_chains import ChainIndex, chain_hashes, split_hashes, token_bytes
 from kvern.routing.book import PresenceBook
-from kvern.routing.presence import UpstreamCache
+from kvern.routing.presence_match import UpstreamCache
 from kvern.routing.shared_state import LinkThread, instance_id, link_view
 
 # Updates waiting for the writer at most (each holds one prompt's ids).
