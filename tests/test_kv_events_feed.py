@@ -9,6 +9,7 @@ The real-vLLM tests of the same feed are in tests/test_kv_events_vllm.py.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pydantic
@@ -180,10 +181,14 @@ async def test_the_feed_answers_from_events_and_falls_back_after_a_lost_batch() 
     try:
         await publisher.subscribed()
         assert feed.held_tokens("m", "a", PROMPT) is None  # nothing heard yet
+        assert feed.caught_up_s("a") == float("-inf")
+        before_s = time.time()
         await publisher.publish(THREE[0])
         await publisher.publish(THREE[1])
         await until(lambda: feed.view()["a"]["batches"] == 2)
         assert feed.held_tokens("m", "a", PROMPT) == 8
+        assert before_s <= feed.caught_up_s("a") <= time.time()
+        assert feed.caught_up_s("b") == float("-inf")  # not followed
         assert feed.held_tokens("m", "a", PROMPT[:8]) == 4  # never a prompt's last token
         await publisher.publish(THREE[2], drop=True)
         await publisher.publish(batch(3))

@@ -58,7 +58,7 @@ def answer(marked_s: float = NOW_S - 0.2) -> PrefixAnswer:
         1_040,
         {"a": 1_024, "b": 0},
         {"a": 0.1, "b": 0.1},
-        in_flight={"a": InFlightPrefix(0, marked_s)},
+        in_flight={"a": InFlightPrefix(0, marked_s, 1_024)},
     )
 
 

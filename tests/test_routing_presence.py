@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvern.config import EvictionConfig, RoutingConfig, TrieConfig
 from kvern.routing.book import PresenceBook, RouteHandle
+from kvern.routing.prefix_answer import InFlightPrefix
 from kvern.routing.presence import ModelPresence, PresenceStats
 from kvern.routing.presence_match import PresenceMatch, UpstreamCache
 from kvern.tracking.forest import ModelTrie, TrieForest
@@ -755,6 +756,7 @@ class PresenceMachine(RuleBasedStateMachine):
                 part = self.presence.in_flight(match, name, float("-inf"))
                 if part is not None:
                     assert part.settled < match.depth[name]
+                    assert part.settled <= part.reach <= match.depth[name]
                     assert part.settled % self.block_size == 0
 
     @invariant()
@@ -868,13 +870,17 @@ test_presence_is_consistent_with_splits_under_lru_pressure = TightSplittingMachi
 class _Held:
     """A presence source answering a fixed number of tokens (None: no answer now)."""
 
-    def __init__(self, tokens: int | None) -> None:
+    def __init__(self, tokens: int | None, batch_s: float = float("inf")) -> None:
         self.tokens = tokens
+        self.batch_s = batch_s  # when its latest batch came (inf: it shows everything routed)
 
     def held_tokens(
         self, model: str, upstream: str, ids: object, as_of_s: float | None = None
     ) -> int | None:
         return self.tokens
+
+    def caught_up_s(self, upstream: str) -> float:
+        return self.batch_s
 
 
 def test_an_upstreams_events_replace_the_model_while_they_answer(forest: TrieForest) -> None:
@@ -910,6 +916,11 @@ def test_other_instances_routing_raises_the_modelled_presence(forest: TrieForest
 # ------------------------------------------------------------------ prefixes in flight
 
 
+def in_flight(book: PresenceBook, mt: ModelTrie, ids: list[int]) -> dict[str, InFlightPrefix]:
+    """What the router's answer for ``ids`` says is in flight (the tracker's question)."""
+    return book.for_router(mt, book.for_model(mt).match(ids), ids)[1]
+
+
 def routed_system_prompt(
     forest: TrieForest, oldest_awaiting: dict[str, float]
 ) -> tuple[PresenceBook, ModelTrie, list[int]]:
@@ -936,11 +947,11 @@ def test_a_prefix_just_routed_is_in_flight_until_every_request_routed_by_then_ha
     second = system + [90, 91, 92, 93, 94]
     match = book.for_model(mt).match(second)
     assert book.cached("m", match, second) == {"a": 16}
-    part = book.in_flight(mt, match)["a"]
-    assert (part.settled, part.marked_s) == (0, 1.0)
+    part = in_flight(book, mt, second)["a"]
+    assert (part.settled, part.marked_s, part.reach) == (0, 1.0, 16)
 
     oldest_awaiting["a"] = 1.5  # its first byte came; the oldest one left was routed later
-    assert book.in_flight(mt, book.for_model(mt).match(second)) == {}
+    assert in_flight(book, mt, second) == {}
 
 
 def test_a_hot_prefix_used_again_and_again_stays_settled_whatever_is_awaiting(
@@ -950,7 +961,7 @@ def test_a_hot_prefix_used_again_and_again_stays_settled_whatever_is_awaiting(
     # only its first mark says whether it may still be computing.
     oldest_awaiting = {"a": float("inf")}
     book, mt, system = routed_system_prompt(forest, oldest_awaiting)
-    book.in_flight(mt, book.for_model(mt).match(system))  # seen settled once: forgotten
+    in_flight(book, mt, system)  # seen settled once: forgotten
 
     for t in (5.0, 6.0, 7.0):  # sessions of the tenant, each still prefilling
         oldest_awaiting["a"] = t
@@ -960,7 +971,7 @@ def test_a_hot_prefix_used_again_and_again_stays_settled_whatever_is_awaiting(
     probe = system + [1, 2, 3, 4, 5]
     match = book.for_model(mt).match(probe)
     assert book.cached("m", match, probe) == {"a": 16}
-    assert book.in_flight(mt, match) == {}
+    assert in_flight(book, mt, probe) == {}
 
 
 def test_what_an_answered_request_marks_is_never_in_flight(forest: TrieForest) -> None:
@@ -974,13 +985,13 @@ def test_what_an_answered_request_marks_is_never_in_flight(forest: TrieForest) -
     book.settle(mt, node, handle, "a", reported=0, now_s=2.0)
 
     probe = prompt + [50, 51, 52, 53]
-    assert book.in_flight(mt, book.for_model(mt).match(probe)) == {}
+    assert in_flight(book, mt, probe) == {}
 
 
 def test_the_in_flight_part_starts_after_the_prefix_already_computed(forest: TrieForest) -> None:
     oldest_awaiting = {"a": float("inf")}
     book, mt, system = routed_system_prompt(forest, oldest_awaiting)
-    book.in_flight(mt, book.for_model(mt).match(system))  # settled
+    in_flight(book, mt, system)  # settled
     oldest_awaiting["a"] = 2.0
     turn = system + list(range(40, 56))  # a conversation's turn routed at t=2, prefilling
     book.commit(mt, mt.trie.insert(turn, 2.0).node, "a", 2.0)
@@ -988,11 +999,13 @@ def test_the_in_flight_part_starts_after_the_prefix_already_computed(forest: Tri
     probe = turn + [7, 7, 7, 7, 7]
     match = book.for_model(mt).match(probe)
     assert book.cached("m", match, probe) == {"a": 32}
-    part = book.in_flight(mt, match)["a"]
-    assert (part.settled, part.marked_s) == (16, 2.0)
+    part = in_flight(book, mt, probe)["a"]
+    assert (part.settled, part.marked_s, part.reach) == (16, 2.0, 32)
 
 
-def test_an_upstream_whose_events_answer_has_nothing_in_flight(forest: TrieForest) -> None:
+def test_an_upstream_whose_events_show_all_routed_there_has_nothing_in_flight(
+    forest: TrieForest,
+) -> None:
     a = cache("a", block_size=4)
     book = PresenceBook([a], learn=True, trusted_before=lambda name: 0.0)
     mt = model_trie(forest)
@@ -1000,4 +1013,56 @@ def test_an_upstream_whose_events_answer_has_nothing_in_flight(forest: TrieFores
     book.commit(mt, mt.trie.insert(ids, 1.0).node, "a", 1.0)
     book.exact_sources["a"] = _Held(16)
 
-    assert book.in_flight(mt, book.for_model(mt).match(ids)) == {}
+    assert in_flight(book, mt, ids) == {}
+
+
+def test_a_prefix_routed_to_an_event_fed_upstream_counts_until_its_events_can_show_it(
+    forest: TrieForest,
+) -> None:
+    # The engine publishes a block once computed: the tenant's first session,
+    # routed to "a" at t=1, is absent from a's events while it prefills. Its
+    # second session must still find the prompt on "a" (not compute it on "b").
+    a, b = cache("a", block_size=4), cache("b", block_size=4)
+    oldest_awaiting = {"a": 1.0, "b": float("inf")}
+    book = PresenceBook([a, b], learn=True, trusted_before=lambda name: oldest_awaiting[name])
+    events_a, events_b = _Held(0, batch_s=0.5), _Held(0, batch_s=0.5)
+    book.exact_sources |= {"a": events_a, "b": events_b}
+    mt = model_trie(forest)
+    system = list(range(1, 17))
+    book.commit(mt, mt.trie.insert(system, 1.0).node, "a", 1.0)
+
+    second = system + [90, 91, 92, 93, 94]
+    match = book.for_model(mt).match(second)
+    cached, parts = book.for_router(mt, match, second)
+    assert cached == {"a": 16, "b": 0}
+    assert parts["a"] == InFlightPrefix(0, 1.0, 16)  # nothing of it computed yet: wait for it
+    _, handle = predict(book, mt, second, "a", 1.1)
+    assert handle.exact and handle.predicted == 16  # from events, raised: nothing to learn
+
+    oldest_awaiting["a"] = float("inf")  # its first byte came, before the batch storing it
+    cached, parts = book.for_router(mt, book.for_model(mt).match(second), second)
+    assert cached == {"a": 16, "b": 0} and "a" in parts
+
+    events_a.tokens, events_a.batch_s = 16, 1.4  # the batch came: the events tell it all
+    cached, parts = book.for_router(mt, book.for_model(mt).match(second), second)
+    assert cached == {"a": 16, "b": 0} and parts == {}
+
+
+def test_a_routed_prefix_the_events_never_showed_stops_counting_after_the_next_batch(
+    forest: TrieForest,
+) -> None:
+    # Evicted at once, or the request failed: the events are the truth again.
+    a = cache("a", block_size=4)
+    book = PresenceBook([a], learn=True, trusted_before=lambda name: float("inf"))
+    events = _Held(4, batch_s=0.5)
+    book.exact_sources["a"] = events
+    mt = model_trie(forest)
+    system = list(range(1, 17))
+    book.commit(mt, mt.trie.insert(system, 1.0).node, "a", 1.0)
+    probe = system + [7, 7, 7]
+    assert book.for_router(mt, book.for_model(mt).match(probe), probe)[0] == {"a": 16}
+    part = in_flight(book, mt, probe)["a"]
+    assert (part.settled, part.reach) == (4, 16)  # the events' 4 are computed
+
+    events.batch_s = 1.2
+    assert book.for_router(mt, book.for_model(mt).match(probe), probe) == ({"a": 4}, {})

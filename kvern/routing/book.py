@@ -64,6 +64,10 @@ class ExactSource(Protocol):
         self, model: str, upstream: str, ids: Sequence[int], as_of_s: float | None = None
     ) -> int | None: ...
 
+    def caught_up_s(self, upstream: str) -> float:
+        """When the upstream's latest event batch was received (wall clock; -inf: none yet)."""
+        ...
+
 
 @dataclass(slots=True)
 class RouteHandle:
@@ -73,7 +77,9 @@ class RouteHandle:
     predicted: int  # cached tokens predicted there
     trusted: int  # the part of it backed by finished prefills
     marks: list[PathStep] = field(default_factory=list)  # that upstream's marks on the path
-    exact: bool = False  # predicted from the upstream's own events: nothing to learn from
+    # Predicted from the upstream's own events (raised to what was routed
+    # there beyond them): the model has nothing to learn from its report.
+    exact: bool = False
 
 
 class PresenceBook:
@@ -113,14 +119,38 @@ class PresenceBook:
         """Per upstream (but ``exclude``), the prompt tokens it should report cached.
 
         From the best source: an upstream's events, where they answer, are the
-        truth; otherwise the model, raised to what other instances routed
-        there (they may have sent this prefix where this instance never did).
+        truth, raised to what requests routed there are computing now (see
+        :meth:`_routed_since_events`); otherwise the model, raised to what
+        other instances routed there (they may have sent this prefix where
+        this instance never did).
         """
         return {
             name: self._cached(name, model, match, ids, as_of_s)[0]
             for name in self.caches
             if name != exclude
         }
+
+    def for_router(
+        self, mt: ModelTrie, match: PresenceMatch, ids: Sequence[int]
+    ) -> tuple[dict[str, int], dict[str, InFlightPrefix]]:
+        """What the router's answer carries: :meth:`cached`, and per upstream the part in flight.
+
+        In flight: the part of an upstream's held prefix a request routed
+        there may still be computing (the router waits for it rather than
+        compute it beside that request). For an upstream whose events answer,
+        what they show is computed; only what was routed beyond it is not.
+        """
+        cached: dict[str, int] = {}
+        in_flight: dict[str, InFlightPrefix] = {}
+        presence = self.for_model(mt)
+        for name in self.caches:
+            tokens, exact, part = self._cached(name, mt.model, match, ids)
+            cached[name] = tokens
+            if not exact:
+                part = presence.in_flight(match, name, self._trusted_before(name))
+            if part is not None:
+                in_flight[name] = part
+        return cached, in_flight
 
     def _cached(
         self,
@@ -129,16 +159,43 @@ class PresenceBook:
         match: PresenceMatch,
         ids: Sequence[int],
         as_of_s: float | None = None,
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool, InFlightPrefix | None]:
+        """Tokens ``name`` should report cached; whether its events answered; if so, the
+        part routed there beyond what they show (see :meth:`_routed_since_events`)."""
         cache = self.caches[name]
         source = self.exact_sources.get(name)
         held = source.held_tokens(model, name, ids, as_of_s) if source is not None else None
-        exact = held is not None
-        if held is None:
-            held = match.depth.get(name, 0)
-            if self.shared_source is not None:
-                held = max(held, self.shared_source.held_tokens(model, name, ids) or 0)
-        return match.reusable(held, cache.block_size), exact
+        if held is not None:
+            events = match.reusable(held, cache.block_size)
+            part = self._routed_since_events(model, match, name)
+            if part is None or part.reach <= events:
+                return events, True, None
+            return part.reach, True, InFlightPrefix(events, part.marked_s, part.reach)
+        held = match.depth.get(name, 0)
+        if self.shared_source is not None:
+            held = max(held, self.shared_source.held_tokens(model, name, ids) or 0)
+        return match.reusable(held, cache.block_size), False, None
+
+    def _routed_since_events(
+        self, model: str, match: PresenceMatch, name: str
+    ) -> InFlightPrefix | None:
+        """Of an event-fed upstream's modelled prefix, what its events cannot show yet.
+
+        An engine publishes a block once it has computed it, so a system
+        prompt routed to ``name`` a moment ago is absent from its events
+        while that request prefills: read alone, they would send the next
+        session of that prompt elsewhere, to compute it a second time. The
+        routed marks fill that gap: a node counts while a request routed
+        there by its first mark awaits a first byte, or until a batch
+        arrives after it (a first byte can come before the batch that stores
+        its blocks). Past that, the events alone say what is held.
+        """
+        presence = self._models.get(model)
+        source = self.exact_sources.get(name)
+        if presence is None or source is None:
+            return None
+        trusted_before = min(self._trusted_before(name), source.caught_up_s(name))
+        return presence.in_flight(match, name, trusted_before)
 
     def handle(
         self,
@@ -156,7 +213,7 @@ class PresenceBook:
         cache = self.caches.get(upstream)
         if cache is None:
             return RouteHandle(upstream, 0, 0)
-        predicted, exact = self._cached(upstream, model, match, ids, as_of_s)
+        predicted, exact, _ = self._cached(upstream, model, match, ids, as_of_s)
         if exact:
             return RouteHandle(upstream, predicted, predicted, exact=True)
         trusted_before = min(self._trusted_before(upstream), now_s)
@@ -169,22 +226,6 @@ class PresenceBook:
 
     def commit(self, mt: ModelTrie, node: TrieNode, upstream: str, now_s: float) -> None:
         self.for_model(mt).mark(node, upstream, now_s, routed=True)
-
-    def in_flight(self, mt: ModelTrie, match: PresenceMatch) -> dict[str, InFlightPrefix]:
-        """Per modelled upstream, the part of its held prefix a request may still be computing.
-
-        Not for an upstream whose own events answer: they report blocks once
-        computed, so nothing they show is in flight.
-        """
-        presence = self.for_model(mt)
-        found: dict[str, InFlightPrefix] = {}
-        for name in self.caches:
-            if name in self.exact_sources:
-                continue
-            part = presence.in_flight(match, name, self._trusted_before(name))
-            if part is not None:
-                found[name] = part
-        return found
 
     def settle(
         self,

@@ -16,6 +16,9 @@ class InFlightPrefix:
 
     settled: int  # prompt tokens it surely holds (reusable: whole blocks)
     marked_s: float  # wall clock: the rest was first marked by requests routed by then
+    # Prompt tokens (reusable) through the deepest node that may still be
+    # computing: what the upstream holds once those requests have prefilled.
+    reach: int
 
 
 @dataclass(frozen=True, slots=True)

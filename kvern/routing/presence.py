@@ -149,8 +149,11 @@ class ModelPresence:
         ``trusted_before``: when the oldest request there still awaiting its
         first byte was routed; a node first marked before that is computed.
         None when all of the held prefix is; else the tokens held up to the
-        first node that may not be, and the newest first mark on the rest
-        (computed once no request routed there by then awaits a first byte).
+        first node that may not be, the newest first mark on the rest
+        (computed once no request routed there by then awaits a first byte),
+        and the end of the deepest such node (what those requests compute).
+        Each node is judged once past ``trusted_before`` and forgotten: the
+        bound must only grow.
         """
         lru = self._lru.get(name)
         if lru is None:
@@ -163,6 +166,7 @@ class ModelPresence:
             del fresh[node]
         held = match.depth.get(name, 0)
         settled: int | None = None
+        reach = 0
         newest = float("-inf")
         start = 0
         for step in match.path:
@@ -174,11 +178,12 @@ class ModelPresence:
                 if settled is None:
                     settled = start
                 newest = max(newest, marked_s)
+                reach = min(step.end_depth, held)
             start = step.end_depth
         if settled is None:
             return None
-        cache = self.caches[name]
-        return InFlightPrefix(match.reusable(settled, cache.block_size), newest)
+        size = self.caches[name].block_size
+        return InFlightPrefix(match.reusable(settled, size), newest, match.reusable(reach, size))
 
     # -- writing -------------------------------------------------------------
 

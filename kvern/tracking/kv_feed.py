@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from kvern.config.routing import UpstreamEntry
 from kvern.routing.book import PresenceBook
 from kvern.routing.event_presence import EventPresence
-from kvern.upstream.kv_events import KvEventSubscriber
+from kvern.upstream.kv_events import KvEventBatch, KvEventSubscriber
 from kvern.upstream.kv_events.endpoints import KvEventsEndpoints, configured, detect
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class _Upstream:
         self.state = "starting" if self.endpoints is not None else "detecting"
         self.exact_answers = 0  # questions answered from events
         self.model_answers = 0  # questions left to the model (events not exact)
+        self.caught_up_s = float("-inf")  # when the latest batch was received (wall clock)
         self._warned_block_size = False
 
     def locked(self, fn: Callable[..., None]) -> Callable[..., None]:
@@ -85,7 +86,7 @@ class _Upstream:
             endpoints.endpoint,
             replay_endpoint=endpoints.replay_endpoint,
             topic=endpoints.topic,
-            on_batch=self.locked(lambda batch: presence.apply(batch, self.clock())),
+            on_batch=self.locked(self._apply),
             on_reset=self.locked(presence.reset),
             on_gap=self.locked(presence.note_gap),
             on_replay=self.locked(presence.note_replay),
@@ -100,6 +101,11 @@ class _Upstream:
             endpoints.endpoint,
             endpoints.replay_endpoint or "none",
         )
+
+    def _apply(self, batch: KvEventBatch) -> None:
+        now = self.clock()
+        self.presence.apply(batch, now)
+        self.caught_up_s = now
 
     def _check_block_size(self) -> None:
         size = self.presence.block_size
@@ -258,6 +264,11 @@ class KvFeed:
         """
         found = self._upstreams.get(upstream)
         return found.held_tokens(model, ids, as_of_s) if found is not None else None
+
+    def caught_up_s(self, upstream: str) -> float:
+        """When ``upstream``'s latest event batch was received (-inf: none, or not followed)."""
+        found = self._upstreams.get(upstream)
+        return found.caught_up_s if found is not None else float("-inf")
 
     # -- what people see -------------------------------------------------------------
 

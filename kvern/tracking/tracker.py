@@ -230,9 +230,9 @@ class Tracker(TrackingQueue):
                 ids = asked.prompt.ids
                 mt = self._forest.get(model)
                 match = presence.for_model(mt).match(ids)
-                cached = presence.cached(model, match, ids)
+                cached, in_flight = presence.for_router(mt, match, ids)
                 hot = match.requests_per_s(max(cached.values(), default=0), self._clock())
-                answer.set_result(match.answer(cached, hot, presence.in_flight(mt, match)))
+                answer.set_result(match.answer(cached, hot, in_flight))
             except Exception as exc:  # noqa: BLE001 - the relay routes by load instead
                 self._count_error("route", exc)
                 asked.prompt = None
