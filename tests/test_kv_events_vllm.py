@@ -21,6 +21,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
@@ -272,11 +273,16 @@ def test_event_fed_predictions_equal_vllms_cached_tokens_request_by_request(
         assert f'kvern_kv_events_exact{{upstream="{name}"}} 1.0' in metrics
 
 
-class DroppingForwarder:
-    """A ZeroMQ SUB -> PUB relay between vLLM and kvern that drops one batch on cue."""
+class EventForwarder:
+    """A ZeroMQ SUB -> PUB relay between vLLM and kvern: drops one batch on cue, or delays all.
 
-    def __init__(self, source: str) -> None:
+    ``delay_s``: every batch reaches kvern that much after vLLM published it,
+    as when a loaded engine's publisher or the network lags its answers.
+    """
+
+    def __init__(self, source: str, delay_s: float = 0.0) -> None:
         self.port = free_port()
+        self.delay_s = delay_s
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
@@ -285,20 +291,23 @@ class DroppingForwarder:
         self._pub.bind(f"tcp://127.0.0.1:{self.port}")
         self.drop_next = threading.Event()
         self.dropped: list[int] = []
+        self._held: deque[tuple[float, list[bytes]]] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self._sub.poll(50):
+            while self._held and self._held[0][0] <= time.monotonic():
+                self._pub.send_multipart(self._held.popleft()[1])
+            if not self._sub.poll(5 if self._held else 50):
                 continue
             frames = self._sub.recv_multipart()
             if self.drop_next.is_set():
                 self.drop_next.clear()
                 self.dropped.append(int.from_bytes(frames[1], "big"))
                 continue
-            self._pub.send_multipart(frames)
+            self._held.append((time.monotonic() + self.delay_s, frames))
 
     def close(self) -> None:
         self._stop.set()
@@ -319,7 +328,7 @@ def test_a_dropped_batch_is_replayed_or_counted_as_a_fall_back_to_the_model(
     lost batch did not carry; the one after continues the dropped tenant.
     """
     a, b = fleet["a"], fleet["b"]
-    forwarder = DroppingForwarder(f"tcp://127.0.0.1:{a.events_port}")
+    forwarder = EventForwarder(f"tcp://127.0.0.1:{a.events_port}")
     entry = a.upstream(kv_events=f"tcp://127.0.0.1:{forwarder.port}")
     if not replay:
         entry.pop("kv_events_replay")
@@ -368,6 +377,64 @@ def test_a_dropped_batch_is_replayed_or_counted_as_a_fall_back_to_the_model(
         assert models[3] == "routed"  # y's second turn: the model, not the broken events
         assert final["exact"] and final["cleared"] >= 1  # whole again after the clear
         assert models[5] == "events" and predicted[5] == reported[5] >= BLOCK
+
+
+def test_a_burst_of_new_sessions_follows_the_first_while_its_blocks_are_not_in_the_events(
+    tmp_path: Path, fleet: dict[str, Replica]
+) -> None:
+    """A tenant's new sessions, sent while the first one's blocks are not yet in the events.
+
+    vLLM publishes a block once computed, and here every batch reaches kvern
+    1.5 s late: the sessions after the first find its system prompt in no
+    replica's events. They must still go where the first went (what kvern
+    routed there counts until a batch after it comes), and be served its
+    prefix from cache there, not compute it on the other replica.
+    """
+    forwarders = {
+        n: EventForwarder(f"tcp://127.0.0.1:{r.events_port}", delay_s=1.5) for n, r in fleet.items()
+    }
+    upstreams = [
+        r.upstream(kv_events=f"tcp://127.0.0.1:{forwarders[n].port}", max_concurrency=4)
+        for n, r in fleet.items()
+    ]
+    sessions = [
+        [
+            {"role": "system", "content": system_prompt(9)},
+            {"role": "user", "content": f"Hi, this is session {k}."},
+        ]
+        for k in range(4)
+    ]
+    try:
+        with serve(create_app(parse_config(kvern_config(tmp_path, upstreams)))) as kvern:
+            wait_until_following(kvern, {"a", "b"})
+            client = client_for(kvern)
+            for history in chats(2):  # the tokenizer is loaded, both replicas have batches
+                turn(client, history, 0)
+            for name in fleet:
+                wait_for_feed(kvern, name, "batches", 0)
+            flush(kvern)
+            warm = len(rows(tmp_path / "kvern.db"))
+            with ThreadPoolExecutor(len(sessions)) as pool:
+                sent = []
+                for history in sessions:  # a burst: all within the events' delay
+                    sent.append(pool.submit(turn, client, history, 0))
+                    time.sleep(0.2)
+                for done in sent:
+                    done.result()
+            flush(kvern)
+    finally:
+        for forwarder in forwarders.values():
+            forwarder.close()
+    burst = rows(tmp_path / "kvern.db")[warm:]
+    burst.sort(key=lambda r: r["ts_s"])
+    keys = ("upstream", "route_reason", "predicted_cached_tokens", "reported_cached_tokens")
+    shown = [tuple(r[k] for k in keys) for r in burst]
+    print("burst:", shown)
+    assert len(burst) == len(sessions)
+    assert len({r["upstream"] for r in burst}) == 1, shown  # all where the first went
+    for r in burst[1:]:  # the system prompt served from cache, as predicted
+        assert r["reported_cached_tokens"] >= 8 * BLOCK, shown
+        assert r["predicted_cached_tokens"] == r["reported_cached_tokens"], shown
 
 
 EVENTS_SYSTEM = " ".join(
