@@ -51,9 +51,10 @@ def test_the_why_it_missed_panel_shows_the_planted_site_and_its_rule(
         )
         with serve(create_app(config)) as kvern:
             client = client_for(kvern)
-            for _ in range(6):
+            sids = [str(uuid.uuid4()) for _ in range(6)]
+            for sid in sids:
                 messages = [
-                    {"role": "system", "content": SYSTEM.format(sid=uuid.uuid4())},
+                    {"role": "system", "content": SYSTEM.format(sid=sid)},
                     {"role": "user", "content": "Where is my invoice?"},
                 ]
                 client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
@@ -71,7 +72,11 @@ def test_the_why_it_missed_panel_shows_the_planted_site_and_its_rule(
                 (expected,) = analytics["misses"]
                 assert site.get_attribute("data-tokens") == str(expected["tokens_lost"])
                 marks = page.query_selector_all("[data-panel='misses'] .pair mark")
-                assert len(marks) >= 2 and all("-" in (m.text_content() or "") for m in marks)
+                # Each marked span is a piece of a planted session id (where two ids
+                # share leading characters, only the rest is marked).
+                spans = [m.text_content() or "" for m in marks]
+                assert len(spans) >= 2
+                assert all(span and any(span in sid for sid in sids) for span in spans), spans
                 rule = page.query_selector("[data-panel='misses'] pre.rule")
                 assert rule is not None
                 assert rule.get_attribute("data-pattern") == expected["advice"]["rule"]["pattern"]
