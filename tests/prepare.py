@@ -1,7 +1,7 @@
 """Build what the real-server tests need, in the background of a test run.
 
 ``python -m tests.prepare [llama-server] [vllm]`` builds llama.cpp's
-``llama-server`` (about 4-6 minutes on 2 cores), installs vLLM's CPU build
+``llama-server`` (about 4 minutes on 2 cores), installs vLLM's CPU build
 into its own virtualenv (about 2 minutes) and writes the tiny vLLM model,
 each once per machine (no names: both). Why in the background: on a fresh
 machine (CI) these one-time steps took about 6 of the suite's 25 minutes,
