@@ -1,8 +1,9 @@
 """Shared fixtures (real tokenizers derived offline, see tests/assets.py) and the run's order.
 
-Tests that use torch, then those that need a real llama-server or vLLM, run last, while
-``tests/prepare.py`` builds those servers in the background at the lowest priority (see there
-why). ``KVERN_TESTS_PREPARE=0`` turns the background build off; the order stays.
+Tests that need a real llama-server or vLLM run after the others, while ``tests/prepare.py``
+builds those servers in the background at the lowest priority (see there why), and tests that
+use torch run last, once nothing is built beside them. ``KVERN_TESTS_PREPARE=0`` turns the
+background build off; the order stays.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ def _imports(module: str) -> re.Pattern[str]:
 
 
 # Where a test module runs, by what its source uses; a larger rank runs later.
-# torch's tests go after the plain ones (its OpenMP threads stall, up to 30x,
-# beside the background build, however low its priority), then llama-server's
-# (built first), then vLLM's (installed after it). _PREPARED: what
-# tests/prepare.py builds for the ranks that need it.
+# llama-server's tests (built first), then vLLM's (installed after it), then
+# torch's, when nothing is built beside them any more: their OpenMP threads
+# stall beside the background steps, however low those run (in a fresh run,
+# 205 s of torch tests during the build's last minute and vLLM's install
+# against about 70 s alone). _PREPARED: what tests/prepare.py builds for the
+# ranks that need it.
 _RANKS = (
-    (1, re.compile(r"^\s*(import torch\b|.*pytest\.importorskip\(\s*\"torch\")", re.M)),
-    (2, _imports("tests.llama_server")),
-    (3, _imports("tests.vllm_server")),
+    (1, _imports("tests.llama_server")),
+    (2, _imports("tests.vllm_server")),
+    (3, re.compile(r"^\s*(import torch\b|.*pytest\.importorskip\(\s*\"torch\")", re.M)),
 )
-_PREPARED = {2: "llama-server", 3: "vllm"}
+_PREPARED = {1: "llama-server", 2: "vllm"}
 _PREPARE = pytest.StashKey[subprocess.Popen[bytes]]()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,7 +104,7 @@ def _server_rank(module: ModuleType | None) -> int:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """torch's tests, then real-server tests last, each group in collected order (a stable sort)."""
+    """Real-server tests after the rest, torch's last; each group in collected order (stable)."""
     by_module: dict[int, int] = {}
     for item in items:
         module = getattr(item, "module", None)
