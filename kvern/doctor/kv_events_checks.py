@@ -45,6 +45,10 @@ from kvern.upstream.kv_events.wire import (
 
 SUBJECT = "kv events"
 _QUIET_S = 0.2  # after the requests: no new batch for this long means the engine is done
+# After the handshake ZeroMQ sends our subscription, and a PUB drops what it
+# publishes before that reaches it: the doctor's first request could make a
+# batch nobody receives (seen in tests: "1 batch (seq 101)" where two came).
+_SUBSCRIBED_S = 0.2
 _MAX_REPLAY_FRAMES = 10_000  # vLLM's buffer_steps: a replay never sends more
 
 
@@ -228,6 +232,7 @@ class KvEventsWatch:
         finally:
             sub.disable_monitor()
             monitor.close(linger=0)
+        await asyncio.sleep(_SUBSCRIBED_S)
         watched.reader = asyncio.get_running_loop().create_task(watched.read())
         return True
 
