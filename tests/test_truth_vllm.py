@@ -9,9 +9,9 @@ reused. kvern's ``radix`` cache model predicts it from kvern's own trie.
 
 One vLLM per block size serves every test of this module (both start at once;
 start-up is 30-70 s and 4 GiB each); each test empties its prefix cache first,
-so what vLLM reports owes nothing to an earlier test. Block 32 is the smallest its CPU attention
-takes, 128 its default; the block-32 server gets a KV cache of 8,192 tokens,
-small enough for one test to fill and make vLLM evict.
+so what vLLM reports owes nothing to an earlier test. Block 32 is the smallest
+its CPU attention takes, 128 its default; the block-32 server gets a KV cache
+of 8,192 tokens, small enough for one test to fill and make vLLM evict.
 """
 
 from __future__ import annotations

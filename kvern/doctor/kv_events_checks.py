@@ -152,6 +152,8 @@ class KvEventsWatch:
         checks: list[Check] = []
         for found in self._upstreams:
             checks.extend(await self._start_one(found))
+        if self._watched:  # once for all: every subscription was sent at its handshake
+            await asyncio.sleep(_SUBSCRIBED_S)
         return checks
 
     async def _start_one(self, found: UpstreamFindings) -> list[Check]:
@@ -232,7 +234,6 @@ class KvEventsWatch:
         finally:
             sub.disable_monitor()
             monitor.close(linger=0)
-        await asyncio.sleep(_SUBSCRIBED_S)
         watched.reader = asyncio.get_running_loop().create_task(watched.read())
         return True
 
